@@ -1,0 +1,47 @@
+# `make up` and `make test` each do all of their set-up on a fresh machine (Python, pip and make
+# are enough) and are safe to repeat.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The CPU build of PyTorch, installed before anything that depends on torch so that pip never
+# picks a CUDA build. Override for another platform, e.g. TORCH_SPEC='torch==2.9.1'.
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(BIN)/python -m pip
+
+.PHONY: install up test lint typecheck pytest bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet '$(TORCH_SPEC)'
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@
+
+up: $(STAMP)
+	$(BIN)/lightloop up
+
+test: lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# mypy cannot follow the editable install's import hook that maps the top-level folders into
+# `lightloop`, so it checks a tree of symlinks laid out as the installed package.
+typecheck: $(STAMP)
+	rm -rf .cache/typecheck && mkdir -p .cache/typecheck/lightloop
+	for f in lightloop/*.py lightloop/py.typed; do ln -s "$(CURDIR)/$$f" .cache/typecheck/lightloop/; done
+	for d in store proxy trainer engine migrations; do ln -s "$(CURDIR)/$$d" .cache/typecheck/lightloop/$$d; done
+	cd .cache/typecheck && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p lightloop
+
+pytest: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	@for f in bench/*.py; do echo "== $$f" >&2; $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache build *.egg-info

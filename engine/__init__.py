@@ -1,0 +1,3 @@
+"""lightloop.engine: see DESIGN.md (built in a later issue)."""
+
+__all__: list[str] = []

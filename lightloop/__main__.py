@@ -1,0 +1,3 @@
+from lightloop.cli import main
+
+main()

@@ -1,0 +1,269 @@
+"""The `lightloop` command. Settings are read here, once, and passed down."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Coroutine
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+from tabulate import tabulate
+
+from lightloop.errors import LightloopError
+from lightloop.settings import Settings, describe_settings, load_settings
+
+T = TypeVar("T")
+log = logging.getLogger("lightloop")
+
+
+def _settings_epilog() -> str:
+    # `\b` keeps click from re-wrapping the table.
+    lines = ["\b", "Settings (environment variable, default), also read from lightloop.yaml:"]
+    for env, default, description in describe_settings():
+        shown = f" [default: {default}]" if default else ""
+        lines.append(f"  {env}{shown}")
+        if description:
+            lines.append(f"      {description}")
+    return "\n".join(lines)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def _settings(ctx: click.Context) -> Settings:
+    settings = ctx.find_object(Settings)
+    assert settings is not None
+    return settings
+
+
+def _database_url(settings: Settings) -> str:
+    from lightloop.store.embedded import resolve_database_url
+
+    return resolve_database_url(settings.database_url, settings.pgdata)
+
+
+@click.group(
+    epilog=_settings_epilog(),
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.option(
+    "--config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="LIGHTLOOP_CONFIG",
+    show_envvar=True,
+    help="lightloop.yaml to read (default: ./lightloop.yaml when present).",
+)
+@click.option(
+    "--home",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Data folder. [env var: LIGHTLOOP_HOME]",
+)
+@click.option(
+    "--database-url",
+    default=None,
+    metavar="URL",
+    help="Postgres URL instead of the embedded one. [env var: LIGHTLOOP_DATABASE_URL]",
+)
+@click.option(
+    "--log-level",
+    default=None,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="[env var: LIGHTLOOP_LOG_LEVEL]",
+)
+@click.version_option(package_name="lightloop")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    config: Path | None,
+    home: Path | None,
+    database_url: str | None,
+    log_level: str | None,
+) -> None:
+    """lightloop: record the LLM traffic of agents in Postgres and train better models from it."""
+    settings = load_settings(config, home=home, database_url=database_url, log_level=log_level)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if settings.log_level != "debug":
+        # Alembic narrates its plugin set-up at INFO on every run.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    ctx.obj = settings
+
+
+# -- db ------------------------------------------------------------------------------------------
+
+
+@cli.group()
+def db() -> None:
+    """The database: migrations, URL, and the embedded server."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True, help="Alembic revision to migrate to.")
+@click.pass_context
+def db_upgrade(ctx: click.Context, revision: str) -> None:
+    """Migrate the schema (the only way it changes). Refuses a schema newer than this code."""
+    from lightloop.store.migrate import upgrade
+
+    url = _database_url(_settings(ctx))
+    at = _run(upgrade(url, revision))
+    click.echo(f"database schema at revision {at}")
+
+
+@db.command("url")
+@click.pass_context
+def db_url(ctx: click.Context) -> None:
+    """Print the database URL (starting the embedded Postgres if it is not running)."""
+    click.echo(_database_url(_settings(ctx)))
+
+
+@db.command("start")
+@click.pass_context
+def db_start(ctx: click.Context) -> None:
+    """Start the embedded Postgres (kept running until `lightloop db stop`)."""
+    settings = _settings(ctx)
+    if settings.database_url:
+        raise click.UsageError("LIGHTLOOP_DATABASE_URL is set: there is no embedded Postgres to start")
+    click.echo(_database_url(settings))
+
+
+@db.command("stop")
+@click.pass_context
+def db_stop(ctx: click.Context) -> None:
+    """Stop the embedded Postgres."""
+    from lightloop.store.embedded import EmbeddedPostgres
+
+    stopped = EmbeddedPostgres(_settings(ctx).pgdata).stop()
+    click.echo("embedded Postgres stopped" if stopped else "embedded Postgres was not running")
+
+
+@db.command("status")
+@click.pass_context
+def db_status(ctx: click.Context) -> None:
+    """Say whether the embedded Postgres runs, and where; exit 3 when it does not."""
+    from lightloop.store.embedded import EmbeddedPostgres
+
+    info = EmbeddedPostgres(_settings(ctx).pgdata).status()
+    if info is None:
+        click.echo("embedded Postgres is not running")
+        ctx.exit(3)
+    click.echo(f"embedded Postgres running: pid {info.pid}, 127.0.0.1:{info.port}")
+
+
+# -- sql -----------------------------------------------------------------------------------------
+
+
+@cli.command("sql")
+@click.argument("query")
+@click.option("--json", "as_json", is_flag=True, help="Print rows as a JSON array of objects.")
+@click.pass_context
+def sql(ctx: click.Context, query: str, as_json: bool) -> None:
+    """Run QUERY (use - to read it from standard input) and print the rows."""
+    from lightloop.store.query import run_sql
+
+    if query == "-":
+        query = sys.stdin.read()
+    result = _run(run_sql(_database_url(_settings(ctx)), query))
+    if as_json:
+        click.echo(json.dumps(result.records(), default=_json_default, indent=None))
+        return
+    if not result.columns:
+        click.echo(result.status)
+        return
+    click.echo(
+        tabulate(
+            [[_cell(v) for v in row] for row in result.rows],
+            headers=result.columns,
+            tablefmt="psql",
+            disable_numparse=True,
+        )
+    )
+    count = len(result.rows)
+    click.echo(f"({count} row{'' if count == 1 else 's'})")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime | date):
+        return value.isoformat(sep=" ") if isinstance(value, datetime) else value.isoformat()
+    if isinstance(value, list | tuple):
+        return "{" + ",".join(_cell(v) for v in value) + "}"
+    return str(value)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+# -- up ------------------------------------------------------------------------------------------
+
+
+@cli.command("up", epilog=_settings_epilog())
+@click.pass_context
+def up(ctx: click.Context) -> None:
+    """Start everything on this machine and stay in the foreground until Ctrl-C.
+
+    Now: the embedded Postgres (unless LIGHTLOOP_DATABASE_URL is set), migrated to the newest
+    schema. Stopping stops the embedded Postgres if this command started it."""
+    from lightloop.store.embedded import EmbeddedPostgres
+    from lightloop.store.migrate import upgrade
+
+    settings = _settings(ctx)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    embedded = None if settings.database_url else EmbeddedPostgres(settings.pgdata)
+    started_here = embedded is not None and embedded.status() is None
+    url = _database_url(settings)
+    try:
+        revision = _run(upgrade(url))
+        click.echo(f"lightloop is up (schema {revision})")
+        click.echo(f"  database:  {url}")
+        click.echo(f"  query it:  lightloop sql \"SELECT * FROM rollouts LIMIT 5\"   (or psql '{url}')")
+        click.echo("Press Ctrl-C to stop.", nl=True)
+        sys.stdout.flush()
+        stop.wait()
+    finally:
+        if embedded is not None and started_here:
+            embedded.stop()
+            click.echo("embedded Postgres stopped")
+
+
+def main() -> NoReturn:
+    """Entry point: lightloop errors become one line on stderr and exit status 1."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except LightloopError as exc:
+        click.echo(f"lightloop: error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(0)

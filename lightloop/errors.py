@@ -1,0 +1,9 @@
+"""The exception tree shared by lightloop's packages; the CLI turns each into one clear line."""
+
+
+class LightloopError(Exception):
+    """Base of every error lightloop raises on purpose; its message is meant for the user."""
+
+
+class ConfigError(LightloopError):
+    """Settings or the YAML file are invalid."""

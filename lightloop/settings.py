@@ -1,0 +1,144 @@
+"""Settings: `lightloop.yaml` plus `LIGHTLOOP_*` environment variables, read once by the CLI.
+
+Precedence, highest first: command-line flags, environment variables, the YAML file, defaults.
+Nested settings use `__` in their environment names (`LIGHTLOOP_WRITER__BATCH_SIZE`). The YAML
+file may hold other sections (LiteLLM's `model_list`, `policy`, ...); keys this model does not
+know are ignored here and read by the part that owns them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from lightloop.errors import ConfigError
+
+ENV_PREFIX = "LIGHTLOOP_"
+NESTED_DELIMITER = "__"
+
+# The YAML file is chosen at run time (flag or LIGHTLOOP_CONFIG), but pydantic-settings builds its
+# sources in a classmethod; a context variable carries the path there without global state.
+_yaml_path: ContextVar[Path | None] = ContextVar("_yaml_path", default=None)
+
+
+class WriterSettings(BaseModel):
+    """The store's batch writer (proxy and OTLP ingest)."""
+
+    queue_size: int = Field(
+        100_000, ge=1, description="Rows held in memory before new ones are dropped (and counted)."
+    )
+    batch_size: int = Field(5_000, ge=1, description="Rows per COPY batch.")
+    flush_interval_ms: int = Field(
+        200, ge=1, description="Longest a row waits in memory before its batch is written."
+    )
+    retry_interval_s: float = Field(
+        1.0, gt=0, description="Pause between reconnect attempts while Postgres is down."
+    )
+
+
+class Settings(BaseSettings):
+    """Everything lightloop reads from its environment; the CLI builds one and passes it down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=NESTED_DELIMITER,
+        extra="ignore",
+        validate_default=True,
+    )
+
+    config: Path | None = Field(
+        None, description="Path of lightloop.yaml (default: ./lightloop.yaml when present)."
+    )
+    home: Path = Field(
+        Path(".lightloop"),
+        description="Folder for embedded Postgres data, spool, checkpoints and keys.",
+    )
+    database_url: str | None = Field(
+        None,
+        description="Postgres URL to use instead of the embedded Postgres (postgresql://user@host:port/db).",
+    )
+    log_level: str = Field("info", description="Log level: debug, info, warning or error.")
+    writer: WriterSettings = Field(default_factory=WriterSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _yaml_path.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.home / "spool"
+
+    @property
+    def pgdata(self) -> Path:
+        return self.home / "postgres"
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Read settings once. `config` is the YAML path (flag or LIGHTLOOP_CONFIG, resolved by the CLI)."""
+    if config is None and Path("lightloop.yaml").is_file():
+        config = Path("lightloop.yaml")
+    if config is not None:
+        _check_yaml(config)
+    token = _yaml_path.set(config)
+    try:
+        settings = Settings(config=config, **{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+    finally:
+        _yaml_path.reset(token)
+    return settings
+
+
+def _check_yaml(path: Path) -> None:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = NESTED_DELIMITER.join(str(p) for p in err["loc"]).upper()
+        parts.append(f"{ENV_PREFIX}{loc}: {err['msg']}")
+    return "invalid settings: " + "; ".join(parts)
+
+
+def describe_settings(
+    model: type[BaseModel] = Settings, prefix: str = ENV_PREFIX
+) -> Iterator[tuple[str, str, str]]:
+    """(environment variable, default, description) for every setting, nested ones flattened."""
+    for name, field in model.model_fields.items():
+        env = f"{prefix}{name.upper()}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from describe_settings(annotation, env + NESTED_DELIMITER)
+            continue
+        default = field.get_default(call_default_factory=True)
+        yield env, "" if default is None else str(default), field.description or ""

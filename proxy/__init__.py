@@ -1,0 +1,3 @@
+"""lightloop.proxy: see DESIGN.md (built in a later issue)."""
+
+__all__: list[str] = []

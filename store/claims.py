@@ -1,0 +1,256 @@
+"""Claims: a trainer takes whole groups of finished, rewarded, unconsumed rollouts, with their
+LLM calls, and marks them consumed in the same transaction that records its training step.
+
+A claim is a lease (`claimed_by`, `claim_expires_at`): a trainer that dies frees its rollouts
+when the lease runs out, without anyone's help; one that takes longer extends it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from lightloop.store.errors import ClaimLost
+
+# One statement claims, so there is no window between choosing rollouts and taking them.
+# FOR UPDATE SKIP LOCKED lets several trainers (or workers of one) run it at once: each locks the
+# rows it takes and skips rows another transaction holds, instead of waiting on them or taking
+# them twice. The lock is re-checked against the newest row version, so a rollout another
+# trainer claimed and committed a moment ago fails `claimable` and is not taken again.
+# A group is taken only if every one of its unconsumed rollouts was locked here: a group split
+# with a concurrent claimer is left whole for later rather than trained on in part.
+# `ready` looks at more groups than asked for, so groups skipped as locked leave room for others.
+_CLAIM_SQL = """
+WITH ready AS MATERIALIZED (
+    SELECT coalesce(group_id, id) AS g, max(finished_at) AS last_finished
+    FROM rollouts
+    WHERE consumed_by_step IS NULL AND mode = $4
+    GROUP BY 1
+    HAVING bool_and(status IN ('succeeded', 'failed') AND reward IS NOT NULL)
+       AND bool_and(claimed_by IS NULL OR claim_expires_at < now())
+    ORDER BY last_finished, g
+    LIMIT $1 * 4
+),
+locked AS MATERIALIZED (
+    SELECT r.id, coalesce(r.group_id, r.id) AS g
+    FROM rollouts r
+    JOIN ready ON coalesce(r.group_id, r.id) = ready.g
+    WHERE r.consumed_by_step IS NULL
+      AND r.status IN ('succeeded', 'failed') AND r.reward IS NOT NULL
+      AND (r.claimed_by IS NULL OR r.claim_expires_at < now())
+    FOR UPDATE OF r SKIP LOCKED
+),
+whole AS (
+    SELECT l.g
+    FROM locked l JOIN ready USING (g)
+    GROUP BY l.g, ready.last_finished
+    HAVING count(*) = (
+        SELECT count(*) FROM rollouts r2
+        WHERE coalesce(r2.group_id, r2.id) = l.g AND r2.consumed_by_step IS NULL
+    )
+    ORDER BY ready.last_finished, l.g
+    LIMIT $1
+)
+UPDATE rollouts r
+SET claimed_by = $2, claim_expires_at = now() + make_interval(secs => $3)
+FROM locked l JOIN whole USING (g)
+WHERE r.id = l.id
+RETURNING r.id, r.group_id, r.task_id, r.agent, r.mode, r.status, r.reward, r.metadata,
+          r.created_at, r.finished_at, r.claim_expires_at
+"""
+
+_CALLS_SQL = """
+SELECT span_id, choice_index, rollout_id, seq, model, agent, policy_version,
+       prompt_token_ids, completion_token_ids, completion_logprobs, finish_reason, request, response
+FROM llm_calls
+WHERE rollout_id = ANY($1::text[])
+ORDER BY rollout_id, seq, choice_index
+"""
+
+
+@dataclass(frozen=True)
+class ClaimedRollout:
+    id: str
+    group_id: str | None
+    task_id: str | None
+    agent: str | None
+    status: str
+    reward: float
+    metadata: dict[str, Any]
+    finished_at: datetime | None
+    calls: list[asyncpg.Record] = field(default_factory=list)
+
+    @property
+    def group(self) -> str:
+        return self.group_id if self.group_id is not None else self.id
+
+
+@dataclass(frozen=True)
+class Claim:
+    claimer: str
+    expires_at: datetime
+    rollouts: list[ClaimedRollout]
+
+    @property
+    def rollout_ids(self) -> list[str]:
+        return [r.id for r in self.rollouts]
+
+    def groups(self) -> dict[str, list[ClaimedRollout]]:
+        out: dict[str, list[ClaimedRollout]] = {}
+        for r in self.rollouts:
+            out.setdefault(r.group, []).append(r)
+        return out
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What a finished training step reports; becomes one `training_steps` row."""
+
+    started_at: datetime
+    policy: str | None = None
+    policy_in: int | None = None
+    policy_out: int | None = None
+    trainer: str | None = None
+    n_tokens: int | None = None
+    loss: float | None = None
+    reward_mean: float | None = None
+    reward_std: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+async def claim_groups(
+    conn: asyncpg.Connection, claimer: str, *, max_groups: int, lease_s: float, mode: str = "train"
+) -> Claim | None:
+    """Claim up to `max_groups` whole groups; None when nothing is ready."""
+    if max_groups < 1:
+        raise ValueError("max_groups must be at least 1")
+    async with conn.transaction():
+        rows = await conn.fetch(_CLAIM_SQL, max_groups, claimer, float(lease_s), mode)
+        if not rows:
+            return None
+        calls = await conn.fetch(_CALLS_SQL, [r["id"] for r in rows])
+    by_rollout: dict[str, list[asyncpg.Record]] = {}
+    for call in calls:
+        by_rollout.setdefault(call["rollout_id"], []).append(call)
+    rollouts = [
+        ClaimedRollout(
+            id=r["id"],
+            group_id=r["group_id"],
+            task_id=r["task_id"],
+            agent=r["agent"],
+            status=r["status"],
+            reward=float(r["reward"]),
+            metadata=_json(r["metadata"]),
+            finished_at=r["finished_at"],
+            calls=by_rollout.get(r["id"], []),
+        )
+        for r in sorted(rows, key=lambda r: (r["group_id"] or r["id"], r["id"]))
+    ]
+    return Claim(claimer=claimer, expires_at=min(r["claim_expires_at"] for r in rows), rollouts=rollouts)
+
+
+async def record_step(conn: asyncpg.Connection, claim: Claim, step: StepRecord) -> int:
+    """Write the training step and mark the claim's rollouts consumed by it, atomically.
+
+    Raises ClaimLost (and changes nothing) when any rollout is no longer claimed by this claimer:
+    its lease ran out and another trainer took it."""
+    ids = claim.rollout_ids
+    async with conn.transaction():
+        step_id: int = await conn.fetchval(
+            """
+            INSERT INTO training_steps (policy, policy_in, policy_out, trainer, n_rollouts, n_tokens,
+                                        loss, reward_mean, reward_std, metrics, started_at, finished_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11, now())
+            RETURNING step
+            """,
+            step.policy,
+            step.policy_in,
+            step.policy_out,
+            step.trainer or claim.claimer,
+            len(ids),
+            step.n_tokens,
+            step.loss,
+            step.reward_mean,
+            step.reward_std,
+            json.dumps(step.metrics),
+            step.started_at,
+        )
+        status = await conn.execute(
+            """
+            UPDATE rollouts SET consumed_by_step = $1, claimed_by = NULL, claim_expires_at = NULL
+            WHERE id = ANY($2::text[]) AND claimed_by = $3 AND consumed_by_step IS NULL
+            """,
+            step_id,
+            ids,
+            claim.claimer,
+        )
+        updated = int(status.split()[-1])
+        if updated != len(ids):
+            # Raising inside the transaction rolls back the step row too.
+            raise ClaimLost(
+                f"{len(ids) - updated} of {len(ids)} claimed rollouts were taken by another trainer "
+                "after this claim's lease ran out; the step is not recorded"
+            )
+        if step.policy is not None and step.policy_out is not None:
+            await conn.execute(
+                "UPDATE policy_versions SET training_step = $1 WHERE policy = $2 AND version = $3",
+                step_id,
+                step.policy,
+                step.policy_out,
+            )
+    return step_id
+
+
+async def extend_claim(conn: asyncpg.Connection, claim: Claim, lease_s: float) -> datetime:
+    """Renew the lease for a step that takes longer; ClaimLost when part of it was taken."""
+    rows = await conn.fetch(
+        """
+        UPDATE rollouts SET claim_expires_at = now() + make_interval(secs => $3)
+        WHERE id = ANY($1::text[]) AND claimed_by = $2 AND consumed_by_step IS NULL
+        RETURNING claim_expires_at
+        """,
+        claim.rollout_ids,
+        claim.claimer,
+        float(lease_s),
+    )
+    if len(rows) != len(claim.rollouts):
+        raise ClaimLost(f"{len(claim.rollouts) - len(rows)} claimed rollouts were taken by another trainer")
+    expires: datetime = min(r["claim_expires_at"] for r in rows)
+    return expires
+
+
+async def release_claim(conn: asyncpg.Connection, claim: Claim) -> int:
+    """Give the rollouts back unconsumed (a step that failed); returns how many were released."""
+    status = await conn.execute(
+        """
+        UPDATE rollouts SET claimed_by = NULL, claim_expires_at = NULL
+        WHERE id = ANY($1::text[]) AND claimed_by = $2 AND consumed_by_step IS NULL
+        """,
+        claim.rollout_ids,
+        claim.claimer,
+    )
+    return int(status.split()[-1])
+
+
+async def release_expired(conn: asyncpg.Connection) -> int:
+    """Clear lapsed leases. Claiming already ignores them; this keeps SQL views of claims honest."""
+    status = await conn.execute(
+        """
+        UPDATE rollouts SET claimed_by = NULL, claim_expires_at = NULL
+        WHERE claim_expires_at < now() AND consumed_by_step IS NULL
+        """
+    )
+    return int(status.split()[-1])
+
+
+def _json(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        loaded = json.loads(value)
+        return loaded if isinstance(loaded, dict) else {"value": loaded}
+    return dict(value)

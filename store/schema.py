@@ -1,0 +1,203 @@
+"""The tables of DESIGN.md as SQLAlchemy 2 models. Alembic migrations are the only way the
+schema changes; `tests/integration/test_migrations.py` fails when these drift from them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    REAL,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Double,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Deterministic constraint names, so migrations can refer to them.
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+TZ = DateTime(timezone=True)
+NOW = func.now()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSONB, datetime: TZ}  # noqa: RUF012 - read by SQLAlchemy
+
+
+class Rollout(Base):
+    """One episode of an agent: the unit that gets a reward and is claimed for training."""
+
+    __tablename__ = "rollouts"
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    group_id: Mapped[str | None] = mapped_column(Text)
+    task_id: Mapped[str | None] = mapped_column(Text)
+    agent: Mapped[str | None] = mapped_column(Text)
+    mode: Mapped[str] = mapped_column(Text, default="train", server_default="train")
+    status: Mapped[str] = mapped_column(Text, default="running", server_default="running")
+    reward: Mapped[float | None] = mapped_column(Double)
+    metadata_: Mapped[dict[str, Any]] = mapped_column(
+        "metadata", JSONB, default=dict, server_default=text("'{}'::jsonb")
+    )
+    created_at: Mapped[datetime] = mapped_column(TZ, default=_now, server_default=NOW)
+    finished_at: Mapped[datetime | None] = mapped_column(TZ)
+    consumed_by_step: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("training_steps.step"))
+    # A claim is a lease: it lapses by itself at claim_expires_at (see store/claims.py).
+    claimed_by: Mapped[str | None] = mapped_column(Text)
+    claim_expires_at: Mapped[datetime | None] = mapped_column(TZ)
+
+    __table_args__ = (
+        CheckConstraint("mode IN ('train', 'val')", name="mode"),
+        CheckConstraint("status IN ('running', 'succeeded', 'failed')", name="status"),
+        # The claim query scans unconsumed rollouts by group; consumed ones are most of the table.
+        Index(
+            "ix_rollouts_unconsumed_group",
+            text("coalesce(group_id, id)"),
+            postgresql_where=text("consumed_by_step IS NULL"),
+        ),
+        Index("ix_rollouts_created_at", "created_at"),
+    )
+
+
+class Span(Base):
+    """An OpenTelemetry span: the proxy's LLM spans and spans agents send by OTLP."""
+
+    __tablename__ = "spans"
+    span_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    trace_id: Mapped[str] = mapped_column(Text)
+    parent_span_id: Mapped[str | None] = mapped_column(Text)
+    name: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str | None] = mapped_column(Text)
+    start_time: Mapped[datetime] = mapped_column(TZ)
+    end_time: Mapped[datetime | None] = mapped_column(TZ)
+    status_code: Mapped[str | None] = mapped_column(Text)
+    status_message: Mapped[str | None] = mapped_column(Text)
+    # Original attribute keys, flat (`gen_ai.request.model`), as the OTel GenAI conventions name them.
+    attributes: Mapped[dict[str, Any]] = mapped_column(
+        JSONB, default=dict, server_default=text("'{}'::jsonb")
+    )
+    events: Mapped[list[Any] | None] = mapped_column(JSONB)
+    resource: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    scope: Mapped[str | None] = mapped_column(Text)
+    # Promoted from attributes for SQL users; no foreign key: agents may name rollouts by OTLP
+    # before (or without) the proxy having seen them.
+    rollout_id: Mapped[str | None] = mapped_column(Text)
+    model: Mapped[str | None] = mapped_column(Text)
+    input_tokens: Mapped[int | None] = mapped_column(Integer)
+    output_tokens: Mapped[int | None] = mapped_column(Integer)
+
+    __table_args__ = (
+        Index("ix_spans_trace_id", "trace_id"),
+        Index("ix_spans_rollout_id", "rollout_id"),
+        Index("ix_spans_start_time", "start_time"),
+    )
+
+
+class LlmCall(Base):
+    """One completion choice of one LLM span, with the engine's token ids and logprobs.
+
+    A call with `n > 1` yields one row per choice (choice_index 0..n-1) under the same span, so
+    every row is one training sample candidate and the arrays stay one-dimensional."""
+
+    __tablename__ = "llm_calls"
+    span_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    choice_index: Mapped[int] = mapped_column(Integer, primary_key=True, default=0, server_default="0")
+    rollout_id: Mapped[str] = mapped_column(Text, ForeignKey("rollouts.id"))
+    seq: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(Text)
+    agent: Mapped[str | None] = mapped_column(Text)
+    policy_version: Mapped[int | None] = mapped_column(Integer)
+    request: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    prompt_token_ids: Mapped[list[int] | None] = mapped_column(ARRAY(Integer))
+    completion_token_ids: Mapped[list[int] | None] = mapped_column(ARRAY(Integer))
+    completion_logprobs: Mapped[list[float] | None] = mapped_column(ARRAY(REAL))
+    finish_reason: Mapped[str | None] = mapped_column(Text)
+    latency_ms: Mapped[float | None] = mapped_column(Double)
+    usage: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(TZ, default=_now, server_default=NOW)
+
+    __table_args__ = (Index("ix_llm_calls_rollout_id_seq", "rollout_id", "seq"),)
+
+
+class Reward(Base):
+    __tablename__ = "rewards"
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    rollout_id: Mapped[str] = mapped_column(Text, ForeignKey("rollouts.id"))
+    span_id: Mapped[str | None] = mapped_column(Text)
+    name: Mapped[str] = mapped_column(Text, server_default="reward")
+    value: Mapped[float] = mapped_column(Double)
+    source: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=NOW)
+
+    __table_args__ = (
+        CheckConstraint("value = value AND abs(value) < 'Infinity'::float8", name="finite"),
+        Index("ix_rewards_rollout_id", "rollout_id"),
+    )
+
+
+class PolicyVersion(Base):
+    """A trained version of a policy model. At most one version per policy is live."""
+
+    __tablename__ = "policy_versions"
+    policy: Mapped[str] = mapped_column(Text, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    base_model: Mapped[str] = mapped_column(Text)
+    uri: Mapped[str | None] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text, server_default="staged")
+    reason: Mapped[str | None] = mapped_column(Text)
+    training_step: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("training_steps.step"))
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=NOW)
+    live_at: Mapped[datetime | None] = mapped_column(TZ)
+
+    __table_args__ = (
+        CheckConstraint("status IN ('staged', 'live', 'retired', 'failed')", name="status"),
+        Index(
+            "uq_policy_versions_one_live",
+            "policy",
+            unique=True,
+            postgresql_where=text("status = 'live'"),
+        ),
+    )
+
+
+class TrainingStep(Base):
+    __tablename__ = "training_steps"
+    step: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    policy: Mapped[str | None] = mapped_column(Text)
+    policy_in: Mapped[int | None] = mapped_column(Integer)
+    policy_out: Mapped[int | None] = mapped_column(Integer)
+    trainer: Mapped[str | None] = mapped_column(Text)
+    n_rollouts: Mapped[int | None] = mapped_column(Integer)
+    n_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    loss: Mapped[float | None] = mapped_column(Double)
+    reward_mean: Mapped[float | None] = mapped_column(Double)
+    reward_std: Mapped[float | None] = mapped_column(Double)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    started_at: Mapped[datetime] = mapped_column(TZ, server_default=NOW)
+    finished_at: Mapped[datetime | None] = mapped_column(TZ)
+
+
+metadata = Base.metadata

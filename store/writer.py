@@ -1,0 +1,426 @@
+"""The batch writer: rows go into a bounded in-memory queue and a writer task COPYs them to
+Postgres in batches. Callers never wait on Postgres.
+
+- Flush: when a batch reaches `batch_size` rows or its oldest row is `flush_interval_ms` old.
+- Postgres down: the batch is appended to the on-disk spool (fsync'd) and the writer retries the
+  connection every `retry_interval_s`; once it is back the spool is replayed, in order, before
+  any newer batch, so foreign keys (a rollout before its calls) hold.
+- Exactly once: every writable table has a primary key. A batch is first COPYed directly; if a
+  key is already there (a replay of a batch whose commit was acknowledged too late), the batch is
+  COPYed into a temporary table and inserted with ON CONFLICT DO NOTHING.
+- Poison rows: a batch Postgres refuses for a reason other than availability (a value a column
+  cannot hold) is retried row by row; refused rows are kept in `spool/rejected.jsonl`.
+- Queue full: `submit` drops the row and counts it (`rows_dropped`, logged at most once per
+  second), so that a stuck disk can never stall the agent the proxy is serving. Producers that
+  prefer backpressure call `await put(...)`, which waits for room instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from sqlalchemy import DateTime, Table
+from sqlalchemy.dialects.postgresql import JSONB
+
+from lightloop.settings import WriterSettings
+from lightloop.store import database
+from lightloop.store.schema import metadata
+from lightloop.store.spool import Spool
+
+log = logging.getLogger(__name__)
+
+# Tables rows may be written to through the writer, in the order a batch writes them (a rollout
+# before the calls that reference it). Rewards and policy versions are written synchronously:
+# their callers need the answer (unknown rollout, new version number).
+WRITABLE = ("rollouts", "spans", "llm_calls")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    columns: tuple[str, ...]
+    index: dict[str, int]
+    json_columns: frozenset[int]
+    time_columns: frozenset[int]
+    defaults: tuple[Any, ...]
+
+    @classmethod
+    def from_table(cls, table: Table) -> TableSpec:
+        # COPY writes every listed column, so a column a row leaves out takes the model's
+        # Python-side default here (the same value its server default would give).
+        defaults: list[Any] = []
+        for c in table.columns:
+            d = c.default
+            if d is None:
+                defaults.append(None)
+            elif getattr(d, "is_scalar", False):
+                defaults.append(getattr(d, "arg", None))
+            else:
+                assert getattr(d, "is_callable", False), f"{table.name}.{c.name}: unsupported default"
+                defaults.append(_Default(getattr(d, "arg")))  # noqa: B009 - ColumnDefault's typed union
+        cols = tuple(c.name for c in table.columns)
+        return cls(
+            name=table.name,
+            columns=cols,
+            index={c: i for i, c in enumerate(cols)},
+            json_columns=frozenset(i for i, c in enumerate(table.columns) if isinstance(c.type, JSONB)),
+            time_columns=frozenset(i for i, c in enumerate(table.columns) if isinstance(c.type, DateTime)),
+            defaults=tuple(defaults),
+        )
+
+
+@dataclass(frozen=True)
+class _Default:
+    """A callable column default (SQLAlchemy wraps it to take an execution context)."""
+
+    fn: Any
+
+    def __call__(self) -> Any:
+        return self.fn(None)
+
+
+SPECS: dict[str, TableSpec] = {name: TableSpec.from_table(metadata.tables[name]) for name in WRITABLE}
+
+
+@dataclass
+class WriterStats:
+    rows_submitted: int = 0
+    rows_written: int = 0
+    rows_spooled: int = 0
+    rows_replayed: int = 0
+    rows_dropped: int = 0
+    rows_rejected: int = 0
+    batches_written: int = 0
+    batches_deduplicated: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Flush:
+    done: asyncio.Future[None]
+
+
+Batch = dict[str, list[tuple[Any, ...]]]
+
+
+class BatchWriter:
+    def __init__(self, url: str, spool_dir: Path, settings: WriterSettings | None = None) -> None:
+        self.url = url
+        self.settings = settings or WriterSettings()
+        self.spool = Spool(spool_dir)
+        self.stats = WriterStats()
+        self._queue: asyncio.Queue[tuple[str, tuple[Any, ...]] | _Flush] = asyncio.Queue(
+            self.settings.queue_size
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._conn: asyncpg.Connection | None = None
+        self._next_connect = 0.0
+        self._last_drop_log = 0.0
+        self._closing = False
+
+    # -- producer side -----------------------------------------------------------------------
+
+    def submit(self, table: str, row: Mapping[str, Any]) -> bool:
+        """Queue one row without waiting. False when the queue is full: the row is dropped and counted."""
+        record = self._record(table, row)
+        try:
+            self._queue.put_nowait((table, record))
+        except asyncio.QueueFull:
+            self.stats.rows_dropped += 1
+            now = time.monotonic()
+            if now - self._last_drop_log >= 1.0:
+                self._last_drop_log = now
+                log.error(
+                    "writer queue full (%d rows): dropped %d rows so far",
+                    self._queue.maxsize,
+                    self.stats.rows_dropped,
+                )
+            return False
+        self.stats.rows_submitted += 1
+        return True
+
+    async def put(self, table: str, row: Mapping[str, Any]) -> None:
+        """Queue one row, waiting for room when the queue is full (backpressure)."""
+        record = self._record(table, row)
+        await self._queue.put((table, record))
+        self.stats.rows_submitted += 1
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def _record(self, table: str, row: Mapping[str, Any]) -> tuple[Any, ...]:
+        spec = SPECS.get(table)
+        if spec is None:
+            raise ValueError(f"the writer does not write to table {table!r} (only {', '.join(WRITABLE)})")
+        unknown = row.keys() - spec.index.keys()
+        if unknown:
+            raise ValueError(f"unknown columns for {table}: {', '.join(sorted(unknown))}")
+        return tuple(
+            row[name] if name in row else (default() if isinstance(default, _Default) else default)
+            for name, default in zip(spec.columns, spec.defaults, strict=True)
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="lightloop-batch-writer")
+
+    async def flush(self) -> None:
+        """Return once every row submitted before the call is committed or spooled on disk."""
+        assert self._task is not None, "start() the writer first"
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Flush(done))
+        await asyncio.shield(done)
+
+    async def close(self) -> None:
+        """Write or spool everything queued, then stop."""
+        if self._task is None:
+            return
+        self._closing = True
+        await self.flush()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        self.spool.close()
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+            self._conn = None
+
+    # -- the writer task ---------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            batch, waiters = await self._collect()
+            if batch:
+                await self._write_or_spool(batch)
+            elif self.spool.has_pending() and not self._closing:
+                await self._replay()
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def _collect(self) -> tuple[Batch, list[asyncio.Future[None]]]:
+        """One batch: up to batch_size rows, ending flush_interval after its first row."""
+        loop = asyncio.get_running_loop()
+        batch: Batch = {}
+        waiters: list[asyncio.Future[None]] = []
+        count = 0
+        idle = self.settings.retry_interval_s if self.spool.has_pending() else None
+        try:
+            item = await asyncio.wait_for(self._queue.get(), idle)
+        except TimeoutError:
+            return batch, waiters
+        deadline = loop.time() + self.settings.flush_interval_ms / 1000
+        while True:
+            if isinstance(item, _Flush):
+                waiters.append(item.done)
+                break
+            table, record = item
+            batch.setdefault(table, []).append(record)
+            count += 1
+            if count >= self.settings.batch_size:
+                break
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+        return batch, waiters
+
+    async def _write_or_spool(self, batch: Batch) -> None:
+        rows = sum(len(r) for r in batch.values())
+        if self.spool.has_pending() and not await self._replay():
+            self._spool_batch(batch, rows)
+            return
+        written = await self._write(batch)
+        if written is None:
+            self._spool_batch(batch, rows)
+        else:
+            self.stats.rows_written += written
+
+    def _spool_batch(self, batch: Batch, rows: int) -> None:
+        self.spool.append(_encode(batch))
+        self.stats.rows_spooled += rows
+
+    async def _replay(self) -> bool:
+        """Write spooled batches in order; False when Postgres is (still) unavailable."""
+        for segment, number, line in self.spool.replay():
+            try:
+                batch = _decode(line)
+            except (ValueError, KeyError) as exc:
+                self.spool.reject(line, f"undecodable spool line: {exc}")
+                self.spool.committed(segment, number)
+                continue
+            written = await self._write(batch)
+            if written is None:
+                return False
+            self.spool.committed(segment, number)
+            self.stats.rows_replayed += written
+        return True
+
+    async def _write(self, batch: Batch) -> int | None:
+        """Commit one batch; the rows it wrote, or None when Postgres is unavailable (spool it)."""
+        conn = await self._connection()
+        if conn is None:
+            return None
+        try:
+            async with conn.transaction():
+                for table in WRITABLE:
+                    records = batch.get(table)
+                    if records:
+                        await self._copy(conn, SPECS[table], records)
+            self.stats.batches_written += 1
+            return sum(len(r) for r in batch.values())
+        except Exception as exc:
+            if database.is_unavailable(exc) or conn.is_closed():
+                self._lost_connection(exc)
+                return None
+            if not isinstance(exc, asyncpg.PostgresError):
+                raise
+            self._count_error(exc)
+            log.warning("batch refused (%s); writing it row by row", exc)
+        return await self._write_rowwise(conn, batch)
+
+    async def _copy(self, conn: asyncpg.Connection, spec: TableSpec, records: list[tuple[Any, ...]]) -> None:
+        encoded = [_to_copy(spec, r) for r in records]
+        try:
+            async with conn.transaction():  # a savepoint: a duplicate key only undoes this COPY
+                await conn.copy_records_to_table(spec.name, records=encoded, columns=spec.columns)
+            return
+        except asyncpg.UniqueViolationError:
+            self.stats.batches_deduplicated += 1
+        await self._copy_deduplicated(conn, spec, encoded)
+
+    async def _copy_deduplicated(
+        self, conn: asyncpg.Connection, spec: TableSpec, encoded: list[tuple[Any, ...]]
+    ) -> None:
+        stage = _stage_table(spec.name)
+        cols = ", ".join(spec.columns)
+        await conn.copy_records_to_table(stage, records=encoded, columns=spec.columns)
+        await conn.execute(
+            f"INSERT INTO {spec.name} ({cols}) SELECT {cols} FROM {stage} ON CONFLICT DO NOTHING"
+        )
+        await conn.execute(f"DELETE FROM {stage}")
+
+    async def _write_rowwise(self, conn: asyncpg.Connection, batch: Batch) -> int | None:
+        written = 0
+        try:
+            async with conn.transaction():
+                for table in WRITABLE:
+                    spec = SPECS[table]
+                    for record in batch.get(table, []):
+                        try:
+                            async with conn.transaction():
+                                await self._copy_deduplicated(conn, spec, [_to_copy(spec, record)])
+                            written += 1
+                        except asyncpg.PostgresError as exc:
+                            if database.is_unavailable(exc):
+                                raise
+                            self._count_error(exc)
+                            self.stats.rows_rejected += 1
+                            self.spool.reject(_encode({table: [record]}), f"{type(exc).__name__}: {exc}")
+                            log.error(
+                                "row refused by Postgres and kept in %s: %s",
+                                self.spool.dir / "rejected.jsonl",
+                                exc,
+                            )
+        except Exception as exc:
+            if database.is_unavailable(exc) or conn.is_closed():
+                self._lost_connection(exc)
+                return None
+            raise
+        self.stats.batches_written += 1
+        return written
+
+    async def _connection(self) -> asyncpg.Connection | None:
+        if self._conn is not None and not self._conn.is_closed():
+            return self._conn
+        now = time.monotonic()
+        if now < self._next_connect:
+            return None
+        try:
+            conn = await database.connect(self.url, command_timeout=30)
+            # Staging tables for de-duplicated COPY, made once per session and outside any
+            # transaction (one made inside a savepoint that rolls back would vanish with it).
+            for table in WRITABLE:
+                await conn.execute(
+                    f"CREATE TEMP TABLE IF NOT EXISTS {_stage_table(table)} "
+                    f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+                )
+            self._conn = conn
+            log.info("writer connected to Postgres")
+            return self._conn
+        except Exception as exc:
+            self._next_connect = now + self.settings.retry_interval_s
+            self._count_error(exc)
+            log.warning("writer cannot reach Postgres (%s); spooling to %s", exc, self.spool.dir)
+            return None
+
+    def _lost_connection(self, exc: BaseException) -> None:
+        self._count_error(exc)
+        log.warning("writer lost Postgres (%s: %s); spooling to %s", type(exc).__name__, exc, self.spool.dir)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+        self._next_connect = time.monotonic() + self.settings.retry_interval_s
+
+    def _count_error(self, exc: BaseException) -> None:
+        name = type(exc).__name__
+        self.stats.errors[name] = self.stats.errors.get(name, 0) + 1
+
+
+def _stage_table(table: str) -> str:
+    return f"_lightloop_stage_{table}"
+
+
+def _to_copy(spec: TableSpec, record: tuple[Any, ...]) -> tuple[Any, ...]:
+    if not spec.json_columns:
+        return record
+    return tuple(
+        json.dumps(v) if i in spec.json_columns and v is not None and not isinstance(v, str) else v
+        for i, v in enumerate(record)
+    )
+
+
+def _encode(batch: Batch) -> bytes:
+    return json.dumps(batch, default=_encode_value, separators=(",", ":")).encode()
+
+
+def _encode_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot spool a value of type {type(value).__name__}")
+
+
+def _decode(line: bytes) -> Batch:
+    raw: dict[str, Sequence[Sequence[Any]]] = json.loads(line)
+    batch: Batch = {}
+    for table, records in raw.items():
+        spec = SPECS[table]
+        batch[table] = [
+            tuple(
+                datetime.fromisoformat(v) if i in spec.time_columns and isinstance(v, str) else v
+                for i, v in enumerate(record)
+            )
+            for record in records
+        ]
+    return batch
