@@ -17,48 +17,43 @@ import asyncpg
 from lightloop.store.errors import ClaimLost
 
 # One statement claims, so there is no window between choosing rollouts and taking them.
-# FOR UPDATE SKIP LOCKED lets several trainers (or workers of one) run it at once: each locks the
-# rows it takes and skips rows another transaction holds, instead of waiting on them or taking
-# them twice. The lock is re-checked against the newest row version, so a rollout another
-# trainer claimed and committed a moment ago fails `claimable` and is not taken again.
-# A group is taken only if every one of its unconsumed rollouts was locked here: a group split
-# with a concurrent claimer is left whole for later rather than trained on in part.
-# `ready` looks at more groups than asked for, so groups skipped as locked leave room for others.
+# FOR UPDATE SKIP LOCKED lets several trainers (or workers of one) run it at once: each locks what
+# it takes and skips what another transaction holds, instead of waiting on it or taking it twice.
+# Groups are locked through one "head" row each (the group's smallest rollout id): `heads` locks
+# heads in order and stops at the limit, so a claimer holds exactly the groups it takes and a
+# concurrent one moves on to the next groups. Holding the head, it then locks the group's other
+# rollouts (`members`); no other claimer can want those without the head. Locked rows are
+# re-checked against their newest version, so a group another trainer claimed and committed a
+# moment ago fails the claim condition and is skipped.
 _CLAIM_SQL = """
 WITH ready AS MATERIALIZED (
-    SELECT coalesce(group_id, id) AS g, max(finished_at) AS last_finished
+    SELECT coalesce(group_id, id) AS g, min(id) AS head, max(finished_at) AS last_finished
     FROM rollouts
     WHERE consumed_by_step IS NULL AND mode = $4
     GROUP BY 1
     HAVING bool_and(status IN ('succeeded', 'failed') AND reward IS NOT NULL)
        AND bool_and(claimed_by IS NULL OR claim_expires_at < now())
-    ORDER BY last_finished, g
-    LIMIT $1 * 4
 ),
-locked AS MATERIALIZED (
-    SELECT r.id, coalesce(r.group_id, r.id) AS g
-    FROM rollouts r
-    JOIN ready ON coalesce(r.group_id, r.id) = ready.g
-    WHERE r.consumed_by_step IS NULL
-      AND r.status IN ('succeeded', 'failed') AND r.reward IS NOT NULL
-      AND (r.claimed_by IS NULL OR r.claim_expires_at < now())
+heads AS MATERIALIZED (
+    SELECT ready.g
+    FROM rollouts r JOIN ready ON r.id = ready.head
+    WHERE r.consumed_by_step IS NULL AND (r.claimed_by IS NULL OR r.claim_expires_at < now())
+    ORDER BY ready.last_finished, ready.g
+    LIMIT $1
     FOR UPDATE OF r SKIP LOCKED
 ),
-whole AS (
-    SELECT l.g
-    FROM locked l JOIN ready USING (g)
-    GROUP BY l.g, ready.last_finished
-    HAVING count(*) = (
-        SELECT count(*) FROM rollouts r2
-        WHERE coalesce(r2.group_id, r2.id) = l.g AND r2.consumed_by_step IS NULL
-    )
-    ORDER BY ready.last_finished, l.g
-    LIMIT $1
+members AS MATERIALIZED (
+    SELECT r.id
+    FROM rollouts r JOIN heads ON coalesce(r.group_id, r.id) = heads.g
+    WHERE r.consumed_by_step IS NULL
+      -- A rollout that joined the group after `ready` looked is left for a later claim.
+      AND r.status IN ('succeeded', 'failed') AND r.reward IS NOT NULL
+    FOR UPDATE OF r
 )
 UPDATE rollouts r
 SET claimed_by = $2, claim_expires_at = now() + make_interval(secs => $3)
-FROM locked l JOIN whole USING (g)
-WHERE r.id = l.id
+FROM members m
+WHERE r.id = m.id
 RETURNING r.id, r.group_id, r.task_id, r.agent, r.mode, r.status, r.reward, r.metadata,
           r.created_at, r.finished_at, r.claim_expires_at
 """

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import psutil
@@ -253,7 +254,12 @@ class EmbeddedPostgres:
         self._run([str(_bin_path() / "pg_ctl"), "-D", str(self.pgdata), *args])
 
     def _run(self, cmd: list[str], *, env: dict[str, str] | None = None, as_server_user: bool = True) -> None:
-        user = SYSTEM_USER if (self._as_root and as_server_user) else None
+        ids: dict[str, Any] = {}
+        if self._as_root and as_server_user:
+            # Drop root's group and supplementary groups too: a root-owned folder's group bits
+            # would otherwise decide (and deny) what the server user may read.
+            uid, gid = _system_user_ids()
+            ids = {"user": uid, "group": gid, "extra_groups": []}
         # Output goes to a file, not a pipe: pg_ctl's server inherits the handles, and a pipe
         # would keep this call waiting for the server to exit.
         with open(self.home / "postgres.ctl.log", "a+") as out:
@@ -263,10 +269,10 @@ class EmbeddedPostgres:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
-                user=user,
                 check=False,
                 stdin=subprocess.DEVNULL,
                 cwd="/",
+                **ids,
             )
             out.seek(start)
             output = out.read().strip()
@@ -277,6 +283,9 @@ class EmbeddedPostgres:
 
 def _port_free(port: int) -> bool:
     with socket.socket() as sock:
+        # As Postgres binds: connections of a just-stopped server linger in TIME_WAIT on the
+        # port, and without SO_REUSEADDR they would make it look taken.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

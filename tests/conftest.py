@@ -1,0 +1,94 @@
+"""Test fixtures: real Postgres servers, one template database migrated once per server, and a
+fresh copy of it per test.
+
+The embedded Postgres always runs; when LIGHTLOOP_TEST_DATABASE_URL names another server (CI sets
+it to the machine's Postgres), every test that uses `db_url` also runs against that one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy.engine import make_url
+
+from lightloop.store.database import dsn
+from lightloop.store.embedded import EmbeddedPostgres
+from lightloop.store.migrate import upgrade
+
+REPO = Path(__file__).resolve().parent.parent
+LIGHTLOOP = str(Path(sys.executable).parent / "lightloop")
+
+
+def _servers() -> list[str]:
+    return ["embedded", "external"] if os.environ.get("LIGHTLOOP_TEST_DATABASE_URL") else ["embedded"]
+
+
+@pytest.fixture(scope="session")
+def embedded_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("home") / "postgres")
+    server.ensure_running()
+    yield server
+    server.stop()
+
+
+def with_database(url: str, database: str) -> str:
+    return make_url(dsn(url)).set(database=database).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session", params=_servers())
+def pg_server(request: pytest.FixtureRequest) -> str:
+    """The URL of a server's maintenance database, where databases are created and dropped."""
+    if request.param == "embedded":
+        return with_database(request.getfixturevalue("embedded_pg").url(), "postgres")
+    return os.environ["LIGHTLOOP_TEST_DATABASE_URL"]
+
+
+async def _admin(url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(dsn(url))
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server: str) -> Iterator[str]:
+    """A database migrated to head once per server per session; tests copy it."""
+    name = f"lightloop_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    asyncio.run(_admin(pg_server, f'CREATE DATABASE "{name}"'))
+    asyncio.run(upgrade(with_database(pg_server, name)))
+    yield name
+    asyncio.run(_admin(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def db_url(pg_server: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    name = f"lightloop_t_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(pg_server, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
+    yield with_database(pg_server, name)
+    asyncio.run(_admin(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def empty_db_url(pg_server: str) -> Iterator[str]:
+    """A fresh database with no schema at all."""
+    name = f"lightloop_e_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(pg_server, f'CREATE DATABASE "{name}"'))
+    yield with_database(pg_server, name)
+    asyncio.run(_admin(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def conn(db_url: str) -> asyncpg.Connection:
+    connection = await asyncpg.connect(dsn(db_url))
+    yield connection
+    await connection.close()

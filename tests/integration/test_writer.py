@@ -1,0 +1,159 @@
+"""The batch writer against a real Postgres: bursts land, duplicates land once, refused rows are
+kept, a full queue is counted, and nothing is lost across a database outage or a restart."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from lightloop.settings import WriterSettings
+from lightloop.store import BatchWriter
+from lightloop.store.database import dsn
+
+
+def span(i: int, rollout: str | None = None, **extra: object) -> dict[str, object]:
+    return {
+        "span_id": f"{i:016x}",
+        "trace_id": "ab" * 16,
+        "name": "chat policy",
+        "start_time": datetime.now(UTC),
+        "attributes": {"gen_ai.request.model": "policy", "i": i},
+        "rollout_id": rollout,
+        **extra,
+    }
+
+
+def call(span_id: str, rollout: str, seq: int, choice: int = 0) -> dict[str, object]:
+    return {
+        "span_id": span_id,
+        "choice_index": choice,
+        "rollout_id": rollout,
+        "seq": seq,
+        "model": "policy",
+        "request": {"messages": [{"role": "user", "content": "2+2?"}]},
+        "response": {"id": "chatcmpl-1"},
+        "prompt_token_ids": list(range(1000)),
+        "completion_token_ids": [1, 2, 3],
+        "completion_logprobs": [-0.5, -math.inf, 0.0],
+        "finish_reason": "stop",
+        "latency_ms": 12.5,
+    }
+
+
+@pytest.fixture
+async def writer(db_url: str, tmp_path: Path) -> AsyncIterator[BatchWriter]:
+    w = BatchWriter(db_url, tmp_path / "spool", WriterSettings(batch_size=500, flush_interval_ms=50))
+    await w.start()
+    yield w
+    await w.close()
+
+
+async def test_a_burst_of_rows_all_land(writer: BatchWriter, conn: asyncpg.Connection) -> None:
+    rollout = str(uuid.uuid4())
+    assert writer.submit("rollouts", {"id": rollout, "group_id": "g1", "task_id": "t1"})
+    for i in range(5_000):
+        assert writer.submit("spans", span(i, rollout))
+    for seq in range(20):
+        writer.submit("llm_calls", call(f"{seq:016x}", rollout, seq))
+    await writer.flush()
+    assert await conn.fetchval("SELECT count(*) FROM spans WHERE rollout_id = $1", rollout) == 5_000
+    row = await conn.fetchrow("SELECT * FROM llm_calls WHERE span_id = $1", f"{7:016x}")
+    assert row["prompt_token_ids"] == list(range(1000))
+    assert row["completion_logprobs"][1] == -math.inf
+    assert json.loads(row["request"])["messages"][0]["content"] == "2+2?"
+    rollout_row = await conn.fetchrow("SELECT mode, status, metadata FROM rollouts WHERE id = $1", rollout)
+    assert dict(rollout_row) == {"mode": "train", "status": "running", "metadata": "{}"}
+    assert writer.stats.rows_written == 5_021
+    assert writer.stats.rows_spooled == writer.stats.rows_dropped == 0
+
+
+async def test_a_row_written_twice_lands_once(writer: BatchWriter, conn: asyncpg.Connection) -> None:
+    writer.submit("spans", span(1))
+    await writer.flush()
+    # Again in a later batch (a replay of a batch whose commit was acknowledged too late) ...
+    writer.submit("spans", span(1, name="changed"))
+    writer.submit("spans", span(2))
+    # ... and twice within one batch.
+    writer.submit("spans", span(3))
+    writer.submit("spans", span(3))
+    await writer.flush()
+    rows = await conn.fetch("SELECT span_id, name FROM spans ORDER BY span_id")
+    assert [(r["span_id"], r["name"]) for r in rows] == [
+        (f"{1:016x}", "chat policy"),
+        (f"{2:016x}", "chat policy"),
+        (f"{3:016x}", "chat policy"),
+    ]
+    assert writer.stats.batches_deduplicated >= 1
+
+
+async def test_a_refused_row_is_kept_and_the_rest_land(writer: BatchWriter, conn: asyncpg.Connection) -> None:
+    writer.submit("spans", span(1))
+    writer.submit("llm_calls", call("c1", rollout="no-such-rollout", seq=0))  # violates the foreign key
+    writer.submit("spans", span(2))
+    await writer.flush()
+    assert await conn.fetchval("SELECT count(*) FROM spans") == 2
+    assert writer.stats.rows_rejected == 1
+    rejected = (writer.spool.dir / "rejected.jsonl").read_text().splitlines()
+    assert len(rejected) == 1
+    record = json.loads(rejected[0])
+    assert "ForeignKeyViolation" in record["reason"]
+    assert "no-such-rollout" in record["data"]
+
+
+async def test_unknown_tables_and_columns_are_refused_at_once(writer: BatchWriter) -> None:
+    with pytest.raises(ValueError, match="does not write to table 'rewards'"):
+        writer.submit("rewards", {"rollout_id": "r", "value": 1.0})
+    with pytest.raises(ValueError, match="unknown columns for spans: colour"):
+        writer.submit("spans", {**span(1), "colour": "red"})
+
+
+async def test_a_full_queue_drops_and_counts(db_url: str, tmp_path: Path, conn: asyncpg.Connection) -> None:
+    w = BatchWriter(db_url, tmp_path / "spool", WriterSettings(queue_size=10))
+    # Not started: nothing drains the queue, so the 11th row finds it full.
+    accepted = [w.submit("spans", span(i)) for i in range(15)]
+    assert accepted == [True] * 10 + [False] * 5
+    assert w.stats.rows_dropped == 5
+    await w.start()
+    await w.close()
+    assert await conn.fetchval("SELECT count(*) FROM spans") == 10
+
+
+async def test_put_waits_for_room_instead_of_dropping(db_url: str, tmp_path: Path, conn: asyncpg.Connection) -> None:
+    w = BatchWriter(db_url, tmp_path / "spool", WriterSettings(queue_size=4, batch_size=2, flush_interval_ms=10))
+    await w.start()
+    for i in range(50):
+        await w.put("spans", span(i))
+    await w.close()
+    assert w.stats.rows_dropped == 0
+    assert await conn.fetchval("SELECT count(*) FROM spans") == 50
+
+
+async def test_postgres_unreachable_from_the_start_spools_then_replays(
+    db_url: str, tmp_path: Path, conn: asyncpg.Connection
+) -> None:
+    spool = tmp_path / "spool"
+    # A writer pointed at a port where nothing listens spools everything, durably ...
+    dead = BatchWriter("postgresql://postgres@127.0.0.1:1/x", spool, WriterSettings(flush_interval_ms=10))
+    await dead.start()
+    dead.submit("rollouts", {"id": "r1"})
+    for seq in range(10):
+        dead.submit("llm_calls", call(f"{seq:016x}", "r1", seq))
+    await dead.close()
+    assert dead.stats.rows_spooled == 11
+    assert dead.spool.has_pending()
+    # ... and a writer started later (a restart) replays the spool before anything newer.
+    w = BatchWriter(db_url, spool, WriterSettings(flush_interval_ms=10))
+    await w.start()
+    w.submit("llm_calls", call(f"{99:016x}", "r1", 99))
+    await w.flush()
+    await w.close()
+    assert await conn.fetchval("SELECT count(*) FROM llm_calls WHERE rollout_id = 'r1'") == 11
+    assert not w.spool.has_pending()
+    assert w.stats.rows_replayed == 11
