@@ -21,8 +21,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import operator
 import time
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -49,33 +51,37 @@ WRITABLE = ("rollouts", "spans", "llm_calls")
 class TableSpec:
     name: str
     columns: tuple[str, ...]
-    index: dict[str, int]
-    json_columns: frozenset[int]
+    json_columns: tuple[int, ...]
     time_columns: frozenset[int]
-    defaults: tuple[Any, ...]
+    # COPY writes every listed column, so a column a row leaves out takes the model's
+    # Python-side default here (the same value its server default would give).
+    static_defaults: dict[str, Any]
+    callable_defaults: tuple[tuple[str, Callable[[], Any]], ...]
+    values: Callable[[dict[str, Any]], tuple[Any, ...]]
 
     @classmethod
     def from_table(cls, table: Table) -> TableSpec:
-        # COPY writes every listed column, so a column a row leaves out takes the model's
-        # Python-side default here (the same value its server default would give).
-        defaults: list[Any] = []
+        static: dict[str, Any] = {}
+        dynamic: list[tuple[str, Callable[[], Any]]] = []
         for c in table.columns:
             d = c.default
             if d is None:
-                defaults.append(None)
+                static[c.name] = None
             elif getattr(d, "is_scalar", False):
-                defaults.append(getattr(d, "arg", None))
+                static[c.name] = getattr(d, "arg", None)
             else:
                 assert getattr(d, "is_callable", False), f"{table.name}.{c.name}: unsupported default"
-                defaults.append(_Default(getattr(d, "arg")))  # noqa: B009 - ColumnDefault's typed union
+                static[c.name] = None
+                dynamic.append((c.name, _Default(getattr(d, "arg"))))  # noqa: B009 - typed union
         cols = tuple(c.name for c in table.columns)
         return cls(
             name=table.name,
             columns=cols,
-            index={c: i for i, c in enumerate(cols)},
-            json_columns=frozenset(i for i, c in enumerate(table.columns) if isinstance(c.type, JSONB)),
+            json_columns=tuple(i for i, c in enumerate(table.columns) if isinstance(c.type, JSONB)),
             time_columns=frozenset(i for i, c in enumerate(table.columns) if isinstance(c.type, DateTime)),
-            defaults=tuple(defaults),
+            static_defaults=static,
+            callable_defaults=tuple(dynamic),
+            values=operator.itemgetter(*cols),
         )
 
 
@@ -119,9 +125,12 @@ class BatchWriter:
         self.settings = settings or WriterSettings()
         self.spool = Spool(spool_dir)
         self.stats = WriterStats()
-        self._queue: asyncio.Queue[tuple[str, tuple[Any, ...]] | _Flush] = asyncio.Queue(
-            self.settings.queue_size
-        )
+        # A deque and two events rather than asyncio.Queue: submit() runs once per row on the
+        # proxy's hot path, and Queue's bookkeeping cost more than the rest of it together.
+        self._items: deque[tuple[str, tuple[Any, ...]] | _Flush] = deque()
+        self._rows_queued = 0
+        self._arrived = asyncio.Event()
+        self._room = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._conn: asyncpg.Connection | None = None
         self._next_connect = 0.0
@@ -133,43 +142,53 @@ class BatchWriter:
     def submit(self, table: str, row: Mapping[str, Any]) -> bool:
         """Queue one row without waiting. False when the queue is full: the row is dropped and counted."""
         record = self._record(table, row)
-        try:
-            self._queue.put_nowait((table, record))
-        except asyncio.QueueFull:
+        if self._rows_queued >= self.settings.queue_size:
             self.stats.rows_dropped += 1
             now = time.monotonic()
             if now - self._last_drop_log >= 1.0:
                 self._last_drop_log = now
                 log.error(
                     "writer queue full (%d rows): dropped %d rows so far",
-                    self._queue.maxsize,
+                    self.settings.queue_size,
                     self.stats.rows_dropped,
                 )
             return False
-        self.stats.rows_submitted += 1
+        self._enqueue((table, record))
         return True
 
     async def put(self, table: str, row: Mapping[str, Any]) -> None:
         """Queue one row, waiting for room when the queue is full (backpressure)."""
         record = self._record(table, row)
-        await self._queue.put((table, record))
+        while self._rows_queued >= self.settings.queue_size:
+            self._room.clear()
+            await self._room.wait()
+        self._enqueue((table, record))
+
+    def _enqueue(self, item: tuple[str, tuple[Any, ...]]) -> None:
+        self._items.append(item)
+        self._rows_queued += 1
         self.stats.rows_submitted += 1
+        if not self._arrived.is_set():
+            self._arrived.set()
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return self._rows_queued
 
     def _record(self, table: str, row: Mapping[str, Any]) -> tuple[Any, ...]:
         spec = SPECS.get(table)
         if spec is None:
             raise ValueError(f"the writer does not write to table {table!r} (only {', '.join(WRITABLE)})")
-        unknown = row.keys() - spec.index.keys()
-        if unknown:
+        # Hot path (every proxied call): one dict merge and one itemgetter, no per-column loop.
+        merged = {**spec.static_defaults, **row}
+        if len(merged) != len(spec.columns):
+            unknown = merged.keys() - set(spec.columns)
             raise ValueError(f"unknown columns for {table}: {', '.join(sorted(unknown))}")
-        return tuple(
-            row[name] if name in row else (default() if isinstance(default, _Default) else default)
-            for name, default in zip(spec.columns, spec.defaults, strict=True)
-        )
+        for name, make in spec.callable_defaults:
+            if name not in row:
+                merged[name] = make()
+        values: tuple[Any, ...] = spec.values(merged)
+        return values
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -181,7 +200,8 @@ class BatchWriter:
         """Return once every row submitted before the call is committed or spooled on disk."""
         assert self._task is not None, "start() the writer first"
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Flush(done))
+        self._items.append(_Flush(done))
+        self._arrived.set()
         await asyncio.shield(done)
 
     async def close(self) -> None:
@@ -220,31 +240,39 @@ class BatchWriter:
         waiters: list[asyncio.Future[None]] = []
         count = 0
         idle = self.settings.retry_interval_s if self.spool.has_pending() else None
-        try:
-            item = await asyncio.wait_for(self._queue.get(), idle)
-        except TimeoutError:
+        if not await self._wait_for_items(idle):
             return batch, waiters
         deadline = loop.time() + self.settings.flush_interval_ms / 1000
-        while True:
+        while count < self.settings.batch_size:
+            if not self._items:
+                remaining = deadline - loop.time()
+                if remaining <= 0 or not await self._wait_for_items(remaining):
+                    break
+            item = self._items.popleft()
             if isinstance(item, _Flush):
                 waiters.append(item.done)
                 break
+            self._rows_queued -= 1
             table, record = item
-            batch.setdefault(table, []).append(record)
+            rows = batch.get(table)
+            if rows is None:
+                batch[table] = [record]
+            else:
+                rows.append(record)
             count += 1
-            if count >= self.settings.batch_size:
-                break
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
-                    break
+        if self._rows_queued < self.settings.queue_size:
+            self._room.set()
         return batch, waiters
+
+    async def _wait_for_items(self, wait_s: float | None) -> bool:
+        if self._items:
+            return True
+        self._arrived.clear()
+        try:
+            await asyncio.wait_for(self._arrived.wait(), wait_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def _write_or_spool(self, batch: Batch) -> None:
         rows = sum(len(r) for r in batch.values())
@@ -392,13 +420,19 @@ def _stage_table(table: str) -> str:
     return f"_lightloop_stage_{table}"
 
 
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _to_copy(spec: TableSpec, record: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The record as COPY takes it: JSON columns as text (asyncpg's jsonb codec takes str)."""
     if not spec.json_columns:
         return record
-    return tuple(
-        json.dumps(v) if i in spec.json_columns and v is not None and not isinstance(v, str) else v
-        for i, v in enumerate(record)
-    )
+    values = list(record)
+    for i in spec.json_columns:
+        v = values[i]
+        if v is not None and not isinstance(v, str):
+            values[i] = _dumps(v)
+    return tuple(values)
 
 
 def _encode(batch: Batch) -> bytes:

@@ -37,14 +37,20 @@ async def add_rollout(
     await conn.execute(
         """INSERT INTO rollouts (id, group_id, status, reward, mode, finished_at)
            VALUES ($1, $2, $3, $4, $5, CASE WHEN $3 = 'running' THEN NULL ELSE now() END)""",
-        rid, group, status, reward, mode,
+        rid,
+        group,
+        status,
+        reward,
+        mode,
     )
     for seq in range(calls):
         await conn.execute(
             """INSERT INTO llm_calls (span_id, rollout_id, seq, model, request, prompt_token_ids,
                                       completion_token_ids, completion_logprobs)
                VALUES ($1, $2, $3, 'policy', '{}', '{1,2}', '{3}', '{-0.1}')""",
-            f"{rid}-{seq}", rid, seq,
+            f"{rid}-{seq}",
+            rid,
+            seq,
         )
 
 
@@ -162,12 +168,17 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 async def test_two_processes_never_claim_the_same_rollout(db_url: str, conn: asyncpg.Connection) -> None:
     groups = 300
     await conn.executemany(
-        "INSERT INTO rollouts (id, group_id, status, reward, finished_at) VALUES ($1, $2, 'succeeded', 1, now())",
+        "INSERT INTO rollouts (id, group_id, status, reward, finished_at)"
+        " VALUES ($1, $2, 'succeeded', 1, now())",
         [(f"g{g}-{i}", f"g{g}") for g in range(groups) for i in range(4)],
     )
     procs = [
-        subprocess.Popen([sys.executable, "-c", _CLAIMER, dsn(db_url), name], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(  # noqa: ASYNC220 - two real claimer processes are the point of this test
+            [sys.executable, "-c", _CLAIMER, dsn(db_url), name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for name in ("w1", "w2")
     ]
     for p in procs:

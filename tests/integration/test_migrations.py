@@ -53,7 +53,7 @@ async def test_a_newer_schema_is_refused(db_url: str) -> None:
     conn = await asyncpg.connect(dsn(db_url))
     await conn.execute("UPDATE alembic_version SET version_num = '9999_from_the_future'")
     await conn.close()
-    with pytest.raises(SchemaError, match="9999_from_the_future.*newer lightloop"):
+    with pytest.raises(SchemaError, match=r"9999_from_the_future.*newer lightloop"):
         await upgrade(db_url)
     with pytest.raises(SchemaError, match="newer lightloop"):
         await check_current(db_url)

@@ -15,7 +15,6 @@ import pytest
 
 from lightloop.settings import WriterSettings
 from lightloop.store import BatchWriter
-from lightloop.store.database import dsn
 
 
 def span(i: int, rollout: str | None = None, **extra: object) -> dict[str, object]:
@@ -125,8 +124,12 @@ async def test_a_full_queue_drops_and_counts(db_url: str, tmp_path: Path, conn: 
     assert await conn.fetchval("SELECT count(*) FROM spans") == 10
 
 
-async def test_put_waits_for_room_instead_of_dropping(db_url: str, tmp_path: Path, conn: asyncpg.Connection) -> None:
-    w = BatchWriter(db_url, tmp_path / "spool", WriterSettings(queue_size=4, batch_size=2, flush_interval_ms=10))
+async def test_put_waits_for_room_instead_of_dropping(
+    db_url: str, tmp_path: Path, conn: asyncpg.Connection
+) -> None:
+    w = BatchWriter(
+        db_url, tmp_path / "spool", WriterSettings(queue_size=4, batch_size=2, flush_interval_ms=10)
+    )
     await w.start()
     for i in range(50):
         await w.put("spans", span(i))

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightloop import ConfigError, load_settings
+from lightloop.settings import describe_settings
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("LIGHTLOOP_"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_defaults() -> None:
+    s = load_settings()
+    assert s.home == Path(".lightloop") and s.database_url is None
+    assert s.writer.batch_size == 5000 and s.spool_dir == Path(".lightloop/spool")
+
+
+def test_precedence_flag_over_env_over_yaml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = tmp_path / "lightloop.yaml"
+    config.write_text(
+        "home: /from/yaml\nlog_level: warning\nwriter:\n  batch_size: 7\nmodel_list: [{model_name: x}]\n"
+    )
+    s = load_settings(config)
+    assert (s.home, s.log_level, s.writer.batch_size) == (Path("/from/yaml"), "warning", 7)
+    monkeypatch.setenv("LIGHTLOOP_HOME", "/from/env")
+    monkeypatch.setenv("LIGHTLOOP_WRITER__BATCH_SIZE", "9")
+    s = load_settings(config)
+    assert (s.home, s.writer.batch_size, s.writer.queue_size) == (Path("/from/env"), 9, 100_000)
+    assert load_settings(config, home=Path("/from/flag")).home == Path("/from/flag")
+
+
+def test_lightloop_yaml_in_the_working_folder_is_read(tmp_path: Path) -> None:
+    (tmp_path / "lightloop.yaml").write_text("database_url: postgresql://u@h:1/d\n")
+    assert load_settings().database_url == "postgresql://u@h:1/d"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("writer: [1, 2\n", "not valid YAML"),
+        ("- a list\n", "mapping at the top level"),
+        ("writer:\n  batch_size: 0\n", "LIGHTLOOP_WRITER__BATCH_SIZE"),
+    ],
+)
+def test_bad_yaml_is_a_config_error(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(config)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.yaml")
+
+
+def test_describe_settings_names_every_leaf_setting() -> None:
+    names = [env for env, _, _ in describe_settings()]
+    assert "LIGHTLOOP_DATABASE_URL" in names and "LIGHTLOOP_WRITER__FLUSH_INTERVAL_MS" in names
+    assert "LIGHTLOOP_WRITER" not in names
+    assert all(description for _, _, description in describe_settings() if _ != "LIGHTLOOP_WRITER")

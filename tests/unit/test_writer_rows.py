@@ -1,0 +1,49 @@
+"""The writer's pure parts: row shaping and the spool encoding."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+
+import pytest
+
+from lightloop.store.writer import SPECS, BatchWriter, _decode, _encode, _to_copy
+
+
+def test_rows_take_model_defaults_for_missing_columns(tmp_path: object) -> None:
+    w = BatchWriter("postgresql://x@127.0.0.1:1/x", tmp_path / "spool")  # type: ignore[operator]
+    record = w._record("rollouts", {"id": "r1"})
+    row = dict(zip(SPECS["rollouts"].columns, record, strict=True))
+    assert row["mode"] == "train" and row["status"] == "running" and row["metadata"] == {}
+    assert isinstance(row["created_at"], datetime) and row["created_at"].tzinfo is not None
+    assert row["group_id"] is None
+
+
+def test_spool_encoding_round_trips_times_json_and_infinities() -> None:
+    when = datetime(2026, 1, 2, 3, 4, 5, 678, tzinfo=UTC)
+    spec = SPECS["llm_calls"]
+    values = {c: None for c in spec.columns} | {
+        "span_id": "s",
+        "rollout_id": "r",
+        "seq": 1,
+        "model": "m",
+        "request": {"a": [1, "b"]},
+        "completion_logprobs": [-math.inf, -0.25],
+        "created_at": when,
+    }
+    record = tuple(values[c] for c in spec.columns)
+    decoded = _decode(_encode({"llm_calls": [record]}))
+    assert decoded == {"llm_calls": [record]}
+
+
+def test_json_columns_are_serialised_for_copy() -> None:
+    spec = SPECS["spans"]
+    values = {c: None for c in spec.columns} | {"attributes": {"k": "v"}, "events": [{"name": "e"}]}
+    copied = dict(zip(spec.columns, _to_copy(spec, tuple(values[c] for c in spec.columns)), strict=True))
+    assert json.loads(copied["attributes"]) == {"k": "v"} and json.loads(copied["events"]) == [{"name": "e"}]
+
+
+def test_undecodable_spool_data_raises() -> None:
+    with pytest.raises(KeyError):
+        _decode(b'{"no_such_table": []}')
