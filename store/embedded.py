@@ -201,11 +201,11 @@ class EmbeddedPostgres:
         if not self._as_root:
             return
         uid, gid = _system_user_ids()
-        # The server user must be able to traverse to its data folder.
-        for parent in self.pgdata.parents:
-            mode = parent.stat().st_mode
-            if not mode & stat.S_IXOTH:
-                parent.chmod(mode | stat.S_IXOTH)
+        # The server user must reach its data folder and the wheel's binaries; a checkout or
+        # virtual environment under a private folder (mode 0700) would hide them. Only the
+        # traverse bit (o+x) is added to the folders above them: nothing becomes listable.
+        _ensure_traversable(self.pgdata)
+        _ensure_traversable(_bin_path())
         for path in [self.pgdata, *self.pgdata.rglob("*")]:
             os.chown(path, uid, gid)
 
@@ -291,6 +291,13 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def _ensure_traversable(path: Path) -> None:
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            parent.chmod(mode | stat.S_IXOTH)
 
 
 def _system_user_ids() -> tuple[int, int]:
