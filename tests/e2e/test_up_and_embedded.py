@@ -8,6 +8,7 @@ import queue
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -189,23 +190,21 @@ def _unprivileged_user_can_run_lightloop() -> str | None:
     return None if check.returncode == 0 else "this checkout is not readable by other users"
 
 
-def test_runs_as_a_normal_user(tmp_path: Path) -> None:
+def test_runs_as_a_normal_user() -> None:
     reason = _unprivileged_user_can_run_lightloop()
     if reason:
         pytest.skip(reason)
-    home = tmp_path / "user-home"
-    home.mkdir()
+    # Directly under /tmp: pytest's own folders are private to the user running the tests.
+    home = Path(tempfile.mkdtemp(prefix="lightloop-user-"))
     prefix: list[str] = []
-    if os.geteuid() == 0:
+    uid = os.geteuid()
+    if uid == 0:
         nobody = pwd.getpwnam("nobody")
+        uid = nobody.pw_uid
         os.chown(home, nobody.pw_uid, nobody.pw_gid)
-        tmp_path.chmod(0o755)
         prefix = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("LIGHTLOOP_")},
-        "LIGHTLOOP_HOME": str(home),
-        "HOME": str(home),
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTLOOP_")}
+    env |= {"LIGHTLOOP_HOME": str(home / "lightloop"), "HOME": str(home)}
     try:
         result = subprocess.run(
             [*prefix, LIGHTLOOP, "sql", "SELECT current_user AS u"],
@@ -217,9 +216,10 @@ def test_runs_as_a_normal_user(tmp_path: Path) -> None:
         )
         assert result.returncode == 0, result.stderr
         assert "postgres" in result.stdout
-        pgdata = home / "postgres"
-        assert pgdata.stat().st_uid == (pwd.getpwnam("nobody").pw_uid if prefix else os.geteuid())
+        # The server runs as the invoking user itself: no system user is involved.
+        assert (home / "lightloop" / "postgres").stat().st_uid == uid
     finally:
         subprocess.run(
             [*prefix, LIGHTLOOP, "db", "stop"], env=env, capture_output=True, timeout=120, check=False
         )
+        shutil.rmtree(home, ignore_errors=True)
