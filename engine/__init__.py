@@ -1,3 +1,29 @@
-"""lightloop.engine: see DESIGN.md (built in a later issue)."""
+"""lightloop.engine: a CPU engine that speaks the part of vLLM's API lightloop uses."""
 
-__all__: list[str] = []
+from lightloop.engine.api import EngineServer, create_app
+from lightloop.engine.batcher import Batcher, Choice
+from lightloop.engine.errors import BadRequest, EngineError, ModelLoadError, NotFound
+from lightloop.engine.lora import Adapter, LoraRuntime, read_adapter
+from lightloop.engine.models import LoadedModel, load_model
+from lightloop.engine.sampling import SamplingParams, processed_logprobs
+from lightloop.engine.server import build, serve
+
+__all__ = [
+    "Adapter",
+    "BadRequest",
+    "Batcher",
+    "Choice",
+    "EngineError",
+    "EngineServer",
+    "LoadedModel",
+    "LoraRuntime",
+    "ModelLoadError",
+    "NotFound",
+    "SamplingParams",
+    "build",
+    "create_app",
+    "load_model",
+    "processed_logprobs",
+    "read_adapter",
+    "serve",
+]

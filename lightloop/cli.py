@@ -214,6 +214,33 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+# -- engine --------------------------------------------------------------------------------------
+
+
+@cli.command("engine")
+@click.option(
+    "--model",
+    default=None,
+    help="smollm2 (default), tiny, or a Hugging Face model folder. [env var: LIGHTLOOP_ENGINE__MODEL]",
+)
+@click.option("--host", default=None, help="[env var: LIGHTLOOP_ENGINE__HOST]")
+@click.option("--port", type=int, default=None, help="[env var: LIGHTLOOP_ENGINE__PORT]")
+@click.option("--served-model-name", default=None, help="[env var: LIGHTLOOP_ENGINE__SERVED_MODEL_NAME]")
+@click.option("--max-model-len", type=int, default=None, help="[env var: LIGHTLOOP_ENGINE__MAX_MODEL_LEN]")
+@click.option("--max-batch-size", type=int, default=None, help="[env var: LIGHTLOOP_ENGINE__MAX_BATCH_SIZE]")
+@click.pass_context
+def engine(ctx: click.Context, /, **flags: Any) -> None:
+    """Serve a model on CPU with the vLLM API subset lightloop uses (chat, completions,
+    token ids, logprobs, runtime LoRA)."""
+    from lightloop.engine.server import serve
+
+    settings = _settings(ctx)
+    given = {k: v for k, v in flags.items() if v is not None}
+    if given:
+        settings = settings.model_copy(update={"engine": settings.engine.model_copy(update=given)})
+    serve(settings)
+
+
 # -- up ------------------------------------------------------------------------------------------
 
 

@@ -47,6 +47,22 @@ class WriterSettings(BaseModel):
     )
 
 
+class EngineSettings(BaseModel):
+    """`lightloop engine`: the CPU engine that speaks the vLLM API subset lightloop uses."""
+
+    model: str = Field(
+        "smollm2", description="smollm2, tiny (a small random Llama for tests) or a model folder."
+    )
+    host: str = Field("127.0.0.1", description="Address the engine listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="Engine port (vLLM's default).")
+    served_model_name: str | None = Field(
+        None, description="Model id clients use (default: the --model value)."
+    )
+    max_model_len: int = Field(2048, ge=16, description="Longest prompt plus completion, in tokens.")
+    max_batch_size: int = Field(16, ge=1, description="Sequences decoded together in one step.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch (default: all cores).")
+
+
 class Settings(BaseSettings):
     """Everything lightloop reads from its environment; the CLI builds one and passes it down."""
 
@@ -70,6 +86,7 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", description="Log level: debug, info, warning or error.")
     writer: WriterSettings = Field(default_factory=WriterSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -93,6 +110,10 @@ class Settings(BaseSettings):
     @property
     def pgdata(self) -> Path:
         return self.home / "postgres"
+
+    @property
+    def model_cache(self) -> Path:
+        return self.home / "models"
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
