@@ -136,6 +136,10 @@ class EngineServer:
     def start(
         self, prompts: list[list[int]], n: int, params: SamplingParams, adapter: Adapter | None
     ) -> tuple[list[_ChoiceState], asyncio.Queue[tuple[int, Event]]]:
+        if n > self.batcher.max_batch_size:
+            # A request's choices are prefilled and decoded together; more than a batch holds
+            # could never be scheduled.
+            raise BadRequest(f"n={n} exceeds this engine's max_batch_size of {self.batcher.max_batch_size}")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         states: list[_ChoiceState] = []

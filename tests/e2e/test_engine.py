@@ -55,7 +55,18 @@ def engine(engine_home: Path) -> Iterator[str]:
     env["LIGHTLOOP_HOME"] = str(engine_home)
     log = open(engine_home / f"engine-{port}.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [LIGHTLOOP, "engine", "--model", "tiny", "--port", str(port), "--max-model-len", "512"],
+        [
+            LIGHTLOOP,
+            "engine",
+            "--model",
+            "tiny",
+            "--port",
+            str(port),
+            "--max-model-len",
+            "512",
+            "--max-batch-size",
+            "8",
+        ],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -265,6 +276,12 @@ def test_models_and_health(engine: str) -> None:
             "temperature",
         ),
         ("/v1/completions", {"model": "tiny", "prompt": [10**9]}, 400, "token ids"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": MESSAGES, "n": 16},
+            400,
+            "max_batch_size of 8",
+        ),
         ("/v1/unload_lora_adapter", {"lora_name": "ghost"}, 404, "cannot be found"),
         ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/no/such/dir"}, 400, "does not exist"),
         ("/v1/nothing", {}, 404, "Not Found"),
