@@ -49,6 +49,8 @@ def is_unavailable(exc: BaseException) -> bool:
     """True when `exc` means Postgres cannot be reached now (retry later), not a bad statement."""
     if isinstance(exc, asyncpg.PostgresError):
         return str(getattr(exc, "sqlstate", "") or "")[:2] in _UNAVAILABLE_SQLSTATE_CLASSES
+    if is_unencodable(exc):
+        return False
     return isinstance(
         exc,
         OSError
@@ -56,6 +58,22 @@ def is_unavailable(exc: BaseException) -> bool:
         | asyncpg.InterfaceError
         | asyncpg.exceptions.ConnectionDoesNotExistError,
     )
+
+
+def is_unencodable(exc: BaseException) -> bool:
+    """True when the driver itself refused a value (a str for an int column, say) before sending it.
+
+    asyncpg raises its client-side DataError, a subclass of both InterfaceError and ValueError;
+    it must not count as "unavailable", or a batch holding such a value would be retried forever.
+    """
+    return isinstance(exc, ValueError | TypeError)
+
+
+def is_bad_row(exc: BaseException) -> bool:
+    """True when a row itself was refused, by Postgres or by the driver: keep it aside, go on."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return not is_unavailable(exc)
+    return is_unencodable(exc)
 
 
 def translate(exc: BaseException, url: str) -> Exception:

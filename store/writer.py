@@ -8,8 +8,9 @@ Postgres in batches. Callers never wait on Postgres.
 - Exactly once: every writable table has a primary key. A batch is first COPYed directly; if a
   key is already there (a replay of a batch whose commit was acknowledged too late), the batch is
   COPYed into a temporary table and inserted with ON CONFLICT DO NOTHING.
-- Poison rows: a batch Postgres refuses for a reason other than availability (a value a column
-  cannot hold) is retried row by row; refused rows are kept in `spool/rejected.jsonl`.
+- Poison rows: a batch Postgres or the driver refuses for a reason other than availability (a
+  value a column cannot hold) is retried row by row; refused rows are kept in
+  `spool/rejected.jsonl`.
 - Queue full: `submit` drops the row and counts it (`rows_dropped`, logged at most once per
   second), so that a stuck disk can never stall the agent the proxy is serving. Producers that
   prefer backpressure call `await put(...)`, which waits for room instead.
@@ -322,7 +323,7 @@ class BatchWriter:
             if database.is_unavailable(exc) or conn.is_closed():
                 self._lost_connection(exc)
                 return None
-            if not isinstance(exc, asyncpg.PostgresError):
+            if not database.is_bad_row(exc):
                 raise
             self._count_error(exc)
             log.warning("batch refused (%s); writing it row by row", exc)
@@ -360,14 +361,14 @@ class BatchWriter:
                             async with conn.transaction():
                                 await self._copy_deduplicated(conn, spec, [_to_copy(spec, record)])
                             written += 1
-                        except asyncpg.PostgresError as exc:
-                            if database.is_unavailable(exc):
+                        except Exception as exc:
+                            if not database.is_bad_row(exc):
                                 raise
                             self._count_error(exc)
                             self.stats.rows_rejected += 1
                             self.spool.reject(_encode({table: [record]}), f"{type(exc).__name__}: {exc}")
                             log.error(
-                                "row refused by Postgres and kept in %s: %s",
+                                "row refused and kept in %s: %s",
                                 self.spool.dir / "rejected.jsonl",
                                 exc,
                             )

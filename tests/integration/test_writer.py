@@ -160,3 +160,16 @@ async def test_postgres_unreachable_from_the_start_spools_then_replays(
     assert await conn.fetchval("SELECT count(*) FROM llm_calls WHERE rollout_id = 'r1'") == 11
     assert not w.spool.has_pending()
     assert w.stats.rows_replayed == 11
+
+
+async def test_a_value_the_driver_cannot_encode_is_kept_aside_not_retried_forever(
+    writer: BatchWriter, conn: asyncpg.Connection
+) -> None:
+    writer.submit("spans", span(1, input_tokens="not a number"))
+    writer.submit("spans", span(2))
+    await writer.flush()
+    writer.submit("spans", span(3))
+    await writer.flush()
+    assert await conn.fetchval("SELECT count(*) FROM spans") == 2
+    assert writer.stats.rows_rejected == 1
+    assert not writer.spool.has_pending()
