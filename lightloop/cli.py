@@ -6,8 +6,10 @@ import asyncio
 import json
 import logging
 import signal
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Coroutine
 from datetime import date, datetime
 from decimal import Decimal
@@ -241,16 +243,81 @@ def engine(ctx: click.Context, /, **flags: Any) -> None:
     serve(settings)
 
 
+# -- proxy ---------------------------------------------------------------------------------------
+
+
+@cli.command("proxy")
+@click.option("--host", default=None, help="[env var: LIGHTLOOP_PROXY__HOST]")
+@click.option("--port", type=int, default=None, help="[env var: LIGHTLOOP_PROXY__PORT]")
+@click.option("--workers", type=int, default=None, help="Processes. [env var: LIGHTLOOP_PROXY__WORKERS]")
+@click.pass_context
+def proxy(ctx: click.Context, /, **flags: Any) -> None:
+    """Serve the OpenAI-compatible proxy (LiteLLM's proxy app with lightloop's policy lane),
+    recording every call into Postgres. Point agents' OPENAI_BASE_URL at http://HOST:PORT/v1."""
+    from lightloop.proxy.server import serve
+
+    settings = _settings(ctx)
+    given = {k: v for k, v in flags.items() if v is not None}
+    if given:
+        settings = settings.model_copy(update={"proxy": settings.proxy.model_copy(update=given)})
+    url = _database_url(settings)
+    _migrate_if_reachable(url)
+    serve(settings, url)
+
+
+def _migrate_if_reachable(url: str) -> None:
+    """Bring the schema to head; a database that is down now is not fatal to a proxy (it spools)."""
+    from lightloop.store.errors import DatabaseUnavailable
+    from lightloop.store.migrate import upgrade
+
+    try:
+        _run(upgrade(url))
+    except DatabaseUnavailable as exc:
+        log.warning("%s; serving anyway, calls are spooled until it is back", exc)
+
+
 # -- up ------------------------------------------------------------------------------------------
 
 
-@cli.command("up", epilog=_settings_epilog())
-@click.pass_context
-def up(ctx: click.Context) -> None:
-    """Start everything on this machine and stay in the foreground until Ctrl-C.
+def _child(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "from lightloop.cli import main; main()", *args], env=env)
 
-    Now: the embedded Postgres (unless LIGHTLOOP_DATABASE_URL is set), migrated to the newest
-    schema. Stopping stops the embedded Postgres if this command started it."""
+
+def _wait_ready(
+    url: str, process: subprocess.Popen[bytes], what: str, timeout_s: float, key: str | None
+) -> None:
+    """Poll a child's /health until it answers (startup of a separate process; not a test)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LightloopError(
+                f"the {what} exited during startup (status {process.returncode}); see its log above"
+            )
+        try:
+            if httpx.get(url, headers=headers, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise LightloopError(f"the {what} did not become ready at {url} within {timeout_s:g} s")
+
+
+@cli.command("up", epilog=_settings_epilog())
+@click.option(
+    "--engine/--no-engine", default=True, help="Start the CPU engine (off when vLLM serves the policy)."
+)
+@click.pass_context
+def up(ctx: click.Context, engine: bool) -> None:
+    """Start everything on this machine and stay in the foreground until Ctrl-C: the embedded
+    Postgres (unless LIGHTLOOP_DATABASE_URL is set), migrated to the newest schema; the CPU
+    engine (smollm2 by default); and the proxy. Prints the base URL and key to give agents.
+    Stopping stops what this command started."""
+    import os
+
+    from lightloop.proxy.server import master_key
     from lightloop.store.embedded import EmbeddedPostgres
     from lightloop.store.migrate import upgrade
 
@@ -262,15 +329,46 @@ def up(ctx: click.Context) -> None:
     embedded = None if settings.database_url else EmbeddedPostgres(settings.pgdata)
     started_here = embedded is not None and embedded.status() is None
     url = _database_url(settings)
+    children: list[subprocess.Popen[bytes]] = []
     try:
         revision = _run(upgrade(url))
+        key, created = master_key(settings)
+        env = {**os.environ, "LIGHTLOOP_DATABASE_URL": url, "LITELLM_MASTER_KEY": key}
+        env["LIGHTLOOP_HOME"] = str(settings.home)
+        if settings.config is not None:
+            env["LIGHTLOOP_CONFIG"] = str(settings.config)
+        if engine:
+            children.append(_child(["engine"], env))
+            engine_url = f"http://{settings.engine.host}:{settings.engine.port}/health"
+            _wait_ready(engine_url, children[-1], "engine", 600, None)
+        children.append(_child(["proxy"], env))
+        base = f"http://{settings.proxy.host}:{settings.proxy.port}"
+        _wait_ready(base + "/health", children[-1], "proxy", 120, key)
         click.echo(f"lightloop is up (schema {revision})")
+        click.echo(f"  OPENAI_BASE_URL={base}/v1")
+        click.echo(
+            f"  OPENAI_API_KEY={key}"
+            + ("   (new; kept in " + str(settings.home / "master.key") + ")" if created else "")
+        )
+        click.echo(
+            f"  models:    {', '.join(p.name for p in settings.policy)} (trainable), and LiteLLM's model_list"
+        )
         click.echo(f"  database:  {url}")
-        click.echo(f"  query it:  lightloop sql \"SELECT * FROM rollouts LIMIT 5\"   (or psql '{url}')")
+        click.echo(f"  query it:  lightloop sql \"SELECT * FROM llm_calls LIMIT 5\"   (or psql '{url}')")
         click.echo("Press Ctrl-C to stop.", nl=True)
         sys.stdout.flush()
-        stop.wait()
+        while not stop.wait(1.0):
+            for child in children:
+                if child.poll() is not None:
+                    raise LightloopError(f"a child process exited (status {child.returncode}); stopping")
     finally:
+        for child in reversed(children):
+            if child.poll() is None:
+                child.terminate()
+                try:
+                    child.wait(30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
         if embedded is not None and started_here:
             embedded.stop()
             click.echo("embedded Postgres stopped")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -63,6 +63,44 @@ class EngineSettings(BaseModel):
     threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch (default: all cores).")
 
 
+class PolicyModelSettings(BaseModel):
+    """A trainable model: the proxy's policy lane serves it with token ids and the live version."""
+
+    name: str = Field("policy", min_length=1, description="The model name agents ask for.")
+    base_model: str = Field(
+        "smollm2", min_length=1, description="The engines' served model name while no version is live."
+    )
+    upstreams: list[str] = Field(
+        default_factory=lambda: ["http://127.0.0.1:8000"],
+        min_length=1,
+        description="Engine base URLs (vLLM or `lightloop engine`); each rollout sticks to one.",
+    )
+    api_key: SecretStr | None = Field(None, description="Key the engines require (vLLM --api-key), if any.")
+
+
+class ProxySettings(BaseModel):
+    """`lightloop proxy`: the LiteLLM proxy app with lightloop's policy lane and routes."""
+
+    host: str = Field("127.0.0.1", description="Address the proxy listens on.")
+    port: int = Field(4000, ge=0, le=65535, description="Proxy port (LiteLLM's default).")
+    workers: int = Field(1, ge=1, description="Proxy processes sharing the port.")
+    max_body_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above it)."
+    )
+    upstream_timeout_s: float = Field(
+        600.0, gt=0, description="Longest wait for an engine's answer (and between streamed chunks)."
+    )
+    upstream_retries: int = Field(
+        2, ge=0, description="Retries on connect errors and 5xx before the first byte reached the agent."
+    )
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces URL to export the proxy's spans to as well (optional)."
+    )
+    session_memory: int = Field(
+        100_000, ge=1, description="Conversations remembered per proxy process for inferred sessions."
+    )
+
+
 class Settings(BaseSettings):
     """Everything lightloop reads from its environment; the CLI builds one and passes it down."""
 
@@ -87,6 +125,16 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="Log level: debug, info, warning or error.")
     writer: WriterSettings = Field(default_factory=WriterSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
+    policy: list[PolicyModelSettings] = Field(
+        default_factory=lambda: [PolicyModelSettings()],
+        description="Trainable models (YAML list of name, base_model, upstreams).",
+    )
+    master_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("LITELLM_MASTER_KEY", "master_key"),
+        description="LITELLM_MASTER_KEY: the proxy's key (default: generated and kept under home).",
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -114,6 +162,10 @@ class Settings(BaseSettings):
     @property
     def model_cache(self) -> Path:
         return self.home / "models"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
@@ -157,6 +209,9 @@ def describe_settings(
     """(environment variable, default, description) for every setting, nested ones flattened."""
     for name, field in model.model_fields.items():
         env = f"{prefix}{name.upper()}"
+        if isinstance(field.validation_alias, AliasChoices):
+            # A setting read under another product's name (LITELLM_MASTER_KEY), without our prefix.
+            env = str(field.validation_alias.choices[0])
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             yield from describe_settings(annotation, env + NESTED_DELIMITER)

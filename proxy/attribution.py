@@ -37,7 +37,7 @@ class Attribution:
     task_id: str | None = None
 
 
-def _check_id(value: str, what: str) -> str:
+def check_id(value: str, what: str) -> str:
     if not _ID_RE.match(value):
         raise BadRequest(
             f"{what} {value[:80]!r} is not a valid id: use up to 200 letters, digits and . _ : @ -, "
@@ -52,7 +52,7 @@ def split_path(path: str) -> tuple[str | None, int | None, str]:
     match = _PATH_RE.match(path)
     if match is None:
         return None, None, path
-    rollout = _check_id(match["rollout"], "rollout id")
+    rollout = check_id(match["rollout"], "rollout id")
     attempt = None
     if match["attempt"] is not None:
         if not match["attempt"].isdigit():
@@ -72,12 +72,12 @@ def resolve(path: str, headers: Mapping[str, str]) -> tuple[Attribution, str]:
     task = lower.get(HEADER_TASK)
     for value, what in ((group, "group id"), (task, "task id")):
         if value is not None:
-            _check_id(value, what)
+            check_id(value, what)
     if agent is not None and not 0 < len(agent) <= 200:
         raise BadRequest("X-Lightloop-Agent must hold 1 to 200 characters")
     header_rollout = lower.get(HEADER_ROLLOUT)
     if header_rollout is not None:
-        _check_id(header_rollout, "rollout id")
+        check_id(header_rollout, "rollout id")
     rollout, attempt, rest = split_path(path)
     if rollout is not None:
         if header_rollout is not None and header_rollout != rollout:

@@ -1,4 +1,5 @@
-"""The proxy's exception tree; `lightloop.proxy` turns each into OpenAI-shaped JSON in one place."""
+"""The proxy's exception tree. `lightloop.proxy.http.error_response` turns each into
+OpenAI-shaped JSON (`{"error": {"message", "type", "code"}}`) in one place."""
 
 from lightloop.errors import LightloopError
 
@@ -11,3 +12,54 @@ class ProxyError(LightloopError):
 class BadRequest(ProxyError):
     status = 400
     type = "invalid_request_error"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    type = "authentication_error"
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "not_found_error"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    type = "invalid_request_error"
+
+
+class Conflict(ProxyError):
+    status = 409
+    type = "conflict_error"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+
+
+class Unprocessable(ProxyError):
+    status = 422
+    type = "invalid_request_error"
+
+
+class UpstreamFailed(ProxyError):
+    """No engine answered (connection refused, reset, timed out): 502."""
+
+    status = 502
+    type = "upstream_error"
+
+
+class UpstreamUnavailable(ProxyError):
+    """The engines answered 5xx on every try: 503."""
+
+    status = 503
+    type = "upstream_unavailable"
+
+
+class DatabaseDown(ProxyError):
+    """A route that needs an answer from Postgres now (rewards) cannot get one: 503, retry."""
+
+    status = 503
+    type = "database_unavailable"

@@ -14,8 +14,10 @@ from lightloop.store.database import connect, create_engine, create_pool, dsn, t
 from lightloop.store.embedded import EmbeddedPostgres, resolve_database_url
 from lightloop.store.errors import (
     ClaimLost,
+    Conflict,
     DatabaseUnavailable,
     EmbeddedPostgresError,
+    NotFound,
     PolicyVersionError,
     QueryError,
     SchemaError,
@@ -27,6 +29,7 @@ from lightloop.store.policies import (
     PolicyChange,
     PolicyListener,
     PolicyVersion,
+    adapter_name,
     fail_version,
     list_versions,
     live_version,
@@ -35,28 +38,35 @@ from lightloop.store.policies import (
     stage_version,
 )
 from lightloop.store.query import QueryResult, run_sql
+from lightloop.store.rewards import TRAINING_REWARD, RewardRecord, add_reward, finish_rollout
 from lightloop.store.schema import metadata
 from lightloop.store.writer import BatchWriter, WriterStats
 
 __all__ = [
     "CHANNEL",
+    "TRAINING_REWARD",
     "BatchWriter",
     "Claim",
     "ClaimLost",
     "ClaimedRollout",
+    "Conflict",
     "DatabaseUnavailable",
     "EmbeddedPostgres",
     "EmbeddedPostgresError",
+    "NotFound",
     "PolicyChange",
     "PolicyListener",
     "PolicyVersion",
     "PolicyVersionError",
     "QueryError",
     "QueryResult",
+    "RewardRecord",
     "SchemaError",
     "StepRecord",
     "StoreError",
     "WriterStats",
+    "adapter_name",
+    "add_reward",
     "check_current",
     "claim_groups",
     "connect",
@@ -66,6 +76,7 @@ __all__ = [
     "dsn",
     "extend_claim",
     "fail_version",
+    "finish_rollout",
     "head_revision",
     "list_versions",
     "live_version",

@@ -34,3 +34,11 @@ class ClaimLost(StoreError):
 
 class PolicyVersionError(StoreError):
     """A policy version does not exist or cannot make the requested transition."""
+
+
+class NotFound(StoreError):
+    """A rollout or response the caller named does not exist."""
+
+
+class Conflict(StoreError):
+    """The request contradicts the row's state (a rollout already finished differently)."""

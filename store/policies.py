@@ -20,6 +20,13 @@ CHANNEL = "lightloop_policy"
 _COLUMNS = "policy, version, base_model, uri, sha256, status, reason, training_step, created_at, live_at"
 
 
+def adapter_name(policy: str, version: int) -> str:
+    """The name a version is loaded under on the engines (vLLM's lora_name) and asked for by the
+    proxy. Version 0 is the base model, served under its own name, so it has no adapter."""
+    assert version > 0
+    return f"{policy}-v{version}"
+
+
 @dataclass(frozen=True)
 class PolicyVersion:
     policy: str

@@ -136,9 +136,16 @@ class LlmCall(Base):
     finish_reason: Mapped[str | None] = mapped_column(Text)
     latency_ms: Mapped[float | None] = mapped_column(Double)
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # When the call started at the proxy; with seq, the order of a rollout's calls.
     created_at: Mapped[datetime] = mapped_column(TZ, default=_now, server_default=NOW)
+    response_id: Mapped[str | None] = mapped_column(Text)
+    attempt: Mapped[int | None] = mapped_column(Integer)
+    upstream: Mapped[str | None] = mapped_column(Text)
 
-    __table_args__ = (Index("ix_llm_calls_rollout_id_seq", "rollout_id", "seq"),)
+    __table_args__ = (
+        Index("ix_llm_calls_rollout_id_seq", "rollout_id", "seq"),
+        Index("ix_llm_calls_response_id", "response_id"),
+    )
 
 
 class Reward(Base):

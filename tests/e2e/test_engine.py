@@ -6,11 +6,7 @@ import asyncio
 import copy
 import json
 import math
-import os
-import socket
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,66 +15,7 @@ import openai
 import pytest
 import torch
 
-from tests.conftest import LIGHTLOOP
-
 MESSAGES = [{"role": "user", "content": "What is 17 + 25?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_healthy(base: str, proc: subprocess.Popen[bytes], timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "engine exited during start-up"
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("engine did not become healthy")
-
-
-@pytest.fixture(scope="session")
-def engine_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("engine-home")
-
-
-@pytest.fixture(scope="module")
-def engine(engine_home: Path) -> Iterator[str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTLOOP_")}
-    env["LIGHTLOOP_HOME"] = str(engine_home)
-    log = open(engine_home / f"engine-{port}.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [
-            LIGHTLOOP,
-            "engine",
-            "--model",
-            "tiny",
-            "--port",
-            str(port),
-            "--max-model-len",
-            "512",
-            "--max-batch-size",
-            "8",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(base, proc)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture

@@ -1,0 +1,254 @@
+"""The proxy application: LiteLLM's proxy server app with lightloop in front of it, in one ASGI app.
+
+lightloop answers its own routes and the chat/text completions of policy models (the policy
+lane); everything else, including completions for every other model, goes on to LiteLLM's app
+untouched (the LiteLLM lane), where a CustomLogger records it. Doing the dispatch as plain ASGI
+keeps LiteLLM's middleware and FastAPI's routing off the policy lane's path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from lightloop.proxy import routes
+from lightloop.proxy.attribution import HEADER_ROLLOUT, Attribution, resolve
+from lightloop.proxy.auth import check_key
+from lightloop.proxy.errors import BadRequest, MethodNotAllowed, ProxyError
+from lightloop.proxy.export import SpanExport
+from lightloop.proxy.http import (
+    ASGIApp,
+    ClientGone,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    error_response,
+    header,
+    parse_json_object,
+    read_body,
+)
+from lightloop.proxy.lane import PolicyLane
+from lightloop.proxy.litellm_lane import RecordingLogger, current_attribution
+from lightloop.proxy.metrics import Metrics
+from lightloop.proxy.recorder import Recorder
+from lightloop.proxy.upstream import Upstreams
+from lightloop.proxy.versions import LiveVersions
+from lightloop.settings import Settings
+from lightloop.store import BatchWriter, create_pool
+
+log = logging.getLogger(__name__)
+
+_COMPLETIONS = {
+    "/v1/chat/completions": "chat",
+    "/chat/completions": "chat",
+    "/v1/completions": "text_completion",
+    "/completions": "text_completion",
+}
+_FINISH = re.compile(r"^/v1/rollouts/(?P<id>[^/]+)/finish$")
+
+
+class ProxyApp:
+    def __init__(
+        self, settings: Settings, database_url: str, master_key: str, litellm_app: ASGIApp, spool_dir: Path
+    ) -> None:
+        self.settings = settings
+        self.database_url = database_url
+        self.master_key = master_key.encode()
+        self.litellm = litellm_app
+        self.writer = BatchWriter(database_url, spool_dir, settings.writer)
+        export = SpanExport(settings.proxy.otlp_endpoint) if settings.proxy.otlp_endpoint else None
+        self.recorder = Recorder(self.writer, settings.proxy.session_memory, export)
+        self.versions = LiveVersions(settings.policy, database_url, settings.writer.retry_interval_s)
+        self.upstreams = Upstreams(settings.proxy.upstream_timeout_s, settings.proxy.upstream_retries)
+        self.lane = PolicyLane(
+            {p.name: p for p in settings.policy}, self.versions, self.upstreams, self.recorder
+        )
+        self.metrics = Metrics(self.writer)
+        self.logger = RecordingLogger(self.recorder)
+        self._pool: asyncpg.Pool | None = None
+
+    # -- ASGI ----------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            await self.litellm(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if not (
+            path in _COMPLETIONS
+            or path.startswith(("/rollout/", "/v1/r", "/v1/traces"))
+            or path
+            in (
+                "/metrics",
+                "/health",
+            )
+        ):
+            await self.litellm(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        route = "other"
+        try:
+            route, status = await self._handle(scope, receive, send)
+        except ProxyError as exc:
+            status = exc.status
+            await error_response(send, exc)
+        except ClientGone:
+            status = 499
+        finally:
+            if route != "litellm":
+                self.metrics.observe(route, status, time.perf_counter() - started)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> tuple[str, int]:
+        attribution, path = resolve(scope["path"], _lightloop_headers(scope))
+        operation = _COMPLETIONS.get(path)
+        if operation is not None:
+            return "completions", await self._completions(operation, path, attribution, scope, receive, send)
+        finish = _FINISH.match(path)
+        if path == "/v1/rewards" or finish or path in ("/v1/traces", "/metrics", "/health"):
+            route = "finish" if finish else path.rsplit("/", 1)[-1]
+            if attribution.source == "path" and path != "/v1/rewards":
+                raise BadRequest(f"{path} is not served under /rollout/{{id}}; use it at the root")
+            method = "GET" if path in ("/metrics", "/health") else "POST"
+            if scope["method"] != method:
+                raise MethodNotAllowed(f"{path} takes {method}")
+            check_key(scope, self.master_key)
+            if method == "GET":
+                if path == "/metrics":
+                    return route, await routes.get_metrics(self.metrics, send)
+                return route, await routes.get_health(self.recorder, self.versions, send)
+            body = await read_body(scope, receive, self.settings.proxy.max_body_bytes)
+            if path == "/v1/rewards":
+                return route, await routes.post_reward(
+                    body, attribution.rollout_id, self.recorder, self._db, send
+                )
+            if finish:
+                return route, await routes.post_finish(body, finish["id"], self.recorder, self._db, send)
+            return route, await routes.post_traces(
+                body, header(scope, b"content-type"), header(scope, b"content-encoding"), self.recorder, send
+            )
+        # Any other OpenAI route under /rollout/{id}/v1 (models, embeddings, ...): LiteLLM's.
+        await self._to_litellm(scope, receive, send, path, attribution, None)
+        return "litellm", 0
+
+    async def _completions(
+        self, operation: str, path: str, attribution: Attribution, scope: Scope, receive: Receive, send: Send
+    ) -> int:
+        if scope["method"] != "POST":
+            raise MethodNotAllowed(f"{path} takes POST")
+        check_key(scope, self.master_key)
+        raw = await read_body(scope, receive, self.settings.proxy.max_body_bytes)
+        body = parse_json_object(raw)
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise BadRequest("model is required and must be a string")
+        if model in self.lane.policies:
+            if operation == "chat" and not isinstance(body.get("messages"), list):
+                raise BadRequest("messages is required and must be a list")
+            v1 = path if path.startswith("/v1/") else "/v1" + path
+            return await self.lane.serve(
+                operation, v1, body, attribution, header(scope, b"traceparent"), receive, send
+            )
+        await self._to_litellm(scope, receive, send, path, attribution, raw)
+        return 0
+
+    async def _to_litellm(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        path: str,
+        attribution: Attribution,
+        body: bytes | None,
+    ) -> None:
+        scope = dict(scope)
+        if attribution.source == "path":
+            scope["path"] = path
+            scope["raw_path"] = path.encode()
+            scope["headers"] = [
+                *[(k, v) for k, v in scope["headers"] if k != HEADER_ROLLOUT.encode()],
+                (HEADER_ROLLOUT.encode(), str(attribution.rollout_id).encode()),
+            ]
+        if body is not None:
+            pending = [body]
+            original = receive
+
+            async def replay() -> Message:
+                if pending:
+                    return {"type": "http.request", "body": pending.pop(), "more_body": False}
+                return await original()
+
+            receive = replay
+        token = current_attribution.set(attribution)
+        try:
+            await self.litellm(scope, receive, send)
+        finally:
+            current_attribution.reset(token)
+
+    async def _db(self) -> asyncpg.Pool:
+        if self._pool is None:
+            self._pool = await create_pool(self.database_url, min_size=0, max_size=4)
+        return self._pool
+
+    # -- lifespan ------------------------------------------------------------------------------
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        await receive()  # lifespan.startup
+        stack = contextlib.AsyncExitStack()
+        try:
+            await stack.enter_async_context(self._running())
+        except Exception as exc:
+            log.exception("proxy failed to start")
+            await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        await stack.aclose()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    @contextlib.asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
+        router = getattr(self.litellm, "router", None)
+        lifespan = getattr(router, "lifespan_context", None)
+        async with contextlib.AsyncExitStack() as stack:
+            if lifespan is not None:
+                await stack.enter_async_context(lifespan(self.litellm))
+            import litellm
+
+            litellm.callbacks.append(self.logger)
+            stack.callback(_remove, litellm.callbacks, self.logger)
+            await self.writer.start()
+            stack.push_async_callback(self.writer.close)
+            await self.versions.start()
+            stack.push_async_callback(self.versions.close)
+            stack.push_async_callback(self.upstreams.close)
+            stack.push_async_callback(self._close_pool)
+            if self.recorder.export is not None:
+                stack.callback(self.recorder.export.close)
+            yield
+
+    async def _close_pool(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+
+
+def _remove(items: list[Any], item: Any) -> None:
+    with contextlib.suppress(ValueError):
+        items.remove(item)
+
+
+def _lightloop_headers(scope: Scope) -> dict[str, str]:
+    return {
+        k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k.startswith(b"x-lightloop-")
+    }

@@ -1,0 +1,170 @@
+"""The policy lane: chat and text completions for trainable models, forwarded to the engines with
+token ids and logprobs switched on, streamed back as they arrive (the bytes are not re-encoded),
+and recorded. See DESIGN.md for why this does not go through LiteLLM's router."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from lightloop.proxy.attribution import Attribution
+from lightloop.proxy.capture import Call, from_response, from_stream
+from lightloop.proxy.errors import ProxyError
+from lightloop.proxy.http import JSON, Receive, Send, respond
+from lightloop.proxy.recorder import Recorder
+from lightloop.proxy.upstream import Upstreams, order
+from lightloop.proxy.versions import LiveVersions
+from lightloop.settings import PolicyModelSettings
+
+log = logging.getLogger(__name__)
+
+PROVIDER = "vllm"  # the API the engines speak (vLLM, or lightloop's CPU engine)
+_STREAM_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def upstream_base(url: str) -> str:
+    """An engine URL as configured (`http://h:8000`, `.../v1`, trailing slash) without `/v1`."""
+    return url.rstrip("/").removesuffix("/v1")
+
+
+@dataclass
+class PolicyLane:
+    policies: dict[str, PolicyModelSettings]
+    versions: LiveVersions
+    upstreams: Upstreams
+    recorder: Recorder
+
+    async def serve(
+        self,
+        operation: str,
+        path: str,
+        body: dict[str, Any],
+        attribution: Attribution,
+        traceparent: bytes | None,
+        receive: Receive,
+        send: Send,
+    ) -> int:
+        """Answer one call; the HTTP status sent."""
+        policy = self.policies[body["model"]]
+        served, version = self.versions.served(policy.name)
+        call = self.recorder.open(
+            attribution,
+            operation=operation,
+            provider=PROVIDER,
+            requested_model=policy.name,
+            served_model=served,
+            policy_version=version,
+            request=body,
+            traceparent=traceparent,
+        )
+        forwarded = dict(body)
+        forwarded["model"] = served
+        forwarded["return_token_ids"] = True
+        if operation == "chat":
+            forwarded["logprobs"] = True
+        elif forwarded.get("logprobs") is None:
+            forwarded["logprobs"] = 0  # completions: the sampled token's logprob only
+        replicas = order([upstream_base(u) for u in policy.upstreams], call.rollout_id)
+        api_key = policy.api_key.get_secret_value() if policy.api_key else None
+        try:
+            attempted = await self.upstreams.post(replicas, path, orjson.dumps(forwarded), api_key)
+        except ProxyError as exc:
+            self.recorder.close(call, None, error=(exc.type, str(exc), _error_json(exc.type, str(exc))))
+            raise
+        call.upstream = attempted.url
+        response = attempted.response
+        content_type = response.headers.get("content-type", "application/json").encode()
+        if response.status == 200 and content_type.startswith(b"text/event-stream"):
+            return await self._stream(operation, call, response, receive, send)
+        try:
+            raw = await response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            response.close()
+            message = f"the engine at {attempted.url} broke off its answer: {exc}"
+            self.recorder.close(
+                call, None, error=("upstream_error", message, _error_json("upstream_error", message))
+            )
+            await respond(send, 502, orjson.dumps(_error_json("upstream_error", message)))
+            return 502
+        response.release()
+        if response.status == 200:
+            try:
+                outcome = from_response(operation, orjson.loads(raw))
+            except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+                log.error("engine %s answered 200 with an unreadable body: %s", attempted.url, exc)
+                self.recorder.close(
+                    call, None, error=("bad_upstream_response", str(exc), {"raw": _text(raw)})
+                )
+            else:
+                self.recorder.close(call, outcome)
+        else:
+            self.recorder.close(
+                call, None, error=(f"http_{response.status}", _text(raw)[:500], _json_or_text(raw))
+            )
+        await respond(send, response.status, raw, content_type or JSON)
+        return response.status
+
+    async def _stream(
+        self, operation: str, call: Call, response: aiohttp.ClientResponse, receive: Receive, send: Send
+    ) -> int:
+        await send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS})
+        chunks: list[bytes] = []
+
+        async def pump() -> None:
+            async for piece in response.content.iter_any():
+                chunks.append(piece)
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+
+        pumping = asyncio.create_task(pump())
+        # The agent hanging up shows as http.disconnect on receive(); the stream is then cut so
+        # the engine stops generating (it sees its connection close).
+        hangup: asyncio.Task[Any] = asyncio.ensure_future(receive())
+        done, _ = await asyncio.wait({pumping, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        aborted = pumping not in done
+        error = None
+        if aborted:
+            pumping.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pumping
+            response.close()
+        else:
+            hangup.cancel()
+            exc = pumping.exception()
+            if exc is not None:
+                response.close()
+                message = f"the engine at {call.upstream} broke off the stream: {type(exc).__name__}: {exc}"
+                log.warning("%s", message)
+                error = ("upstream_error", message, _error_json("upstream_error", message))
+            else:
+                response.release()
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        outcome = from_stream(operation, b"".join(chunks))
+        self.recorder.close(call, outcome, aborted=aborted or error is not None, error=error)
+        return 499 if aborted else 200
+
+
+def _error_json(type_: str, message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_}}
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+def _json_or_text(raw: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {"raw": _text(raw)[:10_000]}
+    return data if isinstance(data, dict) else {"raw": data}

@@ -1,0 +1,176 @@
+"""OTLP/HTTP trace ingest: `ExportTraceServiceRequest` as protobuf or JSON (optionally gzip'd)
+into `spans` rows. Pure functions, no I/O.
+
+Protobuf is turned into the OTLP JSON shape first, so one converter serves both; the only
+difference is ids, base64 in protobuf's JSON mapping and hex in OTLP/JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gzip
+import zlib
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+from lightloop.proxy.errors import BadRequest
+
+PROTOBUF = b"application/x-protobuf"
+
+_KINDS = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
+_STATUS = {0: "UNSET", 1: "OK", 2: "ERROR"}
+
+
+def decompress(body: bytes, encoding: bytes | None) -> bytes:
+    if not encoding or encoding.lower() == b"identity":
+        return body
+    try:
+        if encoding.lower() == b"gzip":
+            return gzip.decompress(body)
+        if encoding.lower() == b"deflate":
+            return zlib.decompress(body)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise BadRequest(f"the body is not valid {encoding.decode(errors='replace')}: {exc}") from None
+    raise BadRequest(f"unsupported Content-Encoding {encoding.decode(errors='replace')!r} (use gzip)")
+
+
+def decode(body: bytes, content_type: bytes | None) -> tuple[list[dict[str, Any]], bool]:
+    """(span rows, whether the request was protobuf)."""
+    media = (content_type or b"").split(b";")[0].strip().lower()
+    if media == PROTOBUF:
+        request = trace_service_pb2.ExportTraceServiceRequest()
+        try:
+            request.ParseFromString(body)
+        except DecodeError as exc:
+            raise BadRequest(f"the body is not an OTLP ExportTraceServiceRequest: {exc}") from None
+        return spans_from_json(json_format.MessageToDict(request), ids_base64=True), True
+    if media == b"application/json":
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise BadRequest("an OTLP/JSON body must be a JSON object")
+        return spans_from_json(data, ids_base64=False), False
+    raise BadRequest("Content-Type must be application/x-protobuf or application/json (OTLP/HTTP)")
+
+
+def encode_response(protobuf: bool) -> tuple[bytes, bytes]:
+    """The (content type, body) of a success answer, in the request's encoding."""
+    if protobuf:
+        return PROTOBUF, trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+    return b"application/json", b"{}"
+
+
+def _id(value: Any, size: int, what: str, ids_base64: bool) -> str:
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"a span has no {what}")
+    try:
+        raw = base64.b64decode(value, validate=True) if ids_base64 else bytes.fromhex(value)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{what} {value[:40]!r} is not {'base64' if ids_base64 else 'hex'}") from None
+    if len(raw) != size or raw == bytes(size):
+        raise BadRequest(f"{what} {value[:40]!r} must be {size} bytes and not all zero")
+    return raw.hex()
+
+
+def _value(v: Any) -> Any:
+    if not isinstance(v, dict):
+        return None
+    if "stringValue" in v:
+        return v["stringValue"]
+    if "boolValue" in v:
+        return bool(v["boolValue"])
+    if "intValue" in v:
+        return int(v["intValue"])
+    if "doubleValue" in v:
+        return float(v["doubleValue"])
+    if "arrayValue" in v:
+        return [_value(x) for x in (v["arrayValue"] or {}).get("values", [])]
+    if "kvlistValue" in v:
+        return attributes((v["kvlistValue"] or {}).get("values", []))
+    if "bytesValue" in v:
+        return v["bytesValue"]
+    return None
+
+
+def attributes(items: Any) -> dict[str, Any]:
+    if not isinstance(items, list):
+        return {}
+    return {str(kv["key"]): _value(kv.get("value")) for kv in items if isinstance(kv, dict) and "key" in kv}
+
+
+def _time(value: Any) -> datetime | None:
+    if value in (None, "", 0, "0"):
+        return None
+    try:
+        return datetime.fromtimestamp(int(value) / 1e9, UTC)
+    except (TypeError, ValueError, OverflowError):
+        raise BadRequest(f"time {str(value)[:40]!r} is not nanoseconds since the epoch") from None
+
+
+def _enum(value: Any, names: dict[int, str], prefix: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return names.get(value, str(value))
+    return str(value).removeprefix(prefix)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def spans_from_json(data: dict[str, Any], *, ids_base64: bool) -> list[dict[str, Any]]:
+    rows = []
+    for resource_spans in data.get("resourceSpans") or []:
+        resource = attributes((resource_spans.get("resource") or {}).get("attributes"))
+        for scope_spans in resource_spans.get("scopeSpans") or []:
+            scope = (scope_spans.get("scope") or {}).get("name")
+            for s in scope_spans.get("spans") or []:
+                if not isinstance(s, dict):
+                    raise BadRequest("a span must be a JSON object")
+                attrs = attributes(s.get("attributes"))
+                start = _time(s.get("startTimeUnixNano"))
+                if start is None:
+                    raise BadRequest(f"span {s.get('name')!r} has no startTimeUnixNano")
+                parent = s.get("parentSpanId")
+                status = s.get("status") or {}
+                rollout = attrs.get("lightloop.rollout.id") or resource.get("lightloop.rollout.id")
+                rows.append(
+                    {
+                        "span_id": _id(s.get("spanId"), 8, "spanId", ids_base64),
+                        "trace_id": _id(s.get("traceId"), 16, "traceId", ids_base64),
+                        "parent_span_id": _id(parent, 8, "parentSpanId", ids_base64) if parent else None,
+                        "name": str(s.get("name") or ""),
+                        "kind": _enum(s.get("kind"), _KINDS, "SPAN_KIND_"),
+                        "start_time": start,
+                        "end_time": _time(s.get("endTimeUnixNano")),
+                        "status_code": _enum(status.get("code"), _STATUS, "STATUS_CODE_") or "UNSET",
+                        "status_message": status.get("message") or None,
+                        "attributes": attrs,
+                        "events": [
+                            {
+                                "name": e.get("name"),
+                                "time": str(_time(e.get("timeUnixNano")) or ""),
+                                "attributes": attributes(e.get("attributes")),
+                            }
+                            for e in s.get("events") or []
+                            if isinstance(e, dict)
+                        ]
+                        or None,
+                        "resource": resource or None,
+                        "scope": scope,
+                        "rollout_id": str(rollout) if rollout is not None else None,
+                        "model": attrs.get("gen_ai.request.model") or attrs.get("gen_ai.response.model"),
+                        "input_tokens": _int_or_none(attrs.get("gen_ai.usage.input_tokens")),
+                        "output_tokens": _int_or_none(attrs.get("gen_ai.usage.output_tokens")),
+                    }
+                )
+    return rows

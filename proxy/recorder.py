@@ -1,0 +1,128 @@
+"""Where a proxied call is opened (its rollout and place in it) and closed (its rows handed to the
+batch writer). Both lanes use it. The proxy never waits on Postgres here."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from lightloop.proxy.attribution import Attribution
+from lightloop.proxy.capture import Call, Outcome, build_rows
+from lightloop.proxy.export import SpanExport
+from lightloop.proxy.sessions import SessionIndex
+from lightloop.proxy.spans import new_span_id, trace_context
+from lightloop.store import BatchWriter
+
+
+def new_rollout_id() -> str:
+    return f"session-{uuid.uuid4().hex}"
+
+
+class _Lru(OrderedDict[str, Any]):
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def put(self, key: str, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > self.capacity:
+            self.popitem(last=False)
+
+
+class Recorder:
+    def __init__(self, writer: BatchWriter, memory: int, export: SpanExport | None = None) -> None:
+        self.writer = writer
+        self.sessions = SessionIndex(memory)
+        self.export = export
+        # Per rollout: the next seq. Also tells which rollouts this process has already written.
+        self._next_seq = _Lru(memory)
+        # Ids handed out recently, so a reward naming one can wait for its rows to be written.
+        self._recent_responses = _Lru(memory)
+
+    def open(
+        self,
+        attribution: Attribution,
+        *,
+        operation: str,
+        provider: str,
+        requested_model: str,
+        served_model: str,
+        policy_version: int | None,
+        request: dict[str, Any],
+        traceparent: bytes | None,
+    ) -> Call:
+        rollout_id = attribution.rollout_id
+        if rollout_id is None:
+            messages = request.get("messages")
+            if isinstance(messages, list):
+                rollout_id = self.sessions.find(messages)
+            if rollout_id is None:
+                rollout_id = new_rollout_id()
+        seq = self._next_seq.get(rollout_id)
+        if seq is None:
+            seq = 0
+            # First sight in this process. Another process (or an agent) may have written the
+            # rollout already; the writer then keeps the existing row.
+            self.writer.submit(
+                "rollouts",
+                {
+                    "id": rollout_id,
+                    "group_id": attribution.group_id,
+                    "task_id": attribution.task_id,
+                    "agent": attribution.agent,
+                    "metadata": {"attribution": attribution.source},
+                },
+            )
+        self._next_seq.put(rollout_id, seq + 1)
+        trace_id, parent = trace_context(traceparent)
+        return Call(
+            span_id=new_span_id(),
+            trace_id=trace_id,
+            parent_span_id=parent,
+            operation=operation,
+            provider=provider,
+            rollout_id=rollout_id,
+            attribution=attribution,
+            seq=seq,
+            requested_model=requested_model,
+            served_model=served_model,
+            policy_version=policy_version,
+            request=request,
+            started_ns=time.time_ns(),
+        )
+
+    def close(
+        self,
+        call: Call,
+        outcome: Outcome | None,
+        *,
+        aborted: bool = False,
+        error: tuple[str, str, dict[str, Any]] | None = None,
+        ended_ns: int | None = None,
+    ) -> None:
+        span, rows = build_rows(call, outcome, ended_ns or time.time_ns(), aborted=aborted, error=error)
+        self.writer.submit("spans", span)
+        for row in rows:
+            self.writer.submit("llm_calls", row)
+        if outcome is not None:
+            if outcome.response_id:
+                self._recent_responses.put(outcome.response_id, call.rollout_id)
+            messages = call.request.get("messages")
+            if isinstance(messages, list) and call.operation == "chat" and error is None:
+                for choice in outcome.choices:
+                    self.sessions.remember(messages, choice.message(), call.rollout_id)
+        if self.export is not None:
+            self.export.export(span)
+
+    def remember_session(self, messages: Sequence[Any], reply: dict[str, Any], rollout_id: str) -> None:
+        self.sessions.remember(messages, reply, rollout_id)
+
+    def knows(self, rollout_id: str | None, response_id: str | None) -> bool:
+        """Whether rows for this rollout or response may still be in the writer's queue."""
+        return (rollout_id is not None and rollout_id in self._next_seq) or (
+            response_id is not None and response_id in self._recent_responses
+        )

@@ -1,0 +1,163 @@
+"""lightloop's own routes: rewards, finishing rollouts, OTLP trace ingest, health and metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+from lightloop.proxy import otlp
+from lightloop.proxy.attribution import check_id
+from lightloop.proxy.errors import BadRequest, Conflict, DatabaseDown, NotFound, Unprocessable
+from lightloop.proxy.http import Send, respond, respond_json
+from lightloop.proxy.metrics import CONTENT_TYPE, Metrics
+from lightloop.proxy.recorder import Recorder
+from lightloop.proxy.versions import LiveVersions
+from lightloop.store import Conflict as StoreConflict
+from lightloop.store import NotFound as StoreNotFound
+from lightloop.store import add_reward, finish_rollout
+from lightloop.store.database import is_unavailable
+
+SOURCE = "api"
+
+
+def _parse_lenient(body: bytes) -> dict[str, Any]:
+    # The stdlib parser accepts NaN and Infinity, so they reach the finite-number check (422)
+    # instead of failing as malformed JSON.
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return data
+
+
+def _finite(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Unprocessable(f"{what} must be a number, not {json.dumps(value)[:40]}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise Unprocessable(f"{what} must be a finite number, not {value}")
+    return number
+
+
+def _optional_str(data: dict[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise BadRequest(f"{key} must be a string")
+    return value
+
+
+Pool = Callable[[], Awaitable[asyncpg.Pool]]
+
+
+async def _with_db(pool: Pool, action: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+    try:
+        async with (await pool()).acquire() as conn:
+            return await action(conn)
+    except StoreNotFound as exc:
+        raise NotFound(str(exc)) from None
+    except StoreConflict as exc:
+        raise Conflict(str(exc)) from None
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        if is_unavailable(exc) or isinstance(exc, OSError | TimeoutError):
+            raise DatabaseDown(f"Postgres is unavailable ({exc}); retry the request") from None
+        raise
+
+
+async def post_reward(
+    body: bytes, path_rollout: str | None, recorder: Recorder, pool: Pool, send: Send
+) -> int:
+    data = _parse_lenient(body)
+    rollout_id = _optional_str(data, "rollout_id") or path_rollout
+    response_id = _optional_str(data, "response_id")
+    if data.get("rollout_id") and data.get("response_id"):
+        raise BadRequest("name either rollout_id or response_id, not both")
+    if rollout_id is None and response_id is None:
+        raise BadRequest("name the rollout_id or the response_id (the `id` of a completion) to reward")
+    if "value" not in data:
+        raise BadRequest("value is required")
+    value = _finite(data["value"], "value")
+    name = _optional_str(data, "name") or "reward"
+    if rollout_id is not None:
+        check_id(rollout_id, "rollout id")
+        response_id = None
+    if recorder.knows(rollout_id, response_id):
+        await recorder.writer.flush()  # its calls may still be on their way to Postgres
+    record = await _with_db(
+        pool,
+        lambda conn: add_reward(
+            conn, value=value, rollout_id=rollout_id, response_id=response_id, name=name, source=SOURCE
+        ),
+    )
+    await respond_json(
+        send,
+        200,
+        {
+            "id": record.id,
+            "rollout_id": record.rollout_id,
+            "span_id": record.span_id,
+            "name": record.name,
+            "value": record.value,
+        },
+    )
+    return 200
+
+
+async def post_finish(body: bytes, rollout_id: str, recorder: Recorder, pool: Pool, send: Send) -> int:
+    check_id(rollout_id, "rollout id")
+    data = _parse_lenient(body) if body.strip() else {}
+    status = data.get("status", "succeeded")
+    if status not in ("succeeded", "failed"):
+        raise BadRequest("status must be 'succeeded' or 'failed'")
+    reward = _finite(data["reward"], "reward") if data.get("reward") is not None else None
+    if recorder.knows(rollout_id, None):
+        await recorder.writer.flush()
+    changed = await _with_db(
+        pool, lambda conn: finish_rollout(conn, rollout_id, status, reward, source=SOURCE)
+    )
+    await respond_json(
+        send, 200, {"rollout_id": rollout_id, "status": status, "reward": reward, "changed": changed}
+    )
+    return 200
+
+
+async def post_traces(
+    body: bytes, content_type: bytes | None, encoding: bytes | None, recorder: Recorder, send: Send
+) -> int:
+    rows, protobuf = otlp.decode(otlp.decompress(body, encoding), content_type)
+    for row in rows:
+        # Backpressure rather than drops: an OTLP exporter retries a slow answer, not a lost span.
+        await recorder.writer.put("spans", row)
+    media, answer = otlp.encode_response(protobuf)
+    await respond(send, 200, answer, media)
+    return 200
+
+
+async def get_health(recorder: Recorder, versions: LiveVersions, send: Send) -> int:
+    writer = recorder.writer
+    database = "up" if versions.connected.is_set() else "unreachable"
+    await respond_json(
+        send,
+        200,
+        {
+            "status": "ok" if database == "up" else "degraded",
+            "database": database,
+            "writer": {
+                "queue_rows": writer.queue_depth,
+                "spool_bytes": writer.spool.pending_bytes(),
+                "rows_dropped": writer.stats.rows_dropped,
+            },
+            "policies": {name: versions.served(name)[1] for name in versions.policies},
+        },
+    )
+    return 200
+
+
+async def get_metrics(metrics: Metrics, send: Send) -> int:
+    await respond(send, 200, metrics.render(), CONTENT_TYPE)
+    return 200

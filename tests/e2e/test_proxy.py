@@ -1,0 +1,645 @@
+"""`lightloop proxy` as a real process in front of `lightloop engine --model tiny` (and a
+vLLM-shaped stub for fault injection), recording into a real Postgres; driven with the
+`openai` SDK and plain HTTP, checked with SQL."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import openai
+import pytest
+
+from lightloop.store import set_live, stage_version
+from lightloop.store.database import dsn
+from tests.e2e.conftest import Proxy, eventually, start_proxy
+from tests.support.stub_engine import Action, StubEngine, free_port, running_stub
+
+HI = [{"role": "user", "content": "Say hi."}]
+
+
+async def _connect(url: str) -> asyncpg.Connection:
+    conn = await asyncpg.connect(dsn(url))
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    return conn
+
+
+def sql(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    async def run() -> list[asyncpg.Record]:
+        conn = await _connect(url)
+        try:
+            return list(await conn.fetch(query, *args))
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def db_call(url: str, fn: Any) -> Any:
+    async def run() -> Any:
+        conn = await asyncpg.connect(dsn(url))
+        try:
+            return await fn(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[StubEngine]:
+    with running_stub() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    tmp_path_factory: pytest.TempPathFactory, engine: str, stub: StubEngine, module_db: str
+) -> Iterator[Proxy]:
+    config = {
+        "policy": [
+            {"name": "policy", "base_model": "tiny", "upstreams": [engine]},
+            {"name": "stub", "base_model": "stub-base", "upstreams": [stub.url + "/v1"]},
+            {"name": "dead", "base_model": "x", "upstreams": [f"http://127.0.0.1:{free_port()}"]},
+        ],
+        "model_list": [
+            {
+                "model_name": "other",
+                "litellm_params": {"model": "openai/tiny", "api_base": f"{engine}/v1", "api_key": "none"},
+            }
+        ],
+    }
+    p = start_proxy(tmp_path_factory.mktemp("proxy-home"), module_db, config)
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def client(proxy: Proxy) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=proxy.key, max_retries=0)
+
+
+def finish(proxy: Proxy, rollout: str, **body: Any) -> httpx.Response:
+    """Finishing a rollout also waits for its calls to be written: the tests' sync point."""
+    return httpx.post(
+        f"{proxy.url}/v1/rollouts/{rollout}/finish",
+        json=body or {"status": "succeeded"},
+        headers=proxy.headers,
+    )
+
+
+def calls(url: str, rollout: str) -> list[asyncpg.Record]:
+    return sql(url, "SELECT * FROM llm_calls WHERE rollout_id = $1 ORDER BY seq, choice_index", rollout)
+
+
+# -- the policy lane ---------------------------------------------------------------------------
+
+
+def test_path_form_non_streamed_records_the_engines_token_ids(proxy: Proxy, module_db: str) -> None:
+    client = openai.OpenAI(base_url=f"{proxy.url}/rollout/path-1/v1", api_key=proxy.key, max_retries=0)
+    first = client.chat.completions.create(model="policy", messages=HI, max_tokens=6, temperature=0.7)
+    second = client.chat.completions.create(model="policy", messages=HI, max_tokens=4)
+    assert finish(proxy, "path-1").status_code == 200
+    rows = calls(module_db, "path-1")
+    assert [r["seq"] for r in rows] == [0, 1]
+    for row, completion in zip(rows, (first, second), strict=True):
+        extra = completion.model_extra or {}
+        choice_extra = completion.choices[0].model_extra or {}
+        assert row["prompt_token_ids"] == extra["prompt_token_ids"]
+        assert row["completion_token_ids"] == choice_extra["token_ids"]
+        assert row["completion_logprobs"] == pytest.approx(
+            [e.logprob for e in completion.choices[0].logprobs.content], abs=1e-5
+        )
+        assert row["response_id"] == completion.id
+        assert row["policy_version"] == 0
+        assert row["model"] == "policy"
+        assert row["finish_reason"] == completion.choices[0].finish_reason
+        assert row["request"]["messages"] == HI
+        assert "token_ids" not in json.dumps(row["response"])  # kept in the arrays, not twice
+    span = sql(module_db, "SELECT * FROM spans WHERE span_id = $1", rows[0]["span_id"])[0]
+    assert span["name"] == "chat policy"
+    assert span["attributes"]["gen_ai.operation.name"] == "chat"
+    assert span["attributes"]["gen_ai.request.model"] == "policy"
+    assert span["attributes"]["gen_ai.response.id"] == first.id
+    assert span["attributes"]["gen_ai.usage.output_tokens"] == len(rows[0]["completion_token_ids"])
+    assert span["attributes"]["lightloop.rollout.id"] == "path-1"
+    assert span["attributes"]["lightloop.policy.version"] == 0
+    assert span["input_tokens"] == len(rows[0]["prompt_token_ids"])
+    rollout = sql(module_db, "SELECT * FROM rollouts WHERE id = 'path-1'")[0]
+    assert rollout["status"] == "succeeded" and rollout["metadata"]["attribution"] == "path"
+
+
+async def test_async_stream_with_headers_matches_the_chunks(proxy: Proxy, module_db: str) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key=proxy.key, max_retries=0)
+    headers = {
+        "X-Lightloop-Rollout": "hdr-1",
+        "X-Lightloop-Group": "g-1",
+        "X-Lightloop-Agent": "solver",
+        "X-Lightloop-Task": "t-7",
+    }
+    stream = await client.chat.completions.create(
+        model="policy", messages=HI, max_tokens=7, stream=True, extra_headers=headers
+    )
+    ids: list[int] = []
+    prompt_ids = None
+    text = ""
+    async for chunk in stream:
+        extra = chunk.model_extra or {}
+        prompt_ids = prompt_ids or extra.get("prompt_token_ids")
+        for choice in chunk.choices:
+            ids += (choice.model_extra or {}).get("token_ids") or []
+            text += choice.delta.content or ""
+    await client.close()
+    assert (await asyncio.to_thread(finish, proxy, "hdr-1")).status_code == 200
+    (row,) = await asyncio.to_thread(calls, module_db, "hdr-1")
+    assert row["completion_token_ids"] == ids and len(ids) > 0
+    assert row["prompt_token_ids"] == prompt_ids
+    assert len(row["completion_logprobs"]) == len(ids)
+    assert row["response"]["choices"][0]["message"]["content"] == text
+    assert row["agent"] == "solver"
+    rollout = (
+        await asyncio.to_thread(
+            sql, module_db, "SELECT group_id, task_id, agent FROM rollouts WHERE id = 'hdr-1'"
+        )
+    )[0]
+    assert tuple(rollout) == ("g-1", "t-7", "solver")
+
+
+def test_n_2_gives_one_row_per_choice(client: openai.OpenAI, proxy: Proxy, module_db: str) -> None:
+    completion = client.chat.completions.create(
+        model="policy",
+        messages=HI,
+        max_tokens=5,
+        n=2,
+        temperature=1.0,
+        extra_headers={"X-Lightloop-Rollout": "n2"},
+    )
+    finish(proxy, "n2")
+    rows = calls(module_db, "n2")
+    assert [r["choice_index"] for r in rows] == [0, 1]
+    assert rows[0]["span_id"] == rows[1]["span_id"]
+    for row, choice in zip(rows, completion.choices, strict=True):
+        assert row["completion_token_ids"] == (choice.model_extra or {})["token_ids"]
+
+
+def test_text_completions_are_recorded_too(proxy: Proxy, module_db: str) -> None:
+    client = openai.OpenAI(base_url=f"{proxy.url}/rollout/cmpl-1/v1", api_key=proxy.key, max_retries=0)
+    completion = client.completions.create(model="policy", prompt="Once upon a time", max_tokens=5)
+    finish(proxy, "cmpl-1")
+    (row,) = calls(module_db, "cmpl-1")
+    assert row["completion_token_ids"] == (completion.choices[0].model_extra or {})["token_ids"]
+    assert row["prompt_token_ids"] == (completion.choices[0].model_extra or {})["prompt_token_ids"]
+    assert len(row["completion_logprobs"]) == len(row["completion_token_ids"])
+
+
+def test_inferred_sessions_follow_the_conversation(
+    client: openai.OpenAI, proxy: Proxy, module_db: str
+) -> None:
+    question = [{"role": "user", "content": "Plan a trip, step one?"}]
+    first = client.chat.completions.create(model="policy", messages=question, max_tokens=4)
+    reply = {"role": "assistant", "content": first.choices[0].message.content}
+    follow_up = [*question, reply, {"role": "user", "content": "And step two?"}]
+    second = client.chat.completions.create(model="policy", messages=follow_up, max_tokens=4)
+    third = client.chat.completions.create(
+        model="policy",
+        messages=[
+            *follow_up,
+            second.choices[0].message.model_dump(exclude_none=True),
+            {"role": "user", "content": "3?"},
+        ],
+        max_tokens=3,
+    )
+    other = client.chat.completions.create(
+        model="policy", messages=[{"role": "user", "content": "Unrelated."}], max_tokens=3
+    )
+    rows = eventually(
+        lambda: (
+            sql(
+                module_db,
+                "SELECT rollout_id, seq, response_id FROM llm_calls WHERE response_id = ANY($1::text[])",
+                [first.id, second.id, third.id, other.id],
+            )
+            if len(
+                sql(
+                    module_db,
+                    "SELECT 1 FROM llm_calls WHERE response_id = ANY($1::text[])",
+                    [first.id, second.id, third.id, other.id],
+                )
+            )
+            == 4
+            else None
+        ),
+        what="four calls written",
+    )
+    by_id = {r["response_id"]: r for r in rows}
+    assert by_id[first.id]["rollout_id"] == by_id[second.id]["rollout_id"] == by_id[third.id]["rollout_id"]
+    assert [by_id[i]["seq"] for i in (first.id, second.id, third.id)] == [0, 1, 2]
+    assert by_id[other.id]["rollout_id"] != by_id[first.id]["rollout_id"]
+    assert sql(module_db, "SELECT metadata FROM rollouts WHERE id = $1", by_id[first.id]["rollout_id"])[0][
+        "metadata"
+    ] == {"attribution": "session"}
+
+
+def test_tool_calls_streamed_and_not_and_the_session_continues(
+    proxy: Proxy, stub: StubEngine, module_db: str
+) -> None:
+    client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=proxy.key, max_retries=0)
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "Look it up."}]
+    stub.script.append(Action(tool_call=True))
+    first = client.chat.completions.create(model="stub", messages=messages, tools=tools, max_tokens=3)
+    call = first.choices[0].message.tool_calls[0]
+    assert call.function.name == "lookup"
+    messages += [
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "42"},
+    ]
+    stub.script.append(Action(tool_call=True))
+    stream = client.chat.completions.create(
+        model="stub", messages=messages, tools=tools, max_tokens=3, stream=True
+    )
+    chunks = list(stream)
+    assert any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+    rows = eventually(
+        lambda: (
+            (
+                r := sql(
+                    module_db,
+                    "SELECT * FROM llm_calls WHERE response_id = ANY($1::text[]) ORDER BY seq",
+                    [first.id, chunks[0].id],
+                )
+            )
+            and len(r) == 2
+            and r
+        ),
+        what="both tool calls written",
+    )
+    assert rows[0]["rollout_id"] == rows[1]["rollout_id"]
+    assert rows[0]["response"]["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "lookup"
+    streamed = rows[1]["response"]["choices"][0]["message"]["tool_calls"][0]
+    assert streamed["function"] == {"name": "lookup", "arguments": '{"q":1}'}
+    assert rows[1]["finish_reason"] == "tool_calls"
+    # The engine was asked for token ids and logprobs, under the served model name.
+    assert stub.requests[-1]["return_token_ids"] is True and stub.requests[-1]["logprobs"] is True
+    assert stub.requests[-1]["model"] == "stub-base"
+
+
+def test_the_live_policy_version_is_served_and_recorded(
+    proxy: Proxy, stub: StubEngine, module_db: str
+) -> None:
+    async def publish(conn: asyncpg.Connection) -> None:
+        version = await stage_version(conn, "stub", base_model="stub-base", uri="file:///tmp/v1")
+        await set_live(conn, "stub", version.version)
+
+    db_call(module_db, publish)
+    eventually(
+        lambda: httpx.get(f"{proxy.url}/health", headers=proxy.headers).json()["policies"]["stub"] == 1,
+        what="the proxy to learn version 1",
+    )
+    client = openai.OpenAI(base_url=f"{proxy.url}/rollout/ver-1/v1", api_key=proxy.key, max_retries=0)
+    completion = client.chat.completions.create(model="stub", messages=HI, max_tokens=2)
+    assert stub.requests[-1]["model"] == "stub-v1"
+    finish(proxy, "ver-1")
+    (row,) = calls(module_db, "ver-1")
+    assert row["policy_version"] == 1 and row["response_id"] == completion.id
+
+
+def test_rollouts_stick_to_one_replica(tmp_path: Path, module_db: str) -> None:
+    with running_stub() as a, running_stub() as b:
+        config = {"policy": [{"name": "p", "base_model": "m", "upstreams": [a.url, b.url]}]}
+        proxy = start_proxy(tmp_path / "home", module_db, config)
+        try:
+            client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=proxy.key, max_retries=0)
+            for rollout in [f"sticky-{i}" for i in range(8)]:
+                before = (len(a.requests), len(b.requests))
+                for _ in range(3):
+                    client.chat.completions.create(
+                        model="p", messages=HI, extra_headers={"X-Lightloop-Rollout": rollout}
+                    )
+                gained = (len(a.requests) - before[0], len(b.requests) - before[1])
+                assert sorted(gained) == [0, 3], f"{rollout} was spread over replicas: {gained}"
+            assert a.requests and b.requests, "every rollout went to the same replica"
+        finally:
+            proxy.stop()
+
+
+# -- the LiteLLM lane --------------------------------------------------------------------------
+
+
+def test_a_non_policy_model_goes_through_litellm_and_is_recorded(proxy: Proxy, module_db: str) -> None:
+    client = openai.OpenAI(base_url=f"{proxy.url}/rollout/lite-1/v1", api_key=proxy.key, max_retries=0)
+    completion = client.chat.completions.create(model="other", messages=HI, max_tokens=4)
+    streamed = list(client.chat.completions.create(model="other", messages=HI, max_tokens=4, stream=True))
+    rows = eventually(
+        lambda: (r := calls(module_db, "lite-1")) and len(r) == 2 and r, what="LiteLLM-lane calls"
+    )
+    assert rows[0]["response_id"] == completion.id
+    assert rows[1]["response_id"] == streamed[0].id
+    for row in rows:
+        assert row["model"] == "other"
+        assert row["prompt_token_ids"] is None and row["policy_version"] is None
+        assert row["request"]["messages"] == HI
+    span = sql(module_db, "SELECT * FROM spans WHERE span_id = $1", rows[0]["span_id"])[0]
+    assert span["name"] == "chat other" and span["attributes"]["gen_ai.provider.name"] == "openai"
+
+
+def test_models_lists_policy_and_litellm_models(client: openai.OpenAI) -> None:
+    ids = {m.id for m in client.models.list()}
+    assert {"policy", "stub", "other"} <= ids
+
+
+# -- rewards, finish, OTLP ---------------------------------------------------------------------
+
+
+def test_rewards_by_rollout_and_by_response_id(client: openai.OpenAI, proxy: Proxy, module_db: str) -> None:
+    completion = client.chat.completions.create(
+        model="stub", messages=HI, extra_headers={"X-Lightloop-Rollout": "rw-1"}
+    )
+    # Right after the call: the reward waits for the call's rows instead of answering 404.
+    by_response = httpx.post(
+        f"{proxy.url}/v1/rewards",
+        json={"response_id": completion.id, "value": 0.5, "name": "format"},
+        headers=proxy.headers,
+    )
+    assert by_response.status_code == 200, by_response.text
+    assert by_response.json()["rollout_id"] == "rw-1" and by_response.json()["span_id"]
+    by_rollout = httpx.post(
+        f"{proxy.url}/v1/rewards", json={"rollout_id": "rw-1", "value": 1}, headers=proxy.headers
+    )
+    assert by_rollout.status_code == 200
+    rows = sql(module_db, "SELECT name, value, span_id FROM rewards WHERE rollout_id = 'rw-1' ORDER BY id")
+    assert [(r["name"], r["value"]) for r in rows] == [("format", 0.5), ("reward", 1.0)]
+    assert sql(module_db, "SELECT reward FROM rollouts WHERE id = 'rw-1'")[0]["reward"] == 1.0
+    # The path form works for rewards too.
+    path_reward = httpx.post(f"{proxy.url}/rollout/rw-1/v1/rewards", json={"value": 2}, headers=proxy.headers)
+    assert path_reward.status_code == 200 and path_reward.json()["rollout_id"] == "rw-1"
+
+
+def test_finish_sets_status_and_reward_once(client: openai.OpenAI, proxy: Proxy, module_db: str) -> None:
+    client.chat.completions.create(model="stub", messages=HI, extra_headers={"X-Lightloop-Rollout": "fin-1"})
+    done = finish(proxy, "fin-1", status="failed", reward=-1)
+    assert done.status_code == 200 and done.json()["changed"] is True
+    row = sql(module_db, "SELECT status, reward, finished_at FROM rollouts WHERE id = 'fin-1'")[0]
+    assert row["status"] == "failed" and row["reward"] == -1 and row["finished_at"] is not None
+    again = finish(proxy, "fin-1", status="failed")
+    assert again.status_code == 200 and again.json()["changed"] is False
+    conflict = finish(proxy, "fin-1", status="succeeded")
+    assert conflict.status_code == 409 and "already finished" in conflict.json()["error"]["message"]
+
+
+def test_otlp_spans_from_the_sdk_join_the_proxys_trace(
+    client: openai.OpenAI, proxy: Proxy, module_db: str
+) -> None:
+    from opentelemetry import propagate, trace
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({"service.name": "my-agent"}))
+    exporter = OTLPSpanExporter(endpoint=f"{proxy.url}/v1/traces", headers=proxy.headers)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("agent")
+    with tracer.start_as_current_span("agent.step", attributes={"lightloop.rollout.id": "otel-1"}) as span:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        client.chat.completions.create(
+            model="stub", messages=HI, extra_headers={**carrier, "X-Lightloop-Rollout": "otel-1"}
+        )
+        trace_id = format(span.get_span_context().trace_id, "032x")
+        agent_span_id = format(span.get_span_context().span_id, "016x")
+    provider.shutdown()
+    finish(proxy, "otel-1")
+    rows = eventually(
+        lambda: (
+            (r := sql(module_db, "SELECT * FROM spans WHERE trace_id = $1 ORDER BY start_time", trace_id))
+            and len(r) == 2
+            and r
+        ),
+        what="both spans",
+    )
+    agent, llm = rows
+    assert agent["span_id"] == agent_span_id and agent["name"] == "agent.step"
+    assert agent["resource"]["service.name"] == "my-agent" and agent["rollout_id"] == "otel-1"
+    assert llm["parent_span_id"] == agent_span_id and llm["name"] == "chat stub"
+    assert trace.get_current_span() is not None
+
+
+def test_otlp_json_gzip_and_bad_bodies(proxy: Proxy, module_db: str) -> None:
+    span = {
+        "traceId": "5b8efff798038103d269b633813fc60c",
+        "spanId": "eee19b7ec3c1b174",
+        "name": "tool.search",
+        "kind": 1,
+        "startTimeUnixNano": "1700000000000000000",
+        "endTimeUnixNano": "1700000001000000000",
+        "attributes": [
+            {"key": "lightloop.rollout.id", "value": {"stringValue": "json-1"}},
+            {"key": "n", "value": {"intValue": "3"}},
+        ],
+        "status": {"code": 2, "message": "boom"},
+    }
+    body = gzip.compress(
+        json.dumps({"resourceSpans": [{"scopeSpans": [{"scope": {"name": "s"}, "spans": [span]}]}]}).encode()
+    )
+    headers = {**proxy.headers, "content-type": "application/json", "content-encoding": "gzip"}
+    answer = httpx.post(f"{proxy.url}/v1/traces", content=body, headers=headers)
+    assert answer.status_code == 200 and answer.json() == {}
+    row = eventually(
+        lambda: sql(module_db, "SELECT * FROM spans WHERE span_id = 'eee19b7ec3c1b174'"), what="the JSON span"
+    )[0]
+    assert (
+        row["rollout_id"] == "json-1"
+        and row["attributes"]["n"] == 3
+        and row["status_code"] == "ERROR"
+        and row["kind"] == "INTERNAL"
+    )
+    for content, ctype, encoding in (
+        (b"not protobuf", "application/x-protobuf", None),
+        (b"{", "application/json", None),
+        (b"plain", "text/plain", None),
+        (b"not gzip", "application/json", "gzip"),
+        (
+            json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [{**span, "spanId": "zz"}]}]}]}).encode(),
+            "application/json",
+            None,
+        ),
+    ):
+        h = {**proxy.headers, "content-type": ctype, **({"content-encoding": encoding} if encoding else {})}
+        bad = httpx.post(f"{proxy.url}/v1/traces", content=content, headers=h)
+        assert bad.status_code == 400, (content, bad.text)
+        assert bad.json()["error"]["type"] == "invalid_request_error"
+
+
+# -- bad input and faults ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        "/v1/chat/completions",
+        "/v1/rewards",
+        "/v1/traces",
+        "/metrics",
+        "/health",
+        "/rollout/x/v1/chat/completions",
+    ],
+)
+def test_missing_or_wrong_key_is_401(proxy: Proxy, route: str) -> None:
+    method = httpx.get if route in ("/metrics", "/health") else httpx.post
+    for headers in ({}, {"authorization": "Bearer sk-wrong"}):
+        answer = method(f"{proxy.url}{route}", headers=headers)  # type: ignore[operator]
+        assert answer.status_code == 401, route
+        assert answer.json()["error"]["type"] == "authentication_error"
+
+
+def test_malformed_and_oversized_requests(proxy: Proxy) -> None:
+    url = f"{proxy.url}/v1/chat/completions"
+    for content in (b"{not json", b"[1, 2]", b'{"messages": []}', b'{"model": "policy", "messages": "hi"}'):
+        answer = httpx.post(
+            url, content=content, headers={**proxy.headers, "content-type": "application/json"}
+        )
+        assert answer.status_code == 400, content
+        assert answer.json()["error"]["type"] == "invalid_request_error"
+    big = (
+        b'{"model": "policy", "messages": [{"role": "user", "content": "'
+        + b"x" * (11 * 1024 * 1024)
+        + b'"}]}'
+    )
+    answer = httpx.post(url, content=big, headers={**proxy.headers, "content-type": "application/json"})
+    assert answer.status_code == 413 and "limit" in answer.json()["error"]["message"]
+    bad_rollout = httpx.post(
+        f"{proxy.url}/rollout/bad%20id/v1/chat/completions",
+        json={"model": "policy", "messages": HI},
+        headers=proxy.headers,
+    )
+    assert bad_rollout.status_code == 400
+
+
+def test_reward_errors(proxy: Proxy) -> None:
+    url = f"{proxy.url}/v1/rewards"
+    cases = [
+        ({"rollout_id": "no-such-rollout", "value": 1}, 404),
+        ({"response_id": "chatcmpl-unknown", "value": 1}, 404),
+        ({"rollout_id": "rw-x", "value": "high"}, 422),
+        ({"rollout_id": "rw-x", "value": True}, 422),
+        ({"rollout_id": "rw-x", "value": 1e400}, 422),
+        ({"value": 1}, 400),
+        ({"rollout_id": "a", "response_id": "b", "value": 1}, 400),
+        ({"rollout_id": "a"}, 400),
+    ]
+    for body, status in cases:
+        answer = httpx.post(
+            url,
+            content=json.dumps(body).replace("Infinity", "1e400"),
+            headers={**proxy.headers, "content-type": "application/json"},
+        )
+        assert answer.status_code == status, (body, answer.text)
+        assert "error" in answer.json()
+    nan = httpx.post(url, content=b'{"rollout_id": "a", "value": NaN}', headers=proxy.headers)
+    assert nan.status_code == 422
+    assert httpx.post(url, content=b"{oops", headers=proxy.headers).status_code == 400
+    assert (
+        httpx.post(
+            f"{proxy.url}/v1/rollouts/nope/finish", json={"status": "succeeded"}, headers=proxy.headers
+        ).status_code
+        == 404
+    )
+    assert (
+        httpx.post(
+            f"{proxy.url}/v1/rollouts/x/finish", json={"status": "maybe"}, headers=proxy.headers
+        ).status_code
+        == 400
+    )
+
+
+def test_engine_down_is_502_and_recorded_as_failed(proxy: Proxy, module_db: str) -> None:
+    client = openai.OpenAI(base_url=f"{proxy.url}/rollout/down-1/v1", api_key=proxy.key, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model="dead", messages=HI)
+    assert caught.value.status_code == 502
+    finish(proxy, "down-1", status="failed")
+    (row,) = calls(module_db, "down-1")
+    assert row["finish_reason"] == "error" and row["completion_token_ids"] is None
+    span = sql(module_db, "SELECT status_code, attributes FROM spans WHERE span_id = $1", row["span_id"])[0]
+    assert span["status_code"] == "ERROR" and span["attributes"]["error.type"] == "upstream_error"
+
+
+def test_5xx_is_retried_before_any_byte_and_then_passed_on(
+    proxy: Proxy, stub: StubEngine, module_db: str
+) -> None:
+    client = openai.OpenAI(base_url=f"{proxy.url}/rollout/retry-1/v1", api_key=proxy.key, max_retries=0)
+    stub.script.extend([Action(status=500), Action(status=503)])
+    seen = len(stub.requests)
+    completion = client.chat.completions.create(model="stub", messages=HI)
+    assert len(stub.requests) - seen == 3 and completion.choices[0].message.content
+    stub.script.extend([Action(status=503)] * 3)
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model="stub", messages=HI)
+    assert caught.value.status_code == 503
+    finish(proxy, "retry-1")
+    rows = calls(module_db, "retry-1")
+    assert [r["finish_reason"] for r in rows] == ["length", "error"]
+
+
+def test_client_disconnect_cancels_the_engine_and_records_abort(
+    proxy: Proxy, stub: StubEngine, module_db: str
+) -> None:
+    stub.disconnected.clear()
+    stub.script.append(Action(hold=True))
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream(
+            "POST",
+            f"{proxy.url}/rollout/abort-1/v1/chat/completions",
+            json={"model": "stub", "messages": HI, "stream": True},
+            headers=proxy.headers,
+        ) as response,
+    ):
+        lines = response.iter_lines()
+        while "token_ids" not in next(lines):
+            pass
+    # Leaving the block closed the connection mid-stream; the proxy must cut the engine's.
+    assert stub.disconnected.wait(30), "the engine's request was not cancelled"
+    row = eventually(lambda: calls(module_db, "abort-1"), what="the aborted call")[0]
+    assert row["finish_reason"] == "abort"
+    assert row["completion_token_ids"] == [1000]
+
+
+def test_metrics_and_health(proxy: Proxy, client: openai.OpenAI) -> None:
+    client.chat.completions.create(model="stub", messages=HI)
+    text = httpx.get(f"{proxy.url}/metrics", headers=proxy.headers).text
+    assert 'lightloop_proxy_requests_total{route="completions",status="200"}' in text
+    assert "lightloop_proxy_request_seconds_bucket" in text
+    for name in (
+        "lightloop_writer_queue_rows",
+        "lightloop_writer_spool_bytes",
+        'lightloop_writer_rows_total{outcome="dropped"}',
+    ):
+        assert name in text
+    health = httpx.get(f"{proxy.url}/health", headers=proxy.headers).json()
+    assert health["status"] == "ok" and health["database"] == "up"
+
+
+def test_concurrent_calls_are_all_recorded_once(proxy: Proxy, module_db: str) -> None:
+    async def burst() -> list[str]:
+        client = openai.AsyncOpenAI(
+            base_url=f"{proxy.url}/rollout/burst-1/v1", api_key=proxy.key, max_retries=0
+        )
+        results = await asyncio.gather(
+            *[client.chat.completions.create(model="stub", messages=HI) for _ in range(50)]
+        )
+        await client.close()
+        return [r.id for r in results]
+
+    ids = asyncio.run(burst())
+    finish(proxy, "burst-1")
+    rows = calls(module_db, "burst-1")
+    assert sorted(r["response_id"] for r in rows) == sorted(ids)
+    assert sorted(r["seq"] for r in rows) == list(range(50))

@@ -1,0 +1,247 @@
+"""A vLLM-shaped stub engine for fault injection and benchmarks: a real HTTP server on a free
+loopback port, in a thread of the test process, answering chat and text completions with token
+ids and logprobs the way vLLM does (`return_token_ids`), fast and deterministic.
+
+Tests steer it through `script` (what the next requests do) and read what it saw in `requests`
+and `disconnected`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Action:
+    """What one request gets: an HTTP status (>= 400: an error body), tool calls, or a stream
+    held open after its first chunk until the client hangs up."""
+
+    status: int = 200
+    tool_call: bool = False
+    hold: bool = False
+
+
+@dataclass
+class StubEngine:
+    tokens: int = 8  # completion tokens per answer unless max_tokens is smaller
+    script: deque[Action] = field(default_factory=deque)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    disconnected: threading.Event = field(default_factory=threading.Event)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _next(self) -> Action:
+        return self.script.popleft() if self.script else Action()
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, "chat")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, "text_completion")
+
+    async def _answer(self, request: web.Request, operation: str) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        action = self._next()
+        if action.status >= 400:
+            return web.json_response(
+                {"error": {"message": f"stub failure {action.status}", "type": "stub"}}, status=action.status
+            )
+        n = int(body.get("n") or 1)
+        count = min(int(body.get("max_tokens") or self.tokens), self.tokens)
+        prompt_ids = [
+            100 + (len(json.dumps(body.get("messages") or body.get("prompt"))) + i) % 900 for i in range(12)
+        ]
+        model = body.get("model")
+        rid = f"chatcmpl-stub{time.time_ns()}"
+        if body.get("stream"):
+            return await self._stream(request, operation, rid, model, n, count, prompt_ids, action)
+        choices = []
+        for c in range(n):
+            ids = [1000 + c * 100 + i for i in range(count)]
+            lps = [-0.5 - i / 100 for i in range(count)]
+            text = "".join(f" t{i}" for i in ids)
+            if operation == "chat":
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if action.tool_call:
+                    message = {"role": "assistant", "content": None, "tool_calls": [_tool_call()]}
+                choices.append(
+                    {
+                        "index": c,
+                        "message": message,
+                        "logprobs": {
+                            "content": [
+                                {"token": f"t{i}", "logprob": lp} for i, lp in zip(ids, lps, strict=True)
+                            ]
+                        },
+                        "finish_reason": "tool_calls" if action.tool_call else "length",
+                        "token_ids": ids,
+                    }
+                )
+            else:
+                choices.append(
+                    {
+                        "index": c,
+                        "text": text,
+                        "logprobs": {"tokens": [f"t{i}" for i in ids], "token_logprobs": lps},
+                        "finish_reason": "length",
+                        "token_ids": ids,
+                        "prompt_token_ids": prompt_ids,
+                    }
+                )
+        answer: dict[str, Any] = {
+            "id": rid,
+            "object": "chat.completion" if operation == "chat" else "text_completion",
+            "created": 1,
+            "model": model,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": len(prompt_ids),
+                "completion_tokens": n * count,
+                "total_tokens": len(prompt_ids) + n * count,
+            },
+        }
+        if operation == "chat":
+            answer["prompt_token_ids"] = prompt_ids
+        return web.json_response(answer)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        operation: str,
+        rid: str,
+        model: Any,
+        n: int,
+        count: int,
+        prompt_ids: list[int],
+        action: Action,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+
+        def event(data: dict[str, Any]) -> bytes:
+            return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+        base = {"id": rid, "object": "chat.completion.chunk", "created": 1, "model": model}
+        try:
+            await response.write(
+                event(
+                    {
+                        **base,
+                        "choices": [
+                            {"index": c, "delta": {"role": "assistant", "content": ""}} for c in range(n)
+                        ],
+                        "prompt_token_ids": prompt_ids,
+                    }
+                )
+            )
+            for i in range(count):
+                for c in range(n):
+                    tid = 1000 + c * 100 + i
+                    if action.tool_call and i == 0:
+                        delta: dict[str, Any] = {"tool_calls": [{"index": 0, **_tool_call(arguments="")}]}
+                    elif action.tool_call:
+                        delta = {
+                            "tool_calls": [
+                                {
+                                    "index": 0,
+                                    "function": {"arguments": '{"q":' if i == 1 else "1}" if i == 2 else ""},
+                                }
+                            ]
+                        }
+                    else:
+                        delta = {"content": f" t{tid}"}
+                    await response.write(
+                        event(
+                            {
+                                **base,
+                                "choices": [
+                                    {
+                                        "index": c,
+                                        "delta": delta,
+                                        "logprobs": {
+                                            "content": [{"token": f"t{tid}", "logprob": -0.5 - i / 100}]
+                                        },
+                                        "finish_reason": None,
+                                        "token_ids": [tid],
+                                    }
+                                ],
+                            }
+                        )
+                    )
+                if action.hold and i == 0:
+                    # Keep the stream open until the client hangs up (aiohttp then cancels us).
+                    await asyncio.Event().wait()
+            reason = "tool_calls" if action.tool_call else "length"
+            await response.write(
+                event(
+                    {
+                        **base,
+                        "choices": [
+                            {"index": c, "delta": {}, "finish_reason": reason, "token_ids": []}
+                            for c in range(n)
+                        ],
+                    }
+                )
+            )
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.disconnected.set()
+            raise
+        return response
+
+    async def health(self, _request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+
+def _tool_call(arguments: str = '{"q":1}') -> dict[str, Any]:
+    return {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": arguments}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_stub(tokens: int = 8) -> Iterator[StubEngine]:
+    stub = StubEngine(tokens=tokens, port=free_port())
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", stub.chat)
+    app.router.add_post("/v1/completions", stub.completions)
+    app.router.add_get("/health", stub.health)
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", stub.port).start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True, name="stub-engine")
+    thread.start()
+    assert ready.wait(30), "stub engine did not start"
+    try:
+        yield stub
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
