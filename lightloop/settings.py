@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -96,6 +96,9 @@ class ProxySettings(BaseModel):
     otlp_endpoint: str | None = Field(
         None, description="OTLP/HTTP traces URL to export the proxy's spans to as well (optional)."
     )
+    record: bool = Field(
+        True, description="false serves without recording anything (only to measure recording's cost)."
+    )
     session_memory: int = Field(
         100_000, ge=1, description="Conversations remembered per proxy process for inferred sessions."
     )
@@ -127,8 +130,11 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     proxy: ProxySettings = Field(default_factory=ProxySettings)
     policy: list[PolicyModelSettings] = Field(
-        default_factory=lambda: [PolicyModelSettings()],
-        description="Trainable models (YAML list of name, base_model, upstreams).",
+        default_factory=list,
+        description=(
+            "Trainable models, a list of {name, base_model, upstreams, api_key} (default: one model "
+            "`policy` served by `lightloop engine` as configured under engine)."
+        ),
     )
     master_key: SecretStr | None = Field(
         None,
@@ -150,6 +156,23 @@ class Settings(BaseSettings):
         if path is not None:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
         return tuple(sources)
+
+    @model_validator(mode="after")
+    def _default_policy(self) -> Settings:
+        # Out of the box the trainable model is the one `lightloop engine` serves, wherever it is.
+        if not self.policy:
+            engine = self.engine
+            self.policy = [
+                PolicyModelSettings(
+                    name="policy",
+                    base_model=engine.served_model_name or engine.model,
+                    upstreams=[f"http://{engine.host}:{engine.port}"],
+                )
+            ]
+        names = [p.name for p in self.policy]
+        if len(set(names)) != len(names):
+            raise ValueError(f"policy model names must be unique, got {names}")
+        return self
 
     @property
     def spool_dir(self) -> Path:

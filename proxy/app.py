@@ -9,6 +9,7 @@ keeps LiteLLM's middleware and FastAPI's routing off the policy lane's path.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import re
 import time
@@ -46,6 +47,17 @@ from lightloop.store import BatchWriter, create_pool
 
 log = logging.getLogger(__name__)
 
+# lightloop's own routes, as the README documents them (tests/unit/test_readme.py checks it).
+ROUTES = (
+    "POST /v1/chat/completions",
+    "POST /v1/completions",
+    "POST /v1/rewards",
+    "POST /v1/rollouts/{id}/finish",
+    "POST /v1/traces",
+    "GET /metrics",
+    "GET /health",
+)
+
 _COMPLETIONS = {
     "/v1/chat/completions": "chat",
     "/chat/completions": "chat",
@@ -65,7 +77,7 @@ class ProxyApp:
         self.litellm = litellm_app
         self.writer = BatchWriter(database_url, spool_dir, settings.writer)
         export = SpanExport(settings.proxy.otlp_endpoint) if settings.proxy.otlp_endpoint else None
-        self.recorder = Recorder(self.writer, settings.proxy.session_memory, export)
+        self.recorder = Recorder(self.writer, settings.proxy.session_memory, export, settings.proxy.record)
         self.versions = LiveVersions(settings.policy, database_url, settings.writer.retry_interval_s)
         self.upstreams = Upstreams(settings.proxy.upstream_timeout_s, settings.proxy.upstream_retries)
         self.lane = PolicyLane(
@@ -158,7 +170,7 @@ class ProxyApp:
                 raise BadRequest("messages is required and must be a list")
             v1 = path if path.startswith("/v1/") else "/v1" + path
             return await self.lane.serve(
-                operation, v1, body, attribution, header(scope, b"traceparent"), receive, send
+                operation, v1, body, raw, attribution, header(scope, b"traceparent"), receive, send
             )
         await self._to_litellm(scope, receive, send, path, attribution, raw)
         return 0
@@ -236,6 +248,10 @@ class ProxyApp:
             stack.push_async_callback(self._close_pool)
             if self.recorder.export is not None:
                 stack.callback(self.recorder.export.close)
+            # LiteLLM leaves a large heap of long-lived objects; without this every full
+            # collection walks it again, and the per-call dicts trigger collections often.
+            gc.collect()
+            gc.freeze()
             yield
 
     async def _close_pool(self) -> None:

@@ -38,6 +38,8 @@ class Call:
     request: dict[str, Any]
     started_ns: int  # wall clock, ns since the epoch
     upstream: str | None = None
+    # The agent's request body as it came (JSON text): stored as is rather than encoded again.
+    request_json: str | None = None
 
 
 @dataclass
@@ -70,11 +72,12 @@ class Outcome:
 def _logprobs(operation: str, logprobs: Any) -> list[float] | None:
     if not isinstance(logprobs, dict):
         return None
+    # The values are JSON numbers already; the column's codec takes int or float alike.
     if operation == "chat":
         content = logprobs.get("content")
-        return [float(e["logprob"]) for e in content] if isinstance(content, list) else None
+        return [e["logprob"] for e in content] if isinstance(content, list) else None
     values = logprobs.get("token_logprobs")
-    return [float(v) for v in values] if isinstance(values, list) else None
+    return list(values) if isinstance(values, list) else None
 
 
 def from_response(operation: str, response: dict[str, Any]) -> Outcome:
@@ -234,13 +237,14 @@ def build_rows(
         finish_reasons=[c.finish_reason for c in choices if c.finish_reason is not None],
         error_type=error[0] if error else None,
     )
+    started = _time(call.started_ns)
     span = {
         "span_id": call.span_id,
         "trace_id": call.trace_id,
         "parent_span_id": call.parent_span_id,
         "name": f"{call.operation} {call.requested_model}",
         "kind": "CLIENT",
-        "start_time": _time(call.started_ns),
+        "start_time": started,
         "end_time": _time(ended_ns),
         "status_code": "ERROR" if error else "UNSET",
         "status_message": error[1] if error else None,
@@ -262,7 +266,7 @@ def build_rows(
             "model": call.requested_model,
             "agent": call.attribution.agent,
             "policy_version": call.policy_version,
-            "request": call.request,
+            "request": call.request_json if call.request_json is not None else call.request,
             "response": response,
             "prompt_token_ids": prompt_ids,
             "completion_token_ids": choice.token_ids,
@@ -270,7 +274,7 @@ def build_rows(
             "finish_reason": choice.finish_reason,
             "latency_ms": latency_ms,
             "usage": usage,
-            "created_at": _time(call.started_ns),
+            "created_at": started,
             "response_id": response_id,
             "attempt": call.attribution.attempt,
             "upstream": call.upstream,

@@ -49,6 +49,7 @@ class PolicyLane:
         operation: str,
         path: str,
         body: dict[str, Any],
+        raw: bytes,
         attribution: Attribution,
         traceparent: bytes | None,
         receive: Receive,
@@ -67,6 +68,7 @@ class PolicyLane:
             request=body,
             traceparent=traceparent,
         )
+        call.request_json = raw.decode("utf-8", errors="replace")
         forwarded = dict(body)
         forwarded["model"] = served
         forwarded["return_token_ids"] = True

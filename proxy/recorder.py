@@ -34,8 +34,11 @@ class _Lru(OrderedDict[str, Any]):
 
 
 class Recorder:
-    def __init__(self, writer: BatchWriter, memory: int, export: SpanExport | None = None) -> None:
+    def __init__(
+        self, writer: BatchWriter, memory: int, export: SpanExport | None = None, enabled: bool = True
+    ) -> None:
         self.writer = writer
+        self.enabled = enabled
         self.sessions = SessionIndex(memory)
         self.export = export
         # Per rollout: the next seq. Also tells which rollouts this process has already written.
@@ -63,7 +66,7 @@ class Recorder:
             if rollout_id is None:
                 rollout_id = new_rollout_id()
         seq = self._next_seq.get(rollout_id)
-        if seq is None:
+        if seq is None and self.enabled:
             seq = 0
             # First sight in this process. Another process (or an agent) may have written the
             # rollout already; the writer then keeps the existing row.
@@ -77,6 +80,7 @@ class Recorder:
                     "metadata": {"attribution": attribution.source},
                 },
             )
+        seq = seq or 0
         self._next_seq.put(rollout_id, seq + 1)
         trace_id, parent = trace_context(traceparent)
         return Call(
@@ -104,6 +108,8 @@ class Recorder:
         error: tuple[str, str, dict[str, Any]] | None = None,
         ended_ns: int | None = None,
     ) -> None:
+        if not self.enabled:
+            return
         span, rows = build_rows(call, outcome, ended_ns or time.time_ns(), aborted=aborted, error=error)
         self.writer.submit("spans", span)
         for row in rows:
@@ -112,7 +118,9 @@ class Recorder:
             if outcome.response_id:
                 self._recent_responses.put(outcome.response_id, call.rollout_id)
             messages = call.request.get("messages")
-            if isinstance(messages, list) and call.operation == "chat" and error is None:
+            # Only conversations the proxy had to infer need remembering: an agent that names
+            # its rollouts keeps naming them.
+            if call.attribution.source == "session" and isinstance(messages, list) and error is None:
                 for choice in outcome.choices:
                     self.sessions.remember(messages, choice.message(), call.rollout_id)
         if self.export is not None:

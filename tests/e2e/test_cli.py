@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from lightloop.settings import describe_settings
+from lightloop.store import head_revision
 from lightloop.store.database import dsn
 from tests.conftest import LIGHTLOOP
 
@@ -82,7 +83,7 @@ async def test_db_upgrade_migrates_and_refuses_a_newer_schema(empty_db_url: str)
     env = {"LIGHTLOOP_DATABASE_URL": empty_db_url}
     first = run("db", "upgrade", env=env)
     assert first.returncode == 0, first.stderr
-    assert "revision 0001" in first.stdout
+    assert f"revision {head_revision()}" in first.stdout
     conn = await asyncpg.connect(dsn(empty_db_url))
     await conn.execute("UPDATE alembic_version SET version_num = 'abcdef999'")
     await conn.close()
@@ -119,3 +120,17 @@ def test_help_shows_every_setting_with_its_environment_variable() -> None:
         assert env in result.stdout, env
     for command in ("up", "db", "sql"):
         assert command in result.stdout
+
+
+def test_a_bad_policy_section_stops_the_proxy_with_one_line(tmp_path: Path) -> None:
+    for text, expected in (
+        ("policy: [{name: p, base_model: m, upstreams: []}]\n", "LIGHTLOOP_POLICY"),
+        ("policy: [{name: p, base_model: m}, {name: p, base_model: n}]\n", "unique"),
+        ("proxy: {port: 99999}\n", "LIGHTLOOP_PROXY__PORT"),
+    ):
+        config = tmp_path / "lightloop.yaml"
+        config.write_text(text)
+        result = run("--config", str(config), "proxy", env={"LIGHTLOOP_HOME": str(tmp_path / "home")})
+        assert result.returncode == 1, result.stderr
+        assert expected in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1

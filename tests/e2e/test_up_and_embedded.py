@@ -15,10 +15,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 
 from tests.conftest import LIGHTLOOP
 from tests.e2e.test_cli import run
+from tests.support.stub_engine import free_port
 
 
 def read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float = 120) -> list[str]:
@@ -57,20 +60,56 @@ def home(tmp_path: Path) -> Iterator[Path]:
     run("db", "stop", env={"LIGHTLOOP_HOME": str(home)})
 
 
-def test_up_starts_migrates_serves_and_stops_cleanly(home: Path) -> None:
-    env = {"LIGHTLOOP_HOME": str(home)}
+def up_env(home: Path) -> dict[str, str]:
+    """`up` as a user runs it, but with the tiny model and free ports (tests run side by side)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIGHTLOOP_", "LITELLM_"))}
+    return {
+        **env,
+        "LIGHTLOOP_HOME": str(home),
+        "LIGHTLOOP_ENGINE__MODEL": "tiny",
+        "LIGHTLOOP_ENGINE__PORT": str(free_port()),
+        "LIGHTLOOP_PROXY__PORT": str(free_port()),
+    }
+
+
+def value_after(lines: list[str], label: str) -> str:
+    return next(line.split(label, 1)[1].split()[0] for line in lines if label in line)
+
+
+def test_up_starts_everything_prints_what_agents_need_and_stops_cleanly(home: Path) -> None:
+    env = up_env(home)
     proc = subprocess.Popen(
-        [LIGHTLOOP, "up"],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        [LIGHTLOOP, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        lines = read_until(proc, "Press Ctrl-C")
+        lines = read_until(proc, "Press Ctrl-C", timeout_s=300)
         url = next(line.split("database:", 1)[1].strip() for line in lines if "database:" in line)
         assert url.startswith("postgresql://postgres:") and "@127.0.0.1:" in url
         assert run("db", "url", env=env).stdout.strip() == url
+        base_url = value_after(lines, "OPENAI_BASE_URL=")
+        key = value_after(lines, "OPENAI_API_KEY=")
+        assert base_url == f"http://127.0.0.1:{env['LIGHTLOOP_PROXY__PORT']}/v1"
+        # A generated key: strong, kept under the home for the next start.
+        assert key.startswith("sk-") and len(key) >= 40
+        assert (home / "master.key").read_text().strip() == key
+        # What it printed is all an agent needs.
+        client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0)
+        completion = client.chat.completions.create(
+            model="policy",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=3,
+            extra_headers={"X-Lightloop-Rollout": "up-1"},
+        )
+        finish = httpx.post(
+            f"{base_url[:-3]}/v1/rollouts/up-1/finish",
+            json={"status": "succeeded"},
+            headers={"authorization": f"Bearer {key}"},
+        )
+        assert finish.status_code == 200
+        shown = run(
+            "sql", "SELECT response_id, array_length(completion_token_ids, 1) FROM llm_calls", env=env
+        )
+        assert completion.id in shown.stdout
         inserted = run("sql", "INSERT INTO rollouts (id) VALUES ('kept')", env=env)
         assert inserted.returncode == 0, inserted.stderr
     finally:
@@ -80,16 +119,13 @@ def test_up_starts_migrates_serves_and_stops_cleanly(home: Path) -> None:
     assert "embedded Postgres stopped" in out
     assert run("db", "status", env=env).returncode == 3
 
-    # A second `up` finds the data of the first.
+    # A second `up` finds the data and the key of the first.
     proc = subprocess.Popen(
-        [LIGHTLOOP, "up"],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        [LIGHTLOOP, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        read_until(proc, "Press Ctrl-C")
+        lines = read_until(proc, "Press Ctrl-C", timeout_s=300)
+        assert value_after(lines, "OPENAI_API_KEY=") == key
         assert "kept" in run("sql", "SELECT id FROM rollouts", env=env).stdout
     finally:
         proc.terminate()
@@ -101,13 +137,16 @@ def test_up_leaves_running_a_server_it_did_not_start(home: Path) -> None:
     env = {"LIGHTLOOP_HOME": str(home)}
     assert run("db", "start", env=env).returncode == 0
     proc = subprocess.Popen(
-        [LIGHTLOOP, "up"],
-        env={**os.environ, **env},
+        [LIGHTLOOP, "up", "--no-engine"],
+        env={**up_env(home), "LITELLM_MASTER_KEY": "sk-" + "ab" * 32},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    read_until(proc, "Press Ctrl-C")
+    lines = read_until(proc, "Press Ctrl-C", timeout_s=300)
+    # A key from the environment is used as given, and not written to disk.
+    assert value_after(lines, "OPENAI_API_KEY=") == "sk-" + "ab" * 32
+    assert not (home / "master.key").exists()
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
     assert run("db", "status", env=env).returncode == 0

@@ -37,6 +37,7 @@ class StubEngine:
     script: deque[Action] = field(default_factory=deque)
     requests: list[dict[str, Any]] = field(default_factory=list)
     disconnected: threading.Event = field(default_factory=threading.Event)
+    traces: list[bytes] = field(default_factory=list)  # OTLP/HTTP bodies received (a collector)
     port: int = 0
 
     @property
@@ -204,6 +205,10 @@ class StubEngine:
             raise
         return response
 
+    async def otlp(self, request: web.Request) -> web.Response:
+        self.traces.append(await request.read())
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
     async def health(self, _request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
@@ -225,6 +230,7 @@ def running_stub(tokens: int = 8) -> Iterator[StubEngine]:
     app.router.add_post("/v1/chat/completions", stub.chat)
     app.router.add_post("/v1/completions", stub.completions)
     app.router.add_get("/health", stub.health)
+    app.router.add_post("/v1/traces", stub.otlp)
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -245,3 +251,30 @@ def running_stub(tokens: int = 8) -> Iterator[StubEngine]:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(30)
+
+
+def main() -> None:
+    """Run the stub as its own process (benchmarks keep its CPU apart from what they measure)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--tokens", type=int, default=8)
+    args = parser.parse_args()
+    stub = StubEngine(tokens=args.tokens, port=args.port)
+    # Benchmarks send many calls: keep no per-request history.
+    stub.requests = _Discard()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", stub.chat)
+    app.router.add_post("/v1/completions", stub.completions)
+    app.router.add_get("/health", stub.health)
+    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)
+
+
+class _Discard(list[dict[str, Any]]):
+    def append(self, _item: dict[str, Any]) -> None:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -33,6 +33,13 @@ def test_every_command_is_in_the_readme() -> None:
     assert not missing
 
 
+def test_every_proxy_route_is_in_the_readme() -> None:
+    from lightloop.proxy.app import ROUTES
+
+    missing = [route for route in ROUTES if f"`{route}`" not in README]
+    assert not missing
+
+
 def test_quickstart_gives_the_two_commands() -> None:
     quickstart = README.split("## Quickstart", 1)[1].split("##", 1)[0]
     assert "make up" in quickstart and "make test" in quickstart

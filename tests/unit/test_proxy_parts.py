@@ -1,0 +1,223 @@
+"""The proxy's small pure parts: sessions, OTLP decoding, trace context, replica order, keys,
+LiteLLM's derived config."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+from lightloop.proxy import otlp
+from lightloop.proxy.auth import check_key, load_or_create_master_key
+from lightloop.proxy.errors import BadRequest, Unauthorized
+from lightloop.proxy.server import litellm_config
+from lightloop.proxy.sessions import SessionIndex
+from lightloop.proxy.spans import trace_context
+from lightloop.proxy.upstream import order
+from lightloop.settings import load_settings
+
+USER = {"role": "user", "content": "Question?"}
+
+
+def test_a_call_continuing_an_earlier_one_joins_its_rollout() -> None:
+    index = SessionIndex(100)
+    index.remember([USER], {"role": "assistant", "content": "Answer."}, "r1")
+    # The agent sends the reply back in another shape: None-free dict, content parts, extra keys.
+    again = {"role": "assistant", "content": [{"type": "text", "text": "Answer."}], "refusal": None}
+    assert index.find([USER, again, {"role": "user", "content": "More?"}]) == "r1"
+    assert index.find([USER, {"role": "assistant", "content": "Other."}, USER]) is None
+    assert index.find([USER]) is None
+    assert index.find([{"role": "system", "content": "x"}, USER, again]) is None
+
+
+def test_the_longest_earlier_conversation_wins_and_tool_calls_count() -> None:
+    index = SessionIndex(100)
+    call = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+    }
+    index.remember([USER], call, "r1")
+    tool = {"role": "tool", "tool_call_id": "1", "content": "42"}
+    reply = {"role": "assistant", "content": "It is 42."}
+    index.remember([USER, call, tool], reply, "r2")
+    assert index.find([USER, call, tool, reply, USER]) == "r2"
+    other_args = {
+        **call,
+        "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": '{"x":1}'}}],
+    }
+    assert index.find([USER, other_args, tool]) is None
+
+
+def test_the_session_index_forgets_the_least_recently_used() -> None:
+    index = SessionIndex(2)
+    for i in range(3):
+        index.remember([{"role": "user", "content": str(i)}], {"role": "assistant", "content": "a"}, f"r{i}")
+    assert len(index) == 2
+    assert index.find([{"role": "user", "content": "0"}, {"role": "assistant", "content": "a"}]) is None
+    assert index.find([{"role": "user", "content": "2"}, {"role": "assistant", "content": "a"}]) == "r2"
+
+
+def test_traceparent_joins_the_agents_trace_and_bad_ones_start_a_new_one() -> None:
+    trace_id, parent = trace_context(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    assert (trace_id, parent) == ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
+    for bad in (None, b"garbage", b"00-00000000000000000000000000000000-00f067aa0ba902b7-01"):
+        trace_id, parent = trace_context(bad)
+        assert len(trace_id) == 32 and parent is None
+
+
+def test_replica_order_is_stable_per_rollout_and_spreads_rollouts() -> None:
+    replicas = ["http://a:8000", "http://b:8000", "http://c:8000"]
+    assert order(replicas, "r1") == order(list(reversed(replicas)), "r1")
+    firsts = {order(replicas, f"r{i}")[0] for i in range(60)}
+    assert firsts == set(replicas)
+    # Losing a replica moves only the rollouts that were on it.
+    moved = [
+        i
+        for i in range(60)
+        if order(replicas, f"r{i}")[0] != "http://c:8000"
+        and order(replicas[:2], f"r{i}")[0] != order(replicas, f"r{i}")[0]
+    ]
+    assert moved == []
+
+
+def _protobuf_request() -> bytes:
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    attr = resource_spans.resource.attributes.add()
+    attr.key, attr.value.string_value = "service.name", "agent"
+    scope_spans = resource_spans.scope_spans.add()
+    scope_spans.scope.name = "agent.scope"
+    span = scope_spans.spans.add()
+    span.trace_id = bytes(range(1, 17))
+    span.span_id = bytes(range(1, 9))
+    span.parent_span_id = bytes(range(9, 17))
+    span.name = "chat gpt"
+    span.kind = 3
+    span.start_time_unix_nano = 1_700_000_000_000_000_000
+    span.end_time_unix_nano = 1_700_000_000_500_000_000
+    for key, setter in (
+        ("gen_ai.usage.input_tokens", ("int_value", 12)),
+        ("lightloop.rollout.id", ("string_value", "r7")),
+        ("gen_ai.request.model", ("string_value", "gpt")),
+    ):
+        a = span.attributes.add()
+        a.key = key
+        setattr(a.value, *setter)
+    array = span.attributes.add()
+    array.key = "gen_ai.response.finish_reasons"
+    array.value.array_value.values.add().string_value = "stop"
+    event = span.events.add()
+    event.name = "gen_ai.choice"
+    event.time_unix_nano = 1_700_000_000_100_000_000
+    span.status.code = 1
+    return request.SerializeToString()
+
+
+def test_otlp_protobuf_becomes_span_rows() -> None:
+    rows, protobuf = otlp.decode(_protobuf_request(), b"application/x-protobuf")
+    assert protobuf
+    (row,) = rows
+    assert row["trace_id"] == bytes(range(1, 17)).hex() and row["span_id"] == bytes(range(1, 9)).hex()
+    assert row["parent_span_id"] == bytes(range(9, 17)).hex()
+    assert row["kind"] == "CLIENT" and row["status_code"] == "OK"
+    assert row["attributes"]["gen_ai.usage.input_tokens"] == 12
+    assert row["attributes"]["gen_ai.response.finish_reasons"] == ["stop"]
+    assert row["rollout_id"] == "r7" and row["model"] == "gpt" and row["input_tokens"] == 12
+    assert row["resource"] == {"service.name": "agent"} and row["scope"] == "agent.scope"
+    assert row["events"][0]["name"] == "gen_ai.choice"
+    assert (row["end_time"] - row["start_time"]).total_seconds() == 0.5
+    media, body = otlp.encode_response(True)
+    assert media == b"application/x-protobuf"
+    trace_service_pb2.ExportTraceServiceResponse().ParseFromString(body)
+
+
+def test_otlp_json_uses_hex_ids_and_gzip_is_undone() -> None:
+    body = {
+        "resourceSpans": [
+            {
+                "scopeSpans": [
+                    {
+                        "spans": [
+                            {
+                                "traceId": "0102030405060708090a0b0c0d0e0f10",
+                                "spanId": "0102030405060708",
+                                "name": "x",
+                                "startTimeUnixNano": "1700000000000000000",
+                            }
+                        ]
+                    }
+                ]
+            }
+        ]
+    }
+    raw = otlp.decompress(gzip.compress(json.dumps(body).encode()), b"gzip")
+    (row,) = otlp.decode(raw, b"application/json; charset=utf-8")[0]
+    assert row["trace_id"] == "0102030405060708090a0b0c0d0e0f10" and row["status_code"] == "UNSET"
+
+
+@pytest.mark.parametrize(
+    "span",
+    [
+        {"traceId": "zz", "spanId": "0102030405060708", "startTimeUnixNano": "1"},
+        {
+            "traceId": "0102030405060708090a0b0c0d0e0f10",
+            "spanId": "0000000000000000",
+            "startTimeUnixNano": "1",
+        },
+        {"traceId": "0102030405060708090a0b0c0d0e0f10", "spanId": "0102030405060708"},
+        {
+            "traceId": "0102030405060708090a0b0c0d0e0f10",
+            "spanId": "0102030405060708",
+            "startTimeUnixNano": "soon",
+        },
+    ],
+)
+def test_otlp_bad_spans_are_refused(span: dict[str, str]) -> None:
+    with pytest.raises(BadRequest):
+        otlp.decode(
+            json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [span]}]}]}).encode(), b"application/json"
+        )
+
+
+def test_otlp_protobuf_ids_are_base64_in_its_json_mapping() -> None:
+    assert base64.b64decode("AQIDBAUGBwg=") == bytes(range(1, 9))
+    with pytest.raises(BadRequest):
+        otlp.decompress(b"x", b"br")
+
+
+def test_keys_are_checked_in_constant_time_forms() -> None:
+    key = b"sk-secret"
+    check_key({"headers": [(b"authorization", b"Bearer sk-secret")]}, key)
+    check_key({"headers": [(b"x-api-key", b"sk-secret")]}, key)
+    for headers in ([], [(b"authorization", b"Bearer nope")], [(b"authorization", b"Basic sk-secret")]):
+        with pytest.raises(Unauthorized):
+            check_key({"headers": headers}, key)
+
+
+def test_the_generated_master_key_is_kept_private_and_reused(tmp_path: Path) -> None:
+    key, created = load_or_create_master_key(tmp_path)
+    assert created and key.startswith("sk-") and len(key) == 67
+    assert (tmp_path / "master.key").stat().st_mode & 0o077 == 0
+    assert load_or_create_master_key(tmp_path) == (key, False)
+
+
+def test_litellm_gets_its_keys_and_the_policy_models(tmp_path: Path) -> None:
+    config = tmp_path / "lightloop.yaml"
+    config.write_text(
+        "home: /tmp/x\nwriter: {batch_size: 10}\n"
+        "policy: [{name: p, base_model: tiny, upstreams: ['http://e:8000/v1/']}]\n"
+        "model_list: [{model_name: gpt, litellm_params: {model: openai/gpt-4o}}]\n"
+        "litellm_settings: {drop_params: true}\n"
+    )
+    derived = litellm_config(load_settings(config))
+    assert set(derived) == {"model_list", "litellm_settings"}
+    assert [m["model_name"] for m in derived["model_list"]] == ["gpt", "p"]
+    assert derived["model_list"][1]["litellm_params"] == {
+        "model": "hosted_vllm/tiny",
+        "api_base": "http://e:8000/v1",
+    }
