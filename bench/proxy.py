@@ -170,16 +170,24 @@ def main() -> None:
             "LIGHTLOOP_HOME": str(work / "home"),
         }
     )
+    cli = [sys.executable, "-c", "from lightloop.cli import main; main()"]
+    embedded = not os.environ.get("LIGHTLOOP_DATABASE_URL")
     database_url = (
         os.environ.get("LIGHTLOOP_DATABASE_URL")
         or subprocess.run(
-            [sys.executable, "-c", "from lightloop.cli import main; main()", "db", "url"],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
+            [*cli, "db", "url"], env=env, capture_output=True, text=True, check=True
         ).stdout.strip()
     )
+    try:
+        run_fronts(args, only, work, env, database_url)
+    finally:
+        if embedded:
+            subprocess.run([*cli, "db", "stop"], env=env, capture_output=True, check=False)
+
+
+def run_fronts(
+    args: argparse.Namespace, only: set[str], work: Path, env: dict[str, str], database_url: str
+) -> None:
     env["LIGHTLOOP_DATABASE_URL"] = database_url
     subprocess.run(
         [sys.executable, "-c", "from lightloop.cli import main; main()", "db", "upgrade"],
