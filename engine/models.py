@@ -137,7 +137,7 @@ def _cached_tiny(cache_dir: Path) -> Path:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(TINY_SEED)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     _save_atomically(folder, model, tokenizer)
     return folder

@@ -276,6 +276,23 @@ def _migrate_if_reachable(url: str) -> None:
         log.warning("%s; serving anyway, calls are spooled until it is back", exc)
 
 
+# -- trainer -------------------------------------------------------------------------------------
+
+
+@cli.command("trainer")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many recorded steps.")
+@click.pass_context
+def trainer(ctx: click.Context, max_steps: int | None) -> None:
+    """Train the policy on finished, rewarded rollouts and publish each step as a new version
+    (LoRA, hot-swapped into every engine). Runs until Ctrl-C."""
+    from lightloop.trainer.daemon import serve
+
+    settings = _settings(ctx)
+    url = _database_url(settings)
+    _migrate_if_reachable(url)
+    serve(settings, url, max_steps)
+
+
 # -- up ------------------------------------------------------------------------------------------
 
 

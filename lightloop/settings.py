@@ -104,6 +104,48 @@ class ProxySettings(BaseModel):
     )
 
 
+class TrainerSettings(BaseModel):
+    """`lightloop trainer`: the daemon that turns finished, rewarded rollouts into new versions."""
+
+    policy: str | None = Field(
+        None, description="The policy model to train (default: the first under policy)."
+    )
+    model: str | None = Field(
+        None,
+        description="Base weights to train: smollm2, tiny or a model folder (default: the engine's --model).",
+    )
+    algorithm: str = Field(
+        "grpo", pattern="^(grpo|rloo|reinforce_plus_plus)$", description="grpo, rloo or reinforce_plus_plus."
+    )
+    groups_per_step: int = Field(8, ge=1, description="Rollout groups claimed per training step.")
+    min_groups: int = Field(1, ge=1, description="Wait until at least this many groups are ready.")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate of the LoRA weights.")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha (the update is scaled by alpha / rank).")
+    clip_ratio: float = Field(0.2, gt=0, description="PPO clip range.")
+    tis_cap: float = Field(2.0, ge=1, description="Truncated importance sampling cap (serving vs training).")
+    kl_coef: float = Field(0.0, ge=0, description="Weight of a KL penalty to the base model (0: none).")
+    micro_batch_size: int = Field(4, ge=1, description="Samples per forward/backward pass.")
+    max_staleness: int = Field(
+        2, ge=0, description="Drop rollouts served by a version older than live minus this."
+    )
+    keep_versions: int = Field(
+        2, ge=1, description="Adapters kept loaded on the engines (older ones unloaded)."
+    )
+    agents: list[str] = Field(
+        default_factory=list,
+        description="Agents to train (X-Lightloop-Agent or model alias); others are context. Empty: all.",
+    )
+    lease_s: float = Field(
+        600.0, gt=0, description="How long a claim holds before another trainer may take it."
+    )
+    poll_interval_s: float = Field(2.0, gt=0, description="Pause between claims when nothing is ready.")
+    engines: list[str] = Field(
+        default_factory=list, description="Engines to publish to (default: the policy's upstreams)."
+    )
+    seed: int = Field(0, description="Seed for the LoRA initialisation.")
+
+
 class Settings(BaseSettings):
     """Everything lightloop reads from its environment; the CLI builds one and passes it down."""
 
@@ -129,6 +171,7 @@ class Settings(BaseSettings):
     writer: WriterSettings = Field(default_factory=WriterSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     proxy: ProxySettings = Field(default_factory=ProxySettings)
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     policy: list[PolicyModelSettings] = Field(
         default_factory=list,
         description=(
@@ -185,6 +228,10 @@ class Settings(BaseSettings):
     @property
     def model_cache(self) -> Path:
         return self.home / "models"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.home / "checkpoints"
 
     @property
     def run_dir(self) -> Path:

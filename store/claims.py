@@ -59,11 +59,13 @@ RETURNING r.id, r.group_id, r.task_id, r.agent, r.mode, r.status, r.reward, r.me
 """
 
 _CALLS_SQL = """
-SELECT span_id, choice_index, rollout_id, seq, model, agent, policy_version,
+SELECT span_id, choice_index, rollout_id, seq, model, agent, policy_version, attempt, created_at,
        prompt_token_ids, completion_token_ids, completion_logprobs, finish_reason, request, response
 FROM llm_calls
 WHERE rollout_id = ANY($1::text[])
-ORDER BY rollout_id, seq, choice_index
+-- created_at first: it orders a rollout's calls even when several proxy processes served it
+-- (each counts seq on its own).
+ORDER BY rollout_id, created_at, seq, choice_index
 """
 
 

@@ -1,3 +1,32 @@
-"""lightloop.trainer: see DESIGN.md (built in a later issue)."""
+"""lightloop.trainer: trajectories from Postgres, VERL's algorithms, LoRA updates, publishing."""
 
-__all__: list[str] = []
+from lightloop.trainer.algorithms import ALGORITHMS, Scored, drop_flat_groups, policy_loss, rollout_advantages
+from lightloop.trainer.errors import PublishError, TrainerError
+from lightloop.trainer.local import LocalBackend, LocalConfig
+from lightloop.trainer.loop import StepOutcome, Trainer, select_samples
+from lightloop.trainer.publish import Engine, HttpEngine, Published, Publisher
+from lightloop.trainer.rebuild import RebuildStats, Sample, Turn, rebuild, turns_from_calls
+
+__all__ = [
+    "ALGORITHMS",
+    "Engine",
+    "HttpEngine",
+    "LocalBackend",
+    "LocalConfig",
+    "PublishError",
+    "Published",
+    "Publisher",
+    "RebuildStats",
+    "Sample",
+    "Scored",
+    "StepOutcome",
+    "Trainer",
+    "TrainerError",
+    "Turn",
+    "drop_flat_groups",
+    "policy_loss",
+    "rebuild",
+    "rollout_advantages",
+    "select_samples",
+    "turns_from_calls",
+]

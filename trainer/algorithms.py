@@ -11,6 +11,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,7 +103,8 @@ def policy_loss(
     )
     with torch.no_grad():
         weights = torch.exp(torch.clamp(old_logprobs - served_logprobs, max=math.log(tis_cap))) * mask
-    loss, metrics = core_algos.compute_policy_loss_vanilla(
+    vanilla: Any = core_algos.get_policy_loss_fn("vanilla")  # type: ignore[no-untyped-call]
+    loss, metrics = vanilla(
         old_log_prob=old_logprobs,
         log_prob=logprobs,
         advantages=advantages,

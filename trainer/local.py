@@ -24,7 +24,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 @dataclass(frozen=True)
 class LocalConfig:
     lora_rank: int = 8
-    lora_alpha: float = 16.0
+    lora_alpha: int = 16
     learning_rate: float = 1e-4
     clip_ratio: float = 0.2
     tis_cap: float = 2.0
@@ -151,7 +151,7 @@ class LocalBackend:
             if self.config.kl_coef > 0:
                 loss = loss + self.config.kl_coef * self._kl(batch, logprobs)
             share = float(batch.mask.sum()) / total_tokens  # token-mean over the whole batch
-            (loss * share).backward()
+            (loss * share).backward()  # type: ignore[no-untyped-call]
             loss_total += float(loss.detach()) * share
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * share
@@ -169,5 +169,5 @@ class LocalBackend:
 
         with torch.no_grad(), self.model.disable_adapter():
             reference = response_logprobs(self.model, batch)
-        kl = core_algos.kl_penalty(logprobs, reference, "low_var_kl")  # [B, R]
+        kl: torch.Tensor = core_algos.kl_penalty(logprobs, reference, "low_var_kl")  # type: ignore[arg-type]  # [B, R]
         return (kl * batch.mask).sum() / batch.mask.sum().clamp(min=1)

@@ -1,0 +1,64 @@
+"""`lightloop trainer`: build the trainer from settings and run it until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from lightloop.errors import ConfigError
+from lightloop.settings import Settings
+from lightloop.trainer.local import LocalBackend, LocalConfig
+from lightloop.trainer.loop import Trainer
+from lightloop.trainer.publish import HttpEngine, Publisher
+
+log = logging.getLogger(__name__)
+
+
+def build(settings: Settings, database_url: str) -> tuple[Trainer, list[HttpEngine]]:
+    from lightloop.engine.models import load_model
+
+    t = settings.trainer
+    policies = {p.name: p for p in settings.policy}
+    name = t.policy or settings.policy[0].name
+    if name not in policies:
+        raise ConfigError(
+            f"LIGHTLOOP_TRAINER__POLICY: {name!r} is not a policy model ({', '.join(policies)})"
+        )
+    policy = policies[name]
+    api_key = policy.api_key.get_secret_value() if policy.api_key else None
+    engines = [HttpEngine(url, api_key) for url in (t.engines or policy.upstreams)]
+    loaded = load_model(t.model or settings.engine.model, settings.model_cache)
+    backend = LocalBackend(
+        loaded.model,
+        loaded.tokenizer,
+        LocalConfig(
+            lora_rank=t.lora_rank,
+            lora_alpha=t.lora_alpha,
+            learning_rate=t.learning_rate,
+            clip_ratio=t.clip_ratio,
+            tis_cap=t.tis_cap,
+            kl_coef=t.kl_coef,
+            micro_batch_size=t.micro_batch_size,
+            seed=t.seed,
+        ),
+    )
+    publisher = Publisher(name, policy.base_model, settings.checkpoints, engines, t.keep_versions)
+    return Trainer(t, name, database_url, backend, publisher), engines
+
+
+def serve(settings: Settings, database_url: str, max_steps: int | None = None) -> int:
+    trainer, engines = build(settings, database_url)
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            return await trainer.run(stop, max_steps)
+        finally:
+            for engine in engines:
+                await engine.close()
+
+    return asyncio.run(main())
