@@ -38,6 +38,10 @@ class StubEngine:
     requests: list[dict[str, Any]] = field(default_factory=list)
     disconnected: threading.Event = field(default_factory=threading.Event)
     traces: list[bytes] = field(default_factory=list)  # OTLP/HTTP bodies received (a collector)
+    # Runtime LoRA: the status load_lora_adapter answers, or "hold" to never answer.
+    lora_status: int | str = 200
+    lora_requested: threading.Event = field(default_factory=threading.Event)
+    adapters: dict[str, str] = field(default_factory=dict)
     port: int = 0
 
     @property
@@ -205,6 +209,24 @@ class StubEngine:
             raise
         return response
 
+    async def load_lora(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.lora_requested.set()
+        if self.lora_status == "hold":
+            await asyncio.Event().wait()
+        if self.lora_status != 200:
+            return web.json_response(
+                {"error": {"message": "stub refuses adapters"}}, status=int(self.lora_status)
+            )
+        self.adapters[body["lora_name"]] = body["lora_path"]
+        return web.Response(text="Success")
+
+    async def unload_lora(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if self.adapters.pop(body["lora_name"], None) is None:
+            return web.json_response({"error": {"message": "not found"}}, status=404)
+        return web.Response(text="Success")
+
     async def otlp(self, request: web.Request) -> web.Response:
         self.traces.append(await request.read())
         return web.Response(body=b"", content_type="application/x-protobuf")
@@ -231,6 +253,8 @@ def running_stub(tokens: int = 8) -> Iterator[StubEngine]:
     app.router.add_post("/v1/completions", stub.completions)
     app.router.add_get("/health", stub.health)
     app.router.add_post("/v1/traces", stub.otlp)
+    app.router.add_post("/v1/load_lora_adapter", stub.load_lora)
+    app.router.add_post("/v1/unload_lora_adapter", stub.unload_lora)
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)

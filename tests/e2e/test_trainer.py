@@ -1,0 +1,233 @@
+"""The trainer against real processes: `lightloop engine --model tiny`, the proxy, Postgres, and
+a stub engine that refuses or stalls adapter loads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import openai
+import pytest
+import yaml
+
+from lightloop.engine.models import load_model
+from lightloop.settings import TrainerSettings
+from lightloop.store.database import dsn
+from lightloop.trainer import HttpEngine, LocalBackend, LocalConfig, Publisher, PublishError, Trainer
+from tests.conftest import LIGHTLOOP
+from tests.e2e.conftest import clean_env, eventually, start_proxy
+from tests.e2e.test_proxy import sql
+from tests.support.stub_engine import running_stub
+
+
+def trainer_for(db_url: str, engine_home: Path, engines: list[str], root: Path, **settings: Any) -> Trainer:
+    loaded = load_model("tiny", engine_home / "models")  # the same seeded weights the engine serves
+    backend = LocalBackend(
+        loaded.model, loaded.tokenizer, LocalConfig(learning_rate=1e-3, lora_rank=4, micro_batch_size=8)
+    )
+    publisher = Publisher("policy", "tiny", root, [HttpEngine(e) for e in engines], keep=2)
+    config = TrainerSettings(groups_per_step=4, **settings)
+    return Trainer(config, "policy", db_url, backend, publisher, name="test-trainer")
+
+
+def play(proxy_url: str, key: str, groups: int = 2, per_group: int = 4) -> None:
+    """An agent: a few rollouts per task through the proxy, each finished with a reward."""
+    client = openai.OpenAI(base_url=f"{proxy_url}/v1", api_key=key, max_retries=0)
+    for g in range(groups):
+        for k in range(per_group):
+            rollout = f"task{g}-try{k}"
+            client.chat.completions.create(
+                model="policy",
+                messages=[{"role": "user", "content": f"Task {g}: say something."}],
+                max_tokens=6,
+                temperature=1.0,
+                extra_headers={"X-Lightloop-Rollout": rollout, "X-Lightloop-Group": f"task{g}"},
+            )
+            done = httpx.post(
+                f"{proxy_url}/v1/rollouts/{rollout}/finish",
+                json={"status": "succeeded", "reward": float(k % 2)},
+                headers={"authorization": f"Bearer {key}"},
+            )
+            assert done.status_code == 200
+
+
+def test_one_step_publishes_a_version_the_engine_and_proxy_then_serve(
+    tmp_path: Path, engine: str, engine_home: Path, db_url: str
+) -> None:
+    proxy = start_proxy(
+        tmp_path / "home",
+        db_url,
+        {"policy": [{"name": "policy", "base_model": "tiny", "upstreams": [engine]}]},
+    )
+    try:
+        play(proxy.url, proxy.key)
+        trainer = trainer_for(db_url, engine_home, [engine], tmp_path / "checkpoints")
+        outcome = asyncio.run(trainer.step_once())
+        assert (
+            outcome is not None
+            and outcome.version == 1
+            and outcome.n_rollouts == 8
+            and outcome.n_samples == 8
+        )
+        # What the trainer computed matches what the engine served, token for token.
+        assert outcome.metrics["serve_train_logprob_gap"] < 1e-2, outcome.metrics
+        step = sql(db_url, "SELECT * FROM training_steps")[0]
+        assert (step["policy_in"], step["policy_out"], step["n_rollouts"]) == (0, 1, 8)
+        metrics = step["metrics"]
+        assert (
+            metrics["samples"] == 8 and metrics["skipped_no_token_ids"] == 0 and metrics["flat_groups"] == 0
+        )
+        assert (
+            sql(db_url, "SELECT count(*) FROM rollouts WHERE consumed_by_step = $1", step["step"])[0][0] == 8
+        )
+        version = sql(db_url, "SELECT * FROM policy_versions WHERE policy = 'policy'")[0]
+        assert version["status"] == "live" and version["training_step"] == step["step"]
+        folder = tmp_path / "checkpoints" / "policy" / "v1"
+        assert version["uri"] == folder.resolve().as_uri()
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert "adapter_model.safetensors" in manifest and len(version["sha256"]) == 64
+        assert "policy-v1" in {m["id"] for m in httpx.get(f"{engine}/v1/models").json()["data"]}
+        # The proxy switched at once (NOTIFY) and the next call is served and recorded as v1.
+        eventually(
+            lambda: httpx.get(f"{proxy.url}/health", headers=proxy.headers).json()["policies"]["policy"] == 1
+        )
+        client = openai.OpenAI(base_url=f"{proxy.url}/rollout/after/v1", api_key=proxy.key, max_retries=0)
+        answer = client.chat.completions.create(
+            model="policy", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        assert answer.model == "policy-v1"
+        httpx.post(
+            f"{proxy.url}/v1/rollouts/after/finish", json={"status": "succeeded"}, headers=proxy.headers
+        )
+        assert sql(db_url, "SELECT policy_version FROM llm_calls WHERE rollout_id = 'after'")[0][0] == 1
+        # Nothing left to claim: the next step waits.
+        assert asyncio.run(trainer.step_once()) is None
+    finally:
+        proxy.stop()
+        httpx.post(f"{engine}/v1/unload_lora_adapter", json={"lora_name": "policy-v1"})
+
+
+async def _seed(db_url: str, rollouts: int = 8) -> None:
+    conn = await asyncpg.connect(dsn(db_url))
+    try:
+        for i in range(rollouts):
+            rid = f"r{i}"
+            await conn.execute(
+                "INSERT INTO rollouts (id, group_id, status, reward, finished_at) "
+                "VALUES ($1, $2, 'succeeded', $3, now())",
+                rid,
+                f"g{i % 2}",
+                float(i % 4 >= 2),
+            )
+            await conn.execute(
+                "INSERT INTO llm_calls (span_id, rollout_id, seq, model, request, policy_version, "
+                "prompt_token_ids, completion_token_ids, completion_logprobs) "
+                "VALUES ($1, $2, 0, 'policy', '{}', 0, $3, $4, $5)",
+                f"s{i}",
+                rid,
+                [1, 9690, 198, 2683],
+                [100 + i, 200 + i],
+                [-9.5, -9.8],
+            )
+    finally:
+        await conn.close()
+
+
+def test_an_engine_that_refuses_the_adapter_rolls_the_publish_back(
+    tmp_path: Path, engine: str, engine_home: Path, db_url: str
+) -> None:
+    asyncio.run(_seed(db_url))
+    with running_stub() as stub:
+        stub.lora_status = 500
+        trainer = trainer_for(db_url, engine_home, [engine, stub.url], tmp_path / "checkpoints")
+        outcome = asyncio.run(trainer.step_once())
+    assert outcome is not None and outcome.version == 0
+    assert "refused adapter policy-v1" in outcome.metrics["publish_error"]
+    version = sql(db_url, "SELECT status, reason FROM policy_versions")[0]
+    assert version["status"] == "failed" and "HTTP 500" in version["reason"]
+    # Loaded on the first engine, then unloaded again: no engine serves a version that is not live.
+    assert "policy-v1" not in {m["id"] for m in httpx.get(f"{engine}/v1/models").json()["data"]}
+    step = sql(db_url, "SELECT policy_in, policy_out FROM training_steps")[0]
+    assert tuple(step) == (0, 0)
+
+
+def test_publish_refuses_when_no_engine_answers(tmp_path: Path, engine_home: Path, db_url: str) -> None:
+    publisher = Publisher("policy", "tiny", tmp_path, [HttpEngine("http://127.0.0.1:9")], keep=2)
+
+    async def attempt() -> None:
+        conn = await asyncpg.connect(dsn(db_url))
+        try:
+            await publisher.publish(conn, lambda path: (path / "adapter_config.json").write_text("{}"))
+        finally:
+            await conn.close()
+
+    with pytest.raises(PublishError, match="unreachable"):
+        asyncio.run(attempt())
+    assert sql(db_url, "SELECT status FROM policy_versions")[0][0] == "failed"
+
+
+def test_kill_9_mid_publish_then_restart_loses_nothing_and_trains_once(
+    tmp_path: Path, engine_home: Path, db_url: str
+) -> None:
+    asyncio.run(_seed(db_url))
+    with running_stub() as stub:
+        stub.lora_status = "hold"  # the trainer blocks in publish, after its update
+        config = tmp_path / "lightloop.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "policy": [{"name": "policy", "base_model": "tiny", "upstreams": [stub.url]}],
+                    "trainer": {
+                        "model": "tiny",
+                        "lease_s": 1.0,
+                        "poll_interval_s": 0.2,
+                        "groups_per_step": 4,
+                        "lora_rank": 4,
+                    },
+                }
+            )
+        )
+        env = {**clean_env(), "LIGHTLOOP_HOME": str(engine_home), "LIGHTLOOP_DATABASE_URL": db_url}
+        log = open(tmp_path / "trainer.log", "wb")  # noqa: SIM115 - closed below
+        first = subprocess.Popen(
+            [LIGHTLOOP, "--config", str(config), "trainer"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            assert stub.lora_requested.wait(180), (tmp_path / "trainer.log").read_text()
+            assert sql(db_url, "SELECT count(*) FROM rollouts WHERE claimed_by IS NOT NULL")[0][0] == 8
+            assert sql(db_url, "SELECT status FROM policy_versions")[0][0] == "staged"
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait(30)
+        finally:
+            if first.poll() is None:
+                first.kill()
+        # Killed mid-step: nothing consumed, nothing live.
+        assert sql(db_url, "SELECT count(*) FROM rollouts WHERE consumed_by_step IS NOT NULL")[0][0] == 0
+        assert sql(db_url, "SELECT count(*) FROM training_steps")[0][0] == 0
+        stub.lora_status = 200
+        second = subprocess.run(
+            [LIGHTLOOP, "--config", str(config), "trainer", "--max-steps", "1"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+            check=False,
+        )
+        log.close()
+        assert second.returncode == 0, (tmp_path / "trainer.log").read_text()[-3000:]
+    versions = {
+        r["version"]: (r["status"], r["reason"]) for r in sql(db_url, "SELECT * FROM policy_versions")
+    }
+    assert versions[1][0] == "failed" and "stopped before publishing" in versions[1][1]
+    assert versions[2][0] == "live"
+    (step,) = sql(db_url, "SELECT step, policy_out FROM training_steps")
+    assert step["policy_out"] == 2
+    consumed = sql(db_url, "SELECT consumed_by_step, count(*) FROM rollouts GROUP BY 1")
+    assert [tuple(r) for r in consumed] == [(step["step"], 8)]
