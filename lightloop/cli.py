@@ -6,10 +6,8 @@ import asyncio
 import json
 import logging
 import signal
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Coroutine
 from datetime import date, datetime
 from decimal import Decimal
@@ -296,99 +294,114 @@ def trainer(ctx: click.Context, max_steps: int | None) -> None:
 # -- up ------------------------------------------------------------------------------------------
 
 
-def _child(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", "from lightloop.cli import main; main()", *args], env=env)
-
-
-def _wait_ready(
-    url: str, process: subprocess.Popen[bytes], what: str, timeout_s: float, key: str | None
-) -> None:
-    """Poll a child's /health until it answers (startup of a separate process; not a test)."""
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise LightloopError(
-                f"the {what} exited during startup (status {process.returncode}); see its log above"
-            )
-        try:
-            if httpx.get(url, headers=headers, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise LightloopError(f"the {what} did not become ready at {url} within {timeout_s:g} s")
-
-
 @cli.command("up", epilog=_settings_epilog())
 @click.option(
     "--engine/--no-engine", default=True, help="Start the CPU engine (off when vLLM serves the policy)."
 )
+@click.option("--trainer/--no-trainer", "with_trainer", default=True, help="Start the trainer.")
 @click.pass_context
-def up(ctx: click.Context, engine: bool) -> None:
+def up(ctx: click.Context, engine: bool, with_trainer: bool) -> None:
     """Start everything on this machine and stay in the foreground until Ctrl-C: the embedded
     Postgres (unless LIGHTLOOP_DATABASE_URL is set), migrated to the newest schema; the CPU
-    engine (smollm2 by default); and the proxy. Prints the base URL and key to give agents.
-    Stopping stops what this command started."""
-    import os
-
-    from lightloop.proxy.server import master_key
-    from lightloop.store.embedded import EmbeddedPostgres
-    from lightloop.store.migrate import upgrade
+    engine (smollm2 by default); the proxy; and the trainer. Prints the base URL and key to give
+    agents. Stopping stops what this command started."""
+    from lightloop.stack import running_stack
 
     settings = _settings(ctx)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-
-    embedded = None if settings.database_url else EmbeddedPostgres(settings.pgdata)
-    started_here = embedded is not None and embedded.status() is None
-    url = _database_url(settings)
-    children: list[subprocess.Popen[bytes]] = []
-    try:
-        revision = _run(upgrade(url))
-        key, created = master_key(settings)
-        env = {**os.environ, "LIGHTLOOP_DATABASE_URL": url, "LITELLM_MASTER_KEY": key}
-        env["LIGHTLOOP_HOME"] = str(settings.home)
-        if settings.config is not None:
-            env["LIGHTLOOP_CONFIG"] = str(settings.config)
-        if engine:
-            children.append(_child(["engine"], env))
-            engine_url = f"http://{settings.engine.host}:{settings.engine.port}/health"
-            _wait_ready(engine_url, children[-1], "engine", 600, None)
-        children.append(_child(["proxy"], env))
-        base = f"http://{settings.proxy.host}:{settings.proxy.port}"
-        _wait_ready(base + "/health", children[-1], "proxy", 120, key)
-        click.echo(f"lightloop is up (schema {revision})")
-        click.echo(f"  OPENAI_BASE_URL={base}/v1")
-        click.echo(
-            f"  OPENAI_API_KEY={key}"
-            + ("   (new; kept in " + str(settings.home / "master.key") + ")" if created else "")
-        )
+    with running_stack(settings, engine=engine, trainer=with_trainer) as stack:
+        click.echo(f"lightloop is up (schema {stack.revision})")
+        click.echo(f"  OPENAI_BASE_URL={stack.base_url}/v1")
+        kept = f"   (new; kept in {settings.home / 'master.key'})" if stack.key_created else ""
+        click.echo(f"  OPENAI_API_KEY={stack.key}{kept}")
         click.echo(
             f"  models:    {', '.join(p.name for p in settings.policy)} (trainable), and LiteLLM's model_list"
         )
+        if with_trainer:
+            click.echo(f"  trainer:   {settings.trainer.algorithm}; see training_steps and policy_versions")
+        url = stack.database_url
         click.echo(f"  database:  {url}")
         click.echo(f"  query it:  lightloop sql \"SELECT * FROM llm_calls LIMIT 5\"   (or psql '{url}')")
         click.echo("Press Ctrl-C to stop.", nl=True)
         sys.stdout.flush()
         while not stop.wait(1.0):
-            for child in children:
-                if child.poll() is not None:
-                    raise LightloopError(f"a child process exited (status {child.returncode}); stopping")
-    finally:
-        for child in reversed(children):
-            if child.poll() is None:
-                child.terminate()
-                try:
-                    child.wait(30)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-        if embedded is not None and started_here:
-            embedded.stop()
-            click.echo("embedded Postgres stopped")
+            stack.check_children()
+
+
+# -- demo ----------------------------------------------------------------------------------------
+
+
+@cli.command("demo")
+@click.option(
+    "--model", default=None, help="smollm2 (default) or tiny (a wiring check; it does not learn the task)."
+)
+@click.option("--steps", type=int, default=40, show_default=True, help="Training steps at most.")
+@click.option(
+    "--minutes", type=float, default=15.0, show_default=True, help="Stop starting new steps after this."
+)
+@click.option("--groups", type=int, default=8, show_default=True, help="Tasks per step.")
+@click.option("--tries", type=int, default=4, show_default=True, help="Attempts per task (one GRPO group).")
+@click.option(
+    "--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="PNG to write."
+)
+@click.pass_context
+def demo(
+    ctx: click.Context,
+    model: str | None,
+    steps: int,
+    minutes: float,
+    groups: int,
+    tries: int,
+    plot_path: Path | None,
+) -> None:
+    """The whole loop on CPU: an example agent does short arithmetic through the proxy (reward 1
+    for the exact answer), the trainer learns, and the held-out reward per policy version is read
+    back with SQL and plotted. Uses a running stack when the proxy answers, else starts one."""
+    import contextlib
+
+    import httpx
+
+    from lightloop.demo import CURVE_SQL, Demo, plot
+    from lightloop.proxy.server import master_key
+    from lightloop.stack import running_stack
+
+    settings = _settings(ctx)
+    model = model or settings.engine.model
+    base = f"http://{settings.proxy.host}:{settings.proxy.port}"
+    key, _ = master_key(settings)
+    with contextlib.ExitStack() as stack_ctx:
+        try:
+            running = (
+                httpx.get(base + "/health", headers={"authorization": f"Bearer {key}"}, timeout=2).status_code
+                == 200
+            )
+        except httpx.HTTPError:
+            running = False
+        if running:
+            click.echo(f"using the lightloop already running at {base}")
+            url = _database_url(settings)
+        else:
+            click.echo(f"starting lightloop ({model}); the first start of smollm2 converts its weights once")
+            env = {
+                "LIGHTLOOP_ENGINE__MODEL": model,
+                "LIGHTLOOP_TRAINER__MODEL": model,
+                "LIGHTLOOP_TRAINER__GROUPS_PER_STEP": str(groups),
+                "LIGHTLOOP_TRAINER__MIN_GROUPS": str(groups),
+                "LIGHTLOOP_TRAINER__POLL_INTERVAL_S": "0.5",
+            }
+            stack = stack_ctx.enter_context(running_stack(settings, extra_env=env))
+            base, key, url = stack.base_url, stack.key, stack.database_url
+        runner = Demo(base, key, url, groups=groups, tries=tries, log=lambda line: click.echo(line))
+        curve = runner.run(steps, minutes)
+    click.echo("held-out reward per version, from SQL:")
+    click.echo(CURVE_SQL.strip())
+    for version, value in curve:
+        click.echo(f"  v{version}: {value:.3f}")
+    path = plot_path or settings.home / "demo.png"
+    plot(curve, path, f"lightloop demo: {model}, {groups}x{tries} rollouts per step")
+    click.echo(f"plot: {path}")
 
 
 def main() -> NoReturn:

@@ -1,7 +1,8 @@
 """Which rollout a call belongs to, from what the agent sent. First match wins:
 
 1. the path: `/rollout/{rollout_id}/v1/...` or `/rollout/{rollout_id}/attempt/{n}/v1/...`;
-2. the headers `X-Lightloop-Rollout`, `-Group`, `-Agent`, `-Task`;
+2. the headers `X-Lightloop-Rollout`, `-Group`, `-Agent`, `-Task` (and `-Mode`: train or val,
+   which also applies to the other forms);
 3. neither: the proxy infers the session from the messages (done by the caller).
 
 Pure functions, no I/O.
@@ -25,6 +26,7 @@ HEADER_ROLLOUT = "x-lightloop-rollout"
 HEADER_GROUP = "x-lightloop-group"
 HEADER_AGENT = "x-lightloop-agent"
 HEADER_TASK = "x-lightloop-task"
+HEADER_MODE = "x-lightloop-mode"
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Attribution:
     group_id: str | None = None
     agent: str | None = None
     task_id: str | None = None
+    mode: str = "train"  # "val": evaluation rollouts, recorded but never trained on
 
 
 def check_id(value: str, what: str) -> str:
@@ -75,6 +78,9 @@ def resolve(path: str, headers: Mapping[str, str]) -> tuple[Attribution, str]:
             check_id(value, what)
     if agent is not None and not 0 < len(agent) <= 200:
         raise BadRequest("X-Lightloop-Agent must hold 1 to 200 characters")
+    mode = lower.get(HEADER_MODE, "train")
+    if mode not in ("train", "val"):
+        raise BadRequest(f"X-Lightloop-Mode must be train or val, not {mode[:20]!r}")
     header_rollout = lower.get(HEADER_ROLLOUT)
     if header_rollout is not None:
         check_id(header_rollout, "rollout id")
@@ -84,7 +90,7 @@ def resolve(path: str, headers: Mapping[str, str]) -> tuple[Attribution, str]:
             raise BadRequest(
                 f"the path names rollout {rollout!r} but X-Lightloop-Rollout says {header_rollout!r}"
             )
-        return Attribution(rollout, "path", attempt, group, agent, task), rest
+        return Attribution(rollout, "path", attempt, group, agent, task, mode), rest
     if header_rollout is not None:
-        return Attribution(header_rollout, "header", None, group, agent, task), rest
-    return Attribution(None, "session", None, group, agent, task), rest
+        return Attribution(header_rollout, "header", None, group, agent, task, mode), rest
+    return Attribution(None, "session", None, group, agent, task, mode), rest

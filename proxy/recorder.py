@@ -77,6 +77,7 @@ class Recorder:
                     "group_id": attribution.group_id,
                     "task_id": attribution.task_id,
                     "agent": attribution.agent,
+                    "mode": attribution.mode,
                     "metadata": {"attribution": attribution.source},
                 },
             )

@@ -136,9 +136,10 @@ class LocalBackend:
         size = self.config.micro_batch_size
         for lo in range(0, len(samples), size):
             batch = pad(samples[lo : lo + size], advantages[lo : lo + size], self.pad_id)
-            with torch.no_grad():
-                old = response_logprobs(self.model, batch)  # [B, R]: the trainer's pi_old
             logprobs = response_logprobs(self.model, batch)  # [B, R], with grad
+            # One optimiser step per batch: every micro-batch sees the weights of the step's
+            # start, so pi_old is pi_theta itself (no second forward pass needed).
+            old = logprobs.detach()
             loss, metrics = policy_loss(
                 logprobs,
                 old,

@@ -643,3 +643,32 @@ def test_concurrent_calls_are_all_recorded_once(proxy: Proxy, module_db: str) ->
     rows = calls(module_db, "burst-1")
     assert sorted(r["response_id"] for r in rows) == sorted(ids)
     assert sorted(r["seq"] for r in rows) == list(range(50))
+
+
+def test_the_client_helper_attributes_calls_and_posts_the_reward(proxy: Proxy, module_db: str) -> None:
+    from lightloop.client import RolloutError, rollout
+
+    with rollout(proxy.url + "/v1", proxy.key, group="helper-task") as r:
+        client = openai.OpenAI(
+            base_url=r.base_url, api_key=proxy.key, default_headers=r.headers, max_retries=0
+        )
+        client.chat.completions.create(model="stub", messages=HI)
+        client.chat.completions.create(model="stub", messages=HI)
+        r.reward = 0.75
+    row = sql(module_db, "SELECT group_id, status, reward FROM rollouts WHERE id = $1", r.id)[0]
+    assert tuple(row) == ("helper-task", "succeeded", 0.75)
+    assert len(calls(module_db, r.id)) == 2
+
+    def failing_agent() -> str:
+        with rollout(proxy.url, proxy.key) as failing:
+            openai.OpenAI(
+                base_url=failing.base_url, api_key=proxy.key, max_retries=0
+            ).chat.completions.create(model="stub", messages=HI)
+            raise ZeroDivisionError(failing.id)
+
+    with pytest.raises(ZeroDivisionError) as raised:
+        failing_agent()
+    failing_id = str(raised.value)
+    assert sql(module_db, "SELECT status FROM rollouts WHERE id = $1", failing_id)[0][0] == "failed"
+    with pytest.raises(RolloutError, match="404"), rollout(proxy.url, proxy.key):
+        pass  # no call made: there is no rollout to finish

@@ -231,3 +231,37 @@ def test_kill_9_mid_publish_then_restart_loses_nothing_and_trains_once(
     assert step["policy_out"] == 2
     consumed = sql(db_url, "SELECT consumed_by_step, count(*) FROM rollouts GROUP BY 1")
     assert [tuple(r) for r in consumed] == [(step["step"], 8)]
+
+
+def test_the_demo_wiring_check_runs_the_whole_loop(tmp_path: Path) -> None:
+    from tests.support.stub_engine import free_port
+
+    env = {
+        **clean_env(),
+        "LIGHTLOOP_HOME": str(tmp_path / "home"),
+        "LIGHTLOOP_ENGINE__PORT": str(free_port()),
+        "LIGHTLOOP_PROXY__PORT": str(free_port()),
+    }
+    plot = tmp_path / "curve.png"
+    result = subprocess.run(
+        [LIGHTLOOP, "demo", "--model", "tiny", "--steps", "3", "--groups", "4", "--plot", str(plot)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "version 0: held-out reward" in result.stdout and "  v0: " in result.stdout
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    assert "embedded Postgres stopped" in result.stdout
+    counted = subprocess.run(
+        [LIGHTLOOP, "sql", "--json", "SELECT count(*) AS steps FROM training_steps"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    subprocess.run([LIGHTLOOP, "db", "stop"], env=env, capture_output=True, timeout=60, check=False)
+    assert json.loads(counted.stdout) == [{"steps": 3}], counted.stderr

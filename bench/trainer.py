@@ -1,0 +1,95 @@
+"""Trainer speed: trajectory rebuild throughput (calls/s, pure Python) and one local LoRA update
+step of a model on CPU (tokens/s, forward + backward + optimiser), measured in one run.
+
+Usage: python bench/trainer.py [--model smollm2|tiny] [--samples 8] [--length 256] [--home DIR]
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lightloop.engine.models import load_model
+from lightloop.trainer.local import LocalBackend, LocalConfig
+from lightloop.trainer.rebuild import Sample, Turn, rebuild
+
+
+def conversation(rng: random.Random, turns: int, prompt_len: int, completion_len: int) -> list[Turn]:
+    history = [rng.randrange(50_000) for _ in range(prompt_len)]
+    out = []
+    for _ in range(turns):
+        completion = [rng.randrange(50_000) for _ in range(completion_len)]
+        out.append(Turn(list(history), completion, [-1.0] * completion_len))
+        history += completion + [rng.randrange(50_000) for _ in range(20)]  # tool result, glue
+    return out
+
+
+def bench_rebuild(rollouts: int = 2_000, turns: int = 5) -> dict[str, float]:
+    rng = random.Random(0)
+    data = [conversation(rng, turns, 300, 60) for _ in range(rollouts)]
+    t0 = time.perf_counter()
+    for i, turns_ in enumerate(data):
+        rebuild(f"r{i}", turns_)
+    elapsed = time.perf_counter() - t0
+    return {"rebuild_calls_per_s": round(rollouts * turns / elapsed, 1), "rebuild_turns_per_rollout": turns}
+
+
+def bench_update(model: str, home: Path, samples: int, length: int) -> dict[str, float]:
+    loaded = load_model(model, home / "models")
+    backend = LocalBackend(loaded.model, loaded.tokenizer, LocalConfig(micro_batch_size=4))
+    rng = random.Random(1)
+    prompt = length // 2
+    batch = [
+        Sample(
+            f"s{i}",
+            [rng.randrange(1000, 40_000) for _ in range(length)],
+            prompt,
+            [1] * (length - prompt),
+            [-2.0] * (length - prompt),
+        )
+        for i in range(samples)
+    ]
+    advantages = [1.0 if i % 2 else -1.0 for i in range(samples)]
+    backend.step(batch, advantages)  # warm-up: allocator, kernels
+    t0 = time.perf_counter()
+    steps = 2
+    for _ in range(steps):
+        backend.step(batch, advantages)
+    elapsed = (time.perf_counter() - t0) / steps
+    return {
+        "update_model": model,
+        "update_samples": samples,
+        "update_tokens_per_sample": length,
+        "update_step_s": round(elapsed, 2),
+        "update_tokens_per_s": round(samples * length / elapsed, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--home", type=Path, default=None)
+    args = parser.parse_args()
+    home = args.home or Path(
+        os.environ.get("LIGHTLOOP_BENCH_HOME", tempfile.mkdtemp(prefix="lightloop-bench-"))
+    )
+    result = {
+        "threads": torch.get_num_threads(),
+        **bench_rebuild(),
+        **bench_update(args.model, home, args.samples, args.length),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
