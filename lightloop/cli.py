@@ -344,6 +344,9 @@ def up(ctx: click.Context, engine: bool, with_trainer: bool) -> None:
 @click.option("--groups", type=int, default=8, show_default=True, help="Tasks per step.")
 @click.option("--tries", type=int, default=4, show_default=True, help="Attempts per task (one GRPO group).")
 @click.option(
+    "--learning-rate", type=float, default=1e-3, show_default=True, help="The trainer's LoRA learning rate."
+)
+@click.option(
     "--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="PNG to write."
 )
 @click.pass_context
@@ -354,6 +357,7 @@ def demo(
     minutes: float,
     groups: int,
     tries: int,
+    learning_rate: float,
     plot_path: Path | None,
 ) -> None:
     """The whole loop on CPU: an example agent does short arithmetic through the proxy (reward 1
@@ -390,6 +394,7 @@ def demo(
                 "LIGHTLOOP_TRAINER__GROUPS_PER_STEP": str(groups),
                 "LIGHTLOOP_TRAINER__MIN_GROUPS": str(groups),
                 "LIGHTLOOP_TRAINER__POLL_INTERVAL_S": "0.5",
+                "LIGHTLOOP_TRAINER__LEARNING_RATE": str(learning_rate),
             }
             stack = stack_ctx.enter_context(running_stack(settings, extra_env=env))
             base, key, url = stack.base_url, stack.key, stack.database_url

@@ -85,7 +85,7 @@ class Demo:
         completion = self._client(rollout, extra).chat.completions.create(
             model=self.model,
             messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": task.question}],
-            max_tokens=8,
+            max_tokens=16,
             temperature=temperature,
         )
         value = reward(task, completion.choices[0].message.content or "")

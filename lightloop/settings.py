@@ -99,6 +99,14 @@ class ProxySettings(BaseModel):
     record: bool = Field(
         True, description="false serves without recording anything (only to measure recording's cost)."
     )
+    max_rollouts_in_flight: int = Field(
+        0,
+        ge=0,
+        description="Train rollouts open at once per proxy process; a new one above it gets 429 (0: no cap).",
+    )
+    rollout_idle_s: float = Field(
+        600.0, gt=0, description="A rollout with no call for this long no longer counts as in flight."
+    )
     session_memory: int = Field(
         100_000, ge=1, description="Conversations remembered per proxy process for inferred sessions."
     )

@@ -77,7 +77,14 @@ class ProxyApp:
         self.litellm = litellm_app
         self.writer = BatchWriter(database_url, spool_dir, settings.writer)
         export = SpanExport(settings.proxy.otlp_endpoint) if settings.proxy.otlp_endpoint else None
-        self.recorder = Recorder(self.writer, settings.proxy.session_memory, export, settings.proxy.record)
+        self.recorder = Recorder(
+            self.writer,
+            settings.proxy.session_memory,
+            export,
+            settings.proxy.record,
+            settings.proxy.max_rollouts_in_flight,
+            settings.proxy.rollout_idle_s,
+        )
         self.versions = LiveVersions(settings.policy, database_url, settings.writer.retry_interval_s)
         self.upstreams = Upstreams(settings.proxy.upstream_timeout_s, settings.proxy.upstream_retries)
         self.lane = PolicyLane(

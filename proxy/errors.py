@@ -44,6 +44,13 @@ class Unprocessable(ProxyError):
     type = "invalid_request_error"
 
 
+class TooManyRollouts(ProxyError):
+    """The cap on rollouts in flight is reached: finish some first (keeps training data fresh)."""
+
+    status = 429
+    type = "rate_limit_error"
+
+
 class UpstreamFailed(ProxyError):
     """No engine answered (connection refused, reset, timed out): 502."""
 

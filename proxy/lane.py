@@ -67,6 +67,7 @@ class PolicyLane:
             policy_version=version,
             request=body,
             traceparent=traceparent,
+            admit=True,
         )
         call.request_json = raw.decode("utf-8", errors="replace")
         forwarded = dict(body)

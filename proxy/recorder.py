@@ -11,6 +11,7 @@ from typing import Any
 
 from lightloop.proxy.attribution import Attribution
 from lightloop.proxy.capture import Call, Outcome, build_rows
+from lightloop.proxy.errors import TooManyRollouts
 from lightloop.proxy.export import SpanExport
 from lightloop.proxy.sessions import SessionIndex
 from lightloop.proxy.spans import new_span_id, trace_context
@@ -35,10 +36,21 @@ class _Lru(OrderedDict[str, Any]):
 
 class Recorder:
     def __init__(
-        self, writer: BatchWriter, memory: int, export: SpanExport | None = None, enabled: bool = True
+        self,
+        writer: BatchWriter,
+        memory: int,
+        export: SpanExport | None = None,
+        enabled: bool = True,
+        max_in_flight: int = 0,
+        idle_s: float = 600.0,
     ) -> None:
         self.writer = writer
         self.enabled = enabled
+        # Train rollouts started and not finished, with when each was last used: capping them
+        # bounds how stale the trainer's data can get (rollouts served by old versions).
+        self.max_in_flight = max_in_flight
+        self.idle_s = idle_s
+        self._in_flight: OrderedDict[str, float] = OrderedDict()
         self.sessions = SessionIndex(memory)
         self.export = export
         # Per rollout: the next seq. Also tells which rollouts this process has already written.
@@ -57,7 +69,10 @@ class Recorder:
         policy_version: int | None,
         request: dict[str, Any],
         traceparent: bytes | None,
+        admit: bool = False,
     ) -> Call:
+        """Open a call. `admit`: the call is about to be served, so it counts against (and may be
+        refused by) the cap on rollouts in flight."""
         rollout_id = attribution.rollout_id
         if rollout_id is None:
             messages = request.get("messages")
@@ -65,6 +80,8 @@ class Recorder:
                 rollout_id = self.sessions.find(messages)
             if rollout_id is None:
                 rollout_id = new_rollout_id()
+        if admit and self.max_in_flight and attribution.mode == "train":
+            self._admit(rollout_id)
         seq = self._next_seq.get(rollout_id)
         if seq is None and self.enabled:
             seq = 0
@@ -129,6 +146,28 @@ class Recorder:
 
     def remember_session(self, messages: Sequence[Any], reply: dict[str, Any], rollout_id: str) -> None:
         self.sessions.remember(messages, reply, rollout_id)
+
+    def _admit(self, rollout_id: str) -> None:
+        now = time.monotonic()
+        if rollout_id in self._in_flight:
+            self._in_flight[rollout_id] = now
+            self._in_flight.move_to_end(rollout_id)
+            return
+        while self._in_flight and next(iter(self._in_flight.values())) < now - self.idle_s:
+            self._in_flight.popitem(last=False)
+        if len(self._in_flight) >= self.max_in_flight:
+            raise TooManyRollouts(
+                f"{len(self._in_flight)} rollouts are in flight (LIGHTLOOP_PROXY__MAX_ROLLOUTS_IN_FLIGHT); "
+                "finish one (POST /v1/rollouts/{id}/finish) before starting another"
+            )
+        self._in_flight[rollout_id] = now
+
+    def finished(self, rollout_id: str) -> None:
+        self._in_flight.pop(rollout_id, None)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
 
     def knows(self, rollout_id: str | None, response_id: str | None) -> bool:
         """Whether rows for this rollout or response may still be in the writer's queue."""

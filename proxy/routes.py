@@ -117,9 +117,12 @@ async def post_finish(body: bytes, rollout_id: str, recorder: Recorder, pool: Po
     reward = _finite(data["reward"], "reward") if data.get("reward") is not None else None
     if recorder.knows(rollout_id, None):
         await recorder.writer.flush()
-    changed = await _with_db(
-        pool, lambda conn: finish_rollout(conn, rollout_id, status, reward, source=SOURCE)
-    )
+    try:
+        changed = await _with_db(
+            pool, lambda conn: finish_rollout(conn, rollout_id, status, reward, source=SOURCE)
+        )
+    finally:
+        recorder.finished(rollout_id)
     await respond_json(
         send, 200, {"rollout_id": rollout_id, "status": status, "reward": reward, "changed": changed}
     )

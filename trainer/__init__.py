@@ -6,6 +6,7 @@ from lightloop.trainer.local import LocalBackend, LocalConfig
 from lightloop.trainer.loop import StepOutcome, Trainer, select_samples
 from lightloop.trainer.publish import Engine, HttpEngine, Published, Publisher
 from lightloop.trainer.rebuild import RebuildStats, Sample, Turn, rebuild, turns_from_calls
+from lightloop.trainer.verl_backend import to_dataproto, verl_overrides
 
 __all__ = [
     "ALGORITHMS",
@@ -28,5 +29,7 @@ __all__ = [
     "rebuild",
     "rollout_advantages",
     "select_samples",
+    "to_dataproto",
     "turns_from_calls",
+    "verl_overrides",
 ]

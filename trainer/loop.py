@@ -38,7 +38,7 @@ from lightloop.store import (
     release_claim,
 )
 from lightloop.trainer.algorithms import Scored, drop_flat_groups, rollout_advantages
-from lightloop.trainer.errors import PublishError
+from lightloop.trainer.errors import PublishError, TrainerError
 from lightloop.trainer.publish import Publisher
 from lightloop.trainer.rebuild import RebuildStats, Sample, rebuild, turns_from_calls
 
@@ -122,7 +122,13 @@ class Trainer:
             live = await live_version(conn, self.policy)
             if live is None:
                 return 0
-            self.backend.load_adapter(self.publisher.path_of(live.version))
+            path = self.publisher.path_of(live.version)
+            if not (path / "adapter_config.json").is_file():
+                raise TrainerError(
+                    f"version {live.version} of {self.policy} is live but its adapter is not in {path}; "
+                    "point LIGHTLOOP_HOME at the folder the trainer published from"
+                )
+            self.backend.load_adapter(path)
             try:
                 await self.publisher.restore(conn)
             except PublishError as exc:

@@ -72,3 +72,37 @@ def test_spans_are_exported_to_an_otlp_endpoint_with_the_same_ids(tmp_path: Path
         assert {"gen_ai.operation.name", "lightloop.rollout.id", "gen_ai.usage.output_tokens"} <= exported[0][
             2
         ]
+
+
+def test_the_cap_on_rollouts_in_flight_refuses_new_ones_until_one_finishes(
+    tmp_path: Path, db_url: str
+) -> None:
+    import httpx
+
+    with running_stub() as stub:
+        config = {"policy": [{"name": "p", "base_model": "m", "upstreams": [stub.url]}]}
+        proxy = start_proxy(
+            tmp_path / "home", db_url, config, extra_env={"LIGHTLOOP_PROXY__MAX_ROLLOUTS_IN_FLIGHT": "2"}
+        )
+        try:
+
+            def call(rollout: str, mode: str = "train") -> httpx.Response:
+                return httpx.post(
+                    f"{proxy.url}/rollout/{rollout}/v1/chat/completions",
+                    json={"model": "p", "messages": HI},
+                    headers={**proxy.headers, "x-lightloop-mode": mode},
+                )
+
+            assert call("cap-1").status_code == 200
+            assert call("cap-2").status_code == 200
+            assert call("cap-1").status_code == 200  # a rollout in flight goes on
+            refused = call("cap-3")
+            assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
+            assert call("eval-1", mode="val").status_code == 200  # evaluation is not capped
+            finished = httpx.post(
+                f"{proxy.url}/v1/rollouts/cap-1/finish", json={"status": "succeeded"}, headers=proxy.headers
+            )
+            assert finished.status_code == 200
+            assert call("cap-3").status_code == 200
+        finally:
+            proxy.stop()

@@ -265,3 +265,23 @@ def test_the_demo_wiring_check_runs_the_whole_loop(tmp_path: Path) -> None:
     )
     subprocess.run([LIGHTLOOP, "db", "stop"], env=env, capture_output=True, timeout=60, check=False)
     assert json.loads(counted.stdout) == [{"steps": 3}], counted.stderr
+
+
+def test_a_live_version_whose_adapter_is_missing_stops_the_trainer_clearly(
+    tmp_path: Path, engine_home: Path, db_url: str
+) -> None:
+    from lightloop.store import set_live, stage_version
+    from lightloop.trainer import TrainerError
+
+    async def publish_elsewhere() -> None:
+        conn = await asyncpg.connect(dsn(db_url))
+        try:
+            version = await stage_version(conn, "policy", base_model="tiny")
+            await set_live(conn, "policy", version.version)
+        finally:
+            await conn.close()
+
+    asyncio.run(publish_elsewhere())
+    trainer = trainer_for(db_url, engine_home, [], tmp_path / "checkpoints")
+    with pytest.raises(TrainerError, match="adapter is not in"):
+        asyncio.run(trainer.resume())

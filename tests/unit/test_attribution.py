@@ -48,3 +48,10 @@ def test_disagreeing_or_malformed_headers_are_refused() -> None:
         resolve("/v1/chat/completions", {"X-Lightloop-Group": "bad group"})
     with pytest.raises(BadRequest, match="Agent"):
         resolve("/v1/chat/completions", {"X-Lightloop-Agent": "x" * 201})
+
+
+def test_mode_marks_evaluation_rollouts_and_refuses_anything_else() -> None:
+    assert resolve("/v1/chat/completions", {"X-Lightloop-Mode": "val"})[0].mode == "val"
+    assert resolve("/rollout/r1/v1/chat/completions", {})[0].mode == "train"
+    with pytest.raises(BadRequest, match="train or val"):
+        resolve("/v1/chat/completions", {"X-Lightloop-Mode": "test"})
