@@ -372,6 +372,8 @@ def demo(
     from lightloop.stack import running_stack
 
     settings = _settings(ctx)
+    # SIGTERM must unwind like Ctrl-C, so that the stack this command started is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     model = model or settings.engine.model
     base = f"http://{settings.proxy.host}:{settings.proxy.port}"
     key, _ = master_key(settings)
