@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
 import psutil
 import yaml
+
+from lightloop.stack import wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "sk-bench-" + "0123456789abcdef" * 4
@@ -48,28 +49,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_up(url: str, proc: subprocess.Popen[bytes], headers: dict[str, str] | None = None) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{url}: process exited with {proc.returncode}")
-        try:
-            if httpx.get(url, headers=headers, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url} did not start")
-
-
 @contextmanager
 def process(
-    args: list[str], env: dict[str, str], health: str, log: Path, headers: dict[str, str] | None = None
+    args: list[str], env: dict[str, str], health: str, log: Path, key: str | None = None
 ) -> Iterator[psutil.Process]:
     with open(log, "wb") as fh:
         proc = subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
     try:
-        wait_up(health, proc, headers)
+        wait_ready(health, proc, log.stem, 180, key)
         yield psutil.Process(proc.pid)
     finally:
         proc.terminate()
@@ -199,7 +186,6 @@ def run_fronts(
     stub_port = free_port()
     stub_url = f"http://127.0.0.1:{stub_port}"
     results: list[dict[str, Any]] = []
-    auth = {"authorization": f"Bearer {KEY}"}
     lite_model = {
         "model_name": "lite",
         "litellm_params": {"model": "openai/stub", "api_base": f"{stub_url}/v1", "api_key": "none"},
@@ -271,7 +257,7 @@ def run_fronts(
                 str(port),
             ]
             penv = {**env, "LIGHTLOOP_PROXY__RECORD": str(record).lower()}
-            with process(cmd, penv, f"http://127.0.0.1:{port}/health", work / f"{name}.log", auth) as p:
+            with process(cmd, penv, f"http://127.0.0.1:{port}/health", work / f"{name}.log", KEY) as p:
                 results += measure(
                     name, f"http://127.0.0.1:{port}/v1/chat/completions", model, p, args.seconds
                 )

@@ -27,10 +27,6 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
-def headers_dict(scope: Scope) -> dict[str, str]:
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-
-
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The whole request body; PayloadTooLarge past `limit` bytes (checked before reading when
     the client declares its length)."""

@@ -44,6 +44,10 @@ class PolicyLane:
     upstreams: Upstreams
     recorder: Recorder
 
+    def __post_init__(self) -> None:
+        # Normalised once, not per call.
+        self._bases = {name: [upstream_base(u) for u in p.upstreams] for name, p in self.policies.items()}
+
     async def serve(
         self,
         operation: str,
@@ -77,7 +81,7 @@ class PolicyLane:
             forwarded["logprobs"] = True
         elif forwarded.get("logprobs") is None:
             forwarded["logprobs"] = 0  # completions: the sampled token's logprob only
-        replicas = order([upstream_base(u) for u in policy.upstreams], call.rollout_id)
+        replicas = order(self._bases[policy.name], call.rollout_id)
         api_key = policy.api_key.get_secret_value() if policy.api_key else None
         try:
             attempted = await self.upstreams.post(replicas, path, orjson.dumps(forwarded), api_key)

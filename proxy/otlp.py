@@ -14,12 +14,12 @@ import zlib
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from lightloop.proxy.errors import BadRequest
+from lightloop.proxy.http import parse_json_object
 
 PROTOBUF = b"application/x-protobuf"
 
@@ -51,13 +51,7 @@ def decode(body: bytes, content_type: bytes | None) -> tuple[list[dict[str, Any]
             raise BadRequest(f"the body is not an OTLP ExportTraceServiceRequest: {exc}") from None
         return spans_from_json(json_format.MessageToDict(request), ids_base64=True), True
     if media == b"application/json":
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"the request body is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise BadRequest("an OTLP/JSON body must be a JSON object")
-        return spans_from_json(data, ids_base64=False), False
+        return spans_from_json(parse_json_object(body), ids_base64=False), False
     raise BadRequest("Content-Type must be application/x-protobuf or application/json (OTLP/HTTP)")
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
 from typing import Any
 
 from lightloop.proxy.attribution import Attribution
@@ -144,9 +143,6 @@ class Recorder:
         if self.export is not None:
             self.export.export(span)
 
-    def remember_session(self, messages: Sequence[Any], reply: dict[str, Any], rollout_id: str) -> None:
-        self.sessions.remember(messages, reply, rollout_id)
-
     def _admit(self, rollout_id: str) -> None:
         now = time.monotonic()
         if rollout_id in self._in_flight:
@@ -164,10 +160,6 @@ class Recorder:
 
     def finished(self, rollout_id: str) -> None:
         self._in_flight.pop(rollout_id, None)
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
 
     def knows(self, rollout_id: str | None, response_id: str | None) -> bool:
         """Whether rows for this rollout or response may still be in the writer's queue."""

@@ -64,7 +64,7 @@ async def _with_db(pool: Pool, action: Callable[[asyncpg.Connection], Awaitable[
     except StoreConflict as exc:
         raise Conflict(str(exc)) from None
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-        if is_unavailable(exc) or isinstance(exc, OSError | TimeoutError):
+        if is_unavailable(exc):
             raise DatabaseDown(f"Postgres is unavailable ({exc}); retry the request") from None
         raise
 

@@ -221,3 +221,39 @@ def test_litellm_gets_its_keys_and_the_policy_models(tmp_path: Path) -> None:
         "model": "hosted_vllm/tiny",
         "api_base": "http://e:8000/v1",
     }
+
+
+def test_recording_off_submits_nothing_and_the_in_flight_cap_frees_idle_rollouts(tmp_path: Path) -> None:
+    from lightloop.proxy.attribution import Attribution
+    from lightloop.proxy.errors import TooManyRollouts
+    from lightloop.proxy.recorder import Recorder
+    from lightloop.store import BatchWriter
+
+    def open_call(recorder: Recorder, rollout: str) -> object:
+        return recorder.open(
+            Attribution(rollout, "header"),
+            operation="chat",
+            provider="vllm",
+            requested_model="policy",
+            served_model="m",
+            policy_version=0,
+            request={"messages": [USER]},
+            traceparent=None,
+            admit=True,
+        )
+
+    writer = BatchWriter("postgresql://unused@127.0.0.1:1/x", tmp_path / "spool")
+    silent = Recorder(writer, 10, enabled=False)
+    silent.close(open_call(silent, "r1"), None)  # type: ignore[arg-type]
+    assert writer.queue_depth == 0
+
+    capped = Recorder(writer, 10, max_in_flight=1, idle_s=3600)
+    open_call(capped, "a")
+    open_call(capped, "a")  # the same rollout goes on
+    with pytest.raises(TooManyRollouts):
+        open_call(capped, "b")
+    capped.finished("a")
+    open_call(capped, "b")
+    forgetful = Recorder(writer, 10, max_in_flight=1, idle_s=-1)  # every rollout already idle
+    open_call(forgetful, "a")
+    open_call(forgetful, "b")

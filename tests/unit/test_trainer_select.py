@@ -1,0 +1,55 @@
+"""Which claimed calls become training samples: staleness and agent selection (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightloop.store import ClaimedRollout
+from lightloop.trainer import select_samples
+
+
+def call(
+    version: int, agent: str = "solver", model: str = "policy", prompt: list[int] | None = None
+) -> dict[str, Any]:
+    return {
+        "model": model,
+        "agent": agent,
+        "policy_version": version,
+        "prompt_token_ids": prompt or [1, 2],
+        "completion_token_ids": [3],
+        "completion_logprobs": [-0.5],
+        "request": {"temperature": 0.7},
+    }
+
+
+def rollout(rid: str, calls: list[dict[str, Any]]) -> ClaimedRollout:
+    return ClaimedRollout(rid, None, None, None, "succeeded", 1.0, {}, None, calls)
+
+
+def test_rollouts_served_by_too_old_a_version_are_dropped_and_counted() -> None:
+    rollouts = [rollout("fresh", [call(3)]), rollout("edge", [call(1)]), rollout("stale", [call(0), call(3)])]
+    samples, metrics = select_samples(rollouts, policy="policy", live=3, max_staleness=2, agents=[])
+    assert set(samples) == {"fresh", "edge"}
+    assert metrics["stale_rollouts"] == 1
+    assert samples["fresh"][0].temperature == 0.7
+
+
+def test_only_selected_agents_are_trained_and_other_models_are_ignored() -> None:
+    planner = call(1, agent="planner", prompt=[1])
+    solver = call(1, agent="solver", prompt=[1, 3, 9])
+    other_model = {**call(1), "model": "gpt-4o", "prompt_token_ids": None, "completion_token_ids": None}
+    samples, metrics = select_samples(
+        [rollout("r", [planner, solver, other_model])],
+        policy="policy",
+        live=1,
+        max_staleness=2,
+        agents=["solver"],
+    )
+    (sample,) = samples["r"]
+    assert sample.loss_mask == [0, 0, 1]  # the planner's token is context, the solver's is trained
+    assert metrics["merges"] == 1 and metrics["skipped_no_token_ids"] == 0
+    # Nothing selected in a rollout: no sample at all.
+    none, _ = select_samples(
+        [rollout("p", [planner])], policy="policy", live=1, max_staleness=2, agents=["solver"]
+    )
+    assert none == {}
