@@ -1,5 +1,6 @@
 """Trainer speed: trajectory rebuild throughput (calls/s, pure Python) and one local LoRA update
-step of a model on CPU (tokens/s, forward + backward + optimiser), measured in one run.
+step of a model on CPU (tokens/s, forward + backward + optimiser) with the local and the verl
+backend, measured in one run.
 
 Usage: python bench/trainer.py [--model smollm2|tiny] [--samples 8] [--length 256] [--home DIR]
 Prints one JSON object.
@@ -17,9 +18,12 @@ from pathlib import Path
 
 import torch
 
-from lightloop.engine.models import load_model
+from lightloop.engine.models import load_model, model_folder
+from lightloop.settings import TrainerSettings
 from lightloop.trainer.local import LocalBackend, LocalConfig
+from lightloop.trainer.loop import Backend
 from lightloop.trainer.rebuild import Sample, Turn, rebuild
+from lightloop.trainer.verl_backend import VerlBackend
 
 
 def conversation(rng: random.Random, turns: int, prompt_len: int, completion_len: int) -> list[Turn]:
@@ -42,9 +46,13 @@ def bench_rebuild(rollouts: int = 2_000, turns: int = 5) -> dict[str, float]:
     return {"rebuild_calls_per_s": round(rollouts * turns / elapsed, 1), "rebuild_turns_per_rollout": turns}
 
 
-def bench_update(model: str, home: Path, samples: int, length: int) -> dict[str, float]:
-    loaded = load_model(model, home / "models")
-    backend = LocalBackend(loaded.model, loaded.tokenizer, LocalConfig(micro_batch_size=4))
+def bench_update(model: str, home: Path, samples: int, length: int, backend_name: str) -> dict[str, float]:
+    backend: Backend
+    if backend_name == "verl":
+        backend = VerlBackend(TrainerSettings(backend="verl"), model_folder(model, home / "models"))
+    else:
+        loaded = load_model(model, home / "models")
+        backend = LocalBackend(loaded.model, loaded.tokenizer, LocalConfig(micro_batch_size=4))
     rng = random.Random(1)
     prompt = length // 2
     batch = [
@@ -64,12 +72,13 @@ def bench_update(model: str, home: Path, samples: int, length: int) -> dict[str,
     for _ in range(steps):
         backend.step(batch, advantages)
     elapsed = (time.perf_counter() - t0) / steps
+    prefix = "update" if backend_name == "local" else f"update_{backend_name}"
     return {
-        "update_model": model,
-        "update_samples": samples,
-        "update_tokens_per_sample": length,
-        "update_step_s": round(elapsed, 2),
-        "update_tokens_per_s": round(samples * length / elapsed, 1),
+        f"{prefix}_model": model,
+        f"{prefix}_samples": samples,
+        f"{prefix}_tokens_per_sample": length,
+        f"{prefix}_step_s": round(elapsed, 2),
+        f"{prefix}_tokens_per_s": round(samples * length / elapsed, 1),
     }
 
 
@@ -86,8 +95,11 @@ def main() -> None:
     result = {
         "threads": torch.get_num_threads(),
         **bench_rebuild(),
-        **bench_update(args.model, home, args.samples, args.length),
+        **bench_update(args.model, home, args.samples, args.length, "local"),
+        # The same batch through VERL's actor worker (FSDP2, fp32, one process), same run.
+        **bench_update(args.model, home, args.samples, args.length, "verl"),
     }
+    result["verl_vs_local_step_time"] = round(result["update_verl_step_s"] / result["update_step_s"], 2)
     print(json.dumps(result))
 
 

@@ -45,23 +45,26 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def model_folder(spec: str, cache_dir: Path) -> Path:
+    """The Hugging Face folder of `spec` (smollm2 and tiny are made once in `cache_dir`)."""
+    if spec == "smollm2":
+        return _cached_smollm2(cache_dir)
+    if spec == "tiny":
+        return _cached_tiny(cache_dir)
+    folder = Path(spec).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(
+            f"--model {spec!r} is neither smollm2, tiny nor a Hugging Face model folder (no config.json)"
+        )
+    return folder
+
+
 def load_model(spec: str, cache_dir: Path, *, max_model_len: int | None = None) -> LoadedModel:
     """`spec` is `smollm2`, `tiny` or a local Hugging Face model folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if spec == "smollm2":
-        folder = _cached_smollm2(cache_dir)
-        name = "smollm2"
-    elif spec == "tiny":
-        folder = _cached_tiny(cache_dir)
-        name = "tiny"
-    else:
-        folder = Path(spec).expanduser()
-        if not (folder / "config.json").is_file():
-            raise ModelLoadError(
-                f"--model {spec!r} is neither smollm2, tiny nor a Hugging Face model folder (no config.json)"
-            )
-        name = str(spec)
+    folder = model_folder(spec, cache_dir)
+    name = spec if spec in ("smollm2", "tiny") else str(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

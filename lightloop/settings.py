@@ -112,6 +112,24 @@ class ProxySettings(BaseModel):
     )
 
 
+class VerlSettings(BaseModel):
+    """The `verl` backend: VERL's FSDP actor, in this process or as a Ray worker group."""
+
+    nodes: int = Field(1, ge=1, description="Nodes of the Ray worker group (verl backend).")
+    gpus_per_node: int = Field(
+        1, ge=1, description="Workers (GPUs) per node; 1 node x 1 runs in the trainer's own process."
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join (`auto` inside a RayJob); default: start a local one."
+    )
+    max_tokens_per_gpu: int = Field(
+        16384, ge=256, description="Tokens per forward pass on one worker (VERL's dynamic batch size)."
+    )
+    strategy: str = Field(
+        "fsdp2", pattern="^(fsdp|fsdp2)$", description="VERL actor strategy: fsdp2 or fsdp."
+    )
+
+
 class TrainerSettings(BaseModel):
     """`lightloop trainer`: the daemon that turns finished, rewarded rollouts into new versions."""
 
@@ -122,6 +140,12 @@ class TrainerSettings(BaseModel):
         None,
         description="Base weights to train: smollm2, tiny or a model folder (default: the engine's --model).",
     )
+    backend: str = Field(
+        "local",
+        pattern="^(local|verl)$",
+        description="local (transformers + peft) or verl (VERL's FSDP actor; Ray for many GPUs).",
+    )
+    verl: VerlSettings = Field(default_factory=VerlSettings)
     algorithm: str = Field(
         "grpo", pattern="^(grpo|rloo|reinforce_plus_plus)$", description="grpo, rloo or reinforce_plus_plus."
     )

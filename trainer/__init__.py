@@ -6,7 +6,7 @@ from lightloop.trainer.local import LocalBackend, LocalConfig
 from lightloop.trainer.loop import StepOutcome, Trainer, select_samples
 from lightloop.trainer.publish import Engine, HttpEngine, Published, Publisher
 from lightloop.trainer.rebuild import RebuildStats, Sample, Turn, rebuild, turns_from_calls
-from lightloop.trainer.verl_backend import to_dataproto, verl_overrides
+from lightloop.trainer.verl_backend import VerlBackend, to_dataproto, verl_config, verl_overrides
 
 __all__ = [
     "ALGORITHMS",
@@ -24,6 +24,7 @@ __all__ = [
     "Trainer",
     "TrainerError",
     "Turn",
+    "VerlBackend",
     "drop_flat_groups",
     "policy_loss",
     "rebuild",
@@ -31,5 +32,6 @@ __all__ = [
     "select_samples",
     "to_dataproto",
     "turns_from_calls",
+    "verl_config",
     "verl_overrides",
 ]

@@ -9,15 +9,13 @@ import signal
 from lightloop.errors import ConfigError
 from lightloop.settings import Settings
 from lightloop.trainer.local import LocalBackend, LocalConfig
-from lightloop.trainer.loop import Trainer
+from lightloop.trainer.loop import Backend, Trainer
 from lightloop.trainer.publish import HttpEngine, Publisher
 
 log = logging.getLogger(__name__)
 
 
 def build(settings: Settings, database_url: str) -> tuple[Trainer, list[HttpEngine]]:
-    from lightloop.engine.models import load_model
-
     t = settings.trainer
     policies = {p.name: p for p in settings.policy}
     name = t.policy or settings.policy[0].name
@@ -28,8 +26,22 @@ def build(settings: Settings, database_url: str) -> tuple[Trainer, list[HttpEngi
     policy = policies[name]
     api_key = policy.api_key.get_secret_value() if policy.api_key else None
     engines = [HttpEngine(url, api_key) for url in (t.engines or policy.upstreams)]
-    loaded = load_model(t.model or settings.engine.model, settings.model_cache)
-    backend = LocalBackend(
+    backend = make_backend(settings)
+    publisher = Publisher(name, policy.base_model, settings.checkpoints, engines, t.keep_versions)
+    return Trainer(t, name, database_url, backend, publisher), engines
+
+
+def make_backend(settings: Settings) -> Backend:
+    from lightloop.engine.models import load_model, model_folder
+
+    t = settings.trainer
+    spec = t.model or settings.engine.model
+    if t.backend == "verl":
+        from lightloop.trainer.verl_backend import VerlBackend
+
+        return VerlBackend(t, model_folder(spec, settings.model_cache))
+    loaded = load_model(spec, settings.model_cache)
+    return LocalBackend(
         loaded.model,
         loaded.tokenizer,
         LocalConfig(
@@ -43,8 +55,6 @@ def build(settings: Settings, database_url: str) -> tuple[Trainer, list[HttpEngi
             seed=t.seed,
         ),
     )
-    publisher = Publisher(name, policy.base_model, settings.checkpoints, engines, t.keep_versions)
-    return Trainer(t, name, database_url, backend, publisher), engines
 
 
 def serve(settings: Settings, database_url: str, max_steps: int | None = None) -> int:

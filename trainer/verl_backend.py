@@ -1,18 +1,25 @@
-"""The `verl` backend's CPU-testable half: claimed batches as VERL `DataProto`, and the Hydra
-overrides that configure VERL's Ray PPO trainer (`python -m verl.trainer.main_ppo`) for many GPUs
-and nodes with the same algorithm settings as the local backend.
+"""The `verl` backend: VERL's own actor worker (`ActorRolloutRefWorker`, FSDP) trains the LoRA
+adapter on claimed batches converted to `DataProto`.
 
-The GPU run itself needs GPUs, Ray and vLLM (the `gpu` and `verl` extras); README, "Trainer on
-GPUs", gives the steps."""
+lightloop is the single controller: rollouts come from Postgres, not from VERL's rollout loop, so
+the backend drives VERL's worker API directly (`compute_log_prob`, `update_actor`), as VERL's
+`ray_trainer` does. One worker runs in the trainer's process (CPU, through `verl_cpu`, or one
+GPU); `trainer.verl.nodes` x `gpus_per_node` > 1 runs a Ray worker group of the same class
+(the `verl` extra installs Ray). README, "Trainer on GPUs", gives the steps."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from lightloop.settings import TrainerSettings
+from lightloop.trainer.errors import TrainerError
+from lightloop.trainer.local import LORA_TARGETS
 from lightloop.trainer.rebuild import Sample
 
 _ESTIMATORS = {"grpo": "grpo", "rloo": "rloo", "reinforce_plus_plus": "reinforce_plus_plus"}
@@ -21,10 +28,10 @@ _ESTIMATORS = {"grpo": "grpo", "rloo": "rloo", "reinforce_plus_plus": "reinforce
 def to_dataproto(
     samples: Sequence[Sample],
     advantages: Sequence[float],
-    rewards: Sequence[float],
-    groups: Sequence[str],
     pad_id: int,
-) -> object:
+    rewards: Sequence[float] | None = None,
+    groups: Sequence[str] | None = None,
+) -> Any:
     """VERL's layout: prompts left-padded to the longest prompt, responses right-padded.
 
     input_ids, attention_mask, position_ids: [B, P + R]; prompts [B, P]; responses,
@@ -33,6 +40,8 @@ def to_dataproto(
     from verl import DataProto
 
     b = len(samples)
+    rewards = rewards if rewards is not None else [0.0] * b
+    groups = groups if groups is not None else [s.rollout_id for s in samples]
     assert b == len(advantages) == len(rewards) == len(groups) and b > 0
     p = max(s.prompt_len for s in samples)
     r = max(s.response_len for s in samples)
@@ -66,12 +75,12 @@ def to_dataproto(
             "rollout_log_probs": logprobs,
             "advantages": adv,
             "token_level_rewards": token_rewards,
+            "temperature": torch.tensor([s.temperature for s in samples]),  # [B], per sample
         },
         non_tensors={
             "uid": np.array(list(groups), dtype=object),
             "rollout_id": np.array([s.rollout_id for s in samples], dtype=object),
         },
-        meta_info={"temperature": samples[0].temperature},
     )
 
 
@@ -85,7 +94,8 @@ def verl_overrides(
         f"actor_rollout_ref.model.path={model_path}",
         f"actor_rollout_ref.model.lora_rank={settings.lora_rank}",
         f"actor_rollout_ref.model.lora_alpha={settings.lora_alpha}",
-        "actor_rollout_ref.model.target_modules=all-linear",
+        # The local backend's modules, so both backends write adapters of the same shape.
+        f"actor_rollout_ref.model.target_modules=[{','.join(LORA_TARGETS)}]",
         f"actor_rollout_ref.actor.optim.lr={settings.learning_rate}",
         f"actor_rollout_ref.actor.clip_ratio={settings.clip_ratio}",
         "actor_rollout_ref.actor.loss_agg_mode=token-mean",
@@ -97,3 +107,193 @@ def verl_overrides(
         f"trainer.nnodes={nodes}",
         "trainer.logger=[console]",
     ]
+
+
+def verl_config(settings: TrainerSettings, model_folder: Path, *, cpu: bool) -> Any:
+    """VERL's `ppo_trainer` config composed with lightloop's settings (Hydra, as `main_ppo` does)."""
+    import verl
+    from hydra import compose, initialize_config_dir
+
+    v = settings.verl
+    overrides = verl_overrides(settings, str(model_folder), gpus_per_node=v.gpus_per_node, nodes=v.nodes)
+    overrides += [
+        f"actor_rollout_ref.actor.strategy={v.strategy}",
+        # Micro-batches packed by tokens, so any batch size works (VERL's dynamic batch size).
+        "actor_rollout_ref.actor.use_dynamic_bsz=true",
+        "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=true",
+        f"actor_rollout_ref.actor.ppo_max_token_len_per_gpu={v.max_tokens_per_gpu}",
+        f"actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu={v.max_tokens_per_gpu}",
+        # Each step is one optimiser step over the whole claimed batch (set per call).
+        "actor_rollout_ref.actor.ppo_epochs=1",
+    ]
+    if cpu:
+        # FlashAttention is VERL's default and needs CUDA; bf16 on a CPU is slower than fp32 and
+        # would put the trainer's logprobs ~1e-2 off the CPU engine's (which serves in fp32).
+        overrides += [
+            "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+            "++actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}",
+            "actor_rollout_ref.actor.fsdp_config.dtype=float32",
+        ]
+    config_dir = Path(verl.__file__).parent / "trainer" / "config"
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        return compose(config_name="ppo_trainer", overrides=overrides)
+
+
+class VerlBackend:
+    """Trains with VERL's actor worker; the trainer loop drives it like the local backend.
+
+    Per step: pi_old from the workers (one forward: VERL's `compute_log_prob`), truncated IS
+    weights min(pi_old / pi_served, tis_cap) against the logprobs recorded at serving time, then
+    one `update_actor` over the whole batch (VERL's `ppo_loss`, PPO-clip, token-mean)."""
+
+    def __init__(self, settings: TrainerSettings, model_folder: Path) -> None:
+        self.settings = settings
+        self.model_folder = model_folder
+        self.cpu = not torch.cuda.is_available()
+        self._adapter: Path | None = None
+        self._workers: Any = None
+
+    def load_adapter(self, path: Path) -> None:
+        """Continue from a published version: VERL loads it when the workers start."""
+        if self._workers is not None:
+            raise TrainerError("the verl backend loads an adapter only before its first step")
+        self._adapter = path
+
+    def save_adapter(self, path: Path) -> None:
+        self.workers().export_adapter(str(path))
+
+    def workers(self) -> Any:
+        if self._workers is None:
+            config = verl_config(self.settings, self.model_folder, cpu=self.cpu)
+            if self._adapter is not None:
+                config.actor_rollout_ref.model.lora_adapter_path = str(self._adapter)
+            v = self.settings.verl
+            if v.nodes * v.gpus_per_node == 1:
+                self._workers = _in_process(config.actor_rollout_ref, cpu=self.cpu)
+            else:
+                self._workers = _ray_group(config.actor_rollout_ref, v.nodes, v.gpus_per_node, v.ray_address)
+        return self._workers
+
+    def step(self, samples: Sequence[Sample], advantages: Sequence[float]) -> dict[str, float]:
+        from verl.utils import tensordict_utils as tu
+
+        assert len(samples) == len(advantages) and samples
+        workers = self.workers()
+        samples, advantages = _fill(
+            samples, advantages, self.settings.verl.nodes * self.settings.verl.gpus_per_node
+        )
+        data = to_dataproto(samples, advantages, pad_id=0)
+        mask = data.batch["response_mask"]  # [B, R]
+        tokens = float(mask.sum())
+        assert tokens > 0, "no token to train on"
+        old = _log_probs(workers, data)  # [B, R]
+        served = data.batch["rollout_log_probs"]  # [B, R]
+        data.batch["old_log_probs"] = old
+        data.batch["rollout_is_weights"] = (
+            torch.clamp(torch.exp(old - served), max=self.settings.tis_cap) * mask
+        )
+        if self.settings.kl_coef > 0:
+            data.batch["ref_log_prob"] = _log_probs(workers, data, base=True)
+        b = len(samples)
+        batch = _no_padding(data)
+        tu.assign_non_tensor(
+            batch,
+            calculate_entropy=False,
+            distillation_use_topk=False,
+            distillation_only=False,
+            global_batch_size=b,
+            mini_batch_size=b,  # one optimiser step per training step, as the local backend
+            epochs=1,
+            seed=self.settings.seed,
+            dataloader_kwargs={"shuffle": False},
+            compute_loss=True,
+        )
+        metrics = tu.get(workers.update_actor(batch), "metrics")
+        gap = float(((old - served).abs() * mask).sum() / tokens)
+        return {
+            "loss": _mean(metrics.get("actor/pg_loss", metrics.get("loss"))),
+            "grad_norm": _mean(metrics.get("grad_norm")),
+            "clip_fraction": _mean(metrics.get("actor/pg_clipfrac")),
+            "tokens": tokens,
+            "serve_train_logprob_gap": gap,
+        }
+
+
+def _fill(
+    samples: Sequence[Sample], advantages: Sequence[float], workers: int
+) -> tuple[list[Sample], list[float]]:
+    """Pad the batch to a multiple of the workers (VERL splits it evenly) with copies that carry
+    no loss: their mask is zero, so the token-mean over the batch is unchanged."""
+    samples, advantages = list(samples), list(advantages)
+    while len(samples) % workers:
+        blank = samples[0]
+        samples.append(replace(blank, loss_mask=[0] * blank.response_len))
+        advantages.append(0.0)
+    return samples, advantages
+
+
+def _no_padding(data: Any) -> Any:
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    return left_right_2_no_padding(data.to_tensordict())
+
+
+def _log_probs(workers: Any, data: Any, *, base: bool = False) -> torch.Tensor:
+    """Per-token logprobs of the responses under the current weights (or the base model): [B, R]."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    batch = _no_padding(data)
+    tu.assign_non_tensor(batch, calculate_entropy=False, compute_loss=False, no_lora_adapter=base)
+    output = workers.compute_log_prob(batch)
+    padded: torch.Tensor = no_padding_2_padding(tu.get(output, "log_probs"), batch).float()
+    mask: torch.Tensor = data.batch["response_mask"]
+    return padded * mask
+
+
+def _mean(value: Any) -> float:
+    if value is None:
+        return 0.0
+    values = value if isinstance(value, list) else [value]
+    return float(np.mean([float(v) for v in values])) if values else 0.0
+
+
+def _in_process(config: Any, *, cpu: bool) -> Any:
+    """One worker in this process (CPU, or the one GPU), set up the way torchrun would."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    from lightloop.trainer.verl_worker import LightloopActorWorker
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        # VERL's Worker reads its rank and rendezvous from the environment (Ray or torchrun
+        # set them); a single in-process worker is rank 0 of 1.
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
+        backend = "gloo" if cpu else "cpu:gloo,cuda:nccl"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    worker = LightloopActorWorker(config, "actor", cpu=cpu)
+    worker.init_model()
+    return worker
+
+
+def _ray_group(config: Any, nodes: int, gpus_per_node: int, address: str | None) -> Any:  # pragma: no cover
+    """A Ray worker group of the same worker across nodes x GPUs (needs GPUs; README)."""
+    import ray
+    from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+
+    from lightloop.trainer.verl_worker import LightloopActorWorker
+
+    if not ray.is_initialized():
+        ray.init(address=address)
+    pool = RayResourcePool(process_on_nodes=[gpus_per_node] * nodes, use_gpu=True, max_colocate_count=1)
+    worker = RayClassWithInitArgs(cls=ray.remote(LightloopActorWorker), config=config, role="actor")
+    group: Any = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=worker)
+    group.init_model()  # methods of the worker class, bound on the group by VERL
+    return group

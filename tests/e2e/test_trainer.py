@@ -37,12 +37,12 @@ def trainer_for(db_url: str, engine_home: Path, engines: list[str], root: Path, 
     return Trainer(config, "policy", db_url, backend, publisher, name="test-trainer")
 
 
-def play(proxy_url: str, key: str, groups: int = 2, per_group: int = 4) -> None:
+def play(proxy_url: str, key: str, groups: int = 2, per_group: int = 4, prefix: str = "") -> None:
     """An agent: a few rollouts per task through the proxy, each finished with a reward."""
     client = openai.OpenAI(base_url=f"{proxy_url}/v1", api_key=key, max_retries=0)
     for g in range(groups):
         for k in range(per_group):
-            rollout = f"task{g}-try{k}"
+            rollout = f"{prefix}task{g}-try{k}"
             client.chat.completions.create(
                 model="policy",
                 messages=[{"role": "user", "content": f"Task {g}: say something."}],
@@ -112,6 +112,73 @@ def test_one_step_publishes_a_version_the_engine_and_proxy_then_serve(
     finally:
         proxy.stop()
         httpx.post(f"{engine}/v1/unload_lora_adapter", json={"lora_name": "policy-v1"})
+
+
+def test_lightloop_trainer_with_the_verl_backend_publishes_and_resumes(
+    tmp_path: Path, engine: str, engine_home: Path, db_url: str
+) -> None:
+    """`backend: verl` runs VERL's actor worker in the trainer's process (FSDP2 on the CPU); its
+    logprobs match the engine's, its adapter loads on the engine, and a restart resumes."""
+    proxy = start_proxy(
+        tmp_path / "home",
+        db_url,
+        {"policy": [{"name": "policy", "base_model": "tiny", "upstreams": [engine]}]},
+    )
+    config = tmp_path / "lightloop.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "policy": [{"name": "policy", "base_model": "tiny", "upstreams": [engine]}],
+                "trainer": {
+                    "backend": "verl",
+                    "model": str(engine_home / "models" / "tiny"),  # the weights the engine serves
+                    "groups_per_step": 2,
+                    "lora_rank": 4,
+                    # Large enough that v1's logprobs are far from the base model's, so a
+                    # restart that lost v1 would show in the second step's gap.
+                    "learning_rate": 5e-2,
+                    "poll_interval_s": 0.2,
+                },
+            }
+        )
+    )
+    env = {**clean_env(), "LIGHTLOOP_HOME": str(tmp_path / "trainer-home"), "LIGHTLOOP_DATABASE_URL": db_url}
+
+    def train_one_step() -> None:
+        done = subprocess.run(
+            [LIGHTLOOP, "--config", str(config), "trainer", "--max-steps", "1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    try:
+        play(proxy.url, proxy.key)
+        train_one_step()
+        (step,) = sql(db_url, "SELECT * FROM training_steps")
+        assert (step["policy_in"], step["policy_out"], step["n_rollouts"]) == (0, 1, 8)
+        # VERL's logprobs of the served tokens equal the engine's, token for token.
+        assert step["metrics"]["serve_train_logprob_gap"] < 1e-2, step["metrics"]
+        assert "policy-v1" in {m["id"] for m in httpx.get(f"{engine}/v1/models").json()["data"]}
+        eventually(
+            lambda: httpx.get(f"{proxy.url}/health", headers=proxy.headers).json()["policies"]["policy"] == 1
+        )
+        # A new trainer process resumes from v1: the agent's next rollouts, served by v1, train
+        # with the same small gap (a restart from the base weights would not match v1's logprobs).
+        play(proxy.url, proxy.key, prefix="again-")
+        train_one_step()
+        second = sql(db_url, "SELECT * FROM training_steps ORDER BY step")[1]
+        assert (second["policy_in"], second["policy_out"]) == (1, 2)
+        assert second["metrics"]["serve_train_logprob_gap"] < 1e-2, second["metrics"]
+        live = sql(db_url, "SELECT version FROM policy_versions WHERE status = 'live'")
+        assert [r[0] for r in live] == [2]
+    finally:
+        proxy.stop()
+        for version in (1, 2):
+            httpx.post(f"{engine}/v1/unload_lora_adapter", json={"lora_name": f"policy-v{version}"})
 
 
 async def _seed(db_url: str, rollouts: int = 8) -> None:

@@ -16,7 +16,7 @@ def test_samples_become_a_dataproto_in_verls_layout() -> None:
         Sample("r1", [1, 2, 3, 10, 11, 12], 3, [1, 0, 1], [-0.5, 0.0, -0.7]),
         Sample("r2", [4, 5, 20], 2, [1], [-0.2]),
     ]
-    data = to_dataproto(samples, [1.0, -1.0], [1.0, 0.0], ["g", "g"], pad_id=0)
+    data = to_dataproto(samples, [1.0, -1.0], pad_id=0, rewards=[1.0, 0.0], groups=["g", "g"])
     batch = data.batch  # type: ignore[attr-defined]
     assert batch["prompts"].tolist() == [[1, 2, 3], [0, 4, 5]]  # left-padded
     assert batch["responses"].tolist() == [[10, 11, 12], [20, 0, 0]]  # right-padded
@@ -49,3 +49,30 @@ def test_the_overrides_compose_with_verls_ppo_trainer_config() -> None:
     assert config.actor_rollout_ref.model.lora_rank == 8
     assert config.actor_rollout_ref.actor.use_kl_loss is True
     assert config.trainer.nnodes == 2 and config.trainer.n_gpus_per_node == 8
+    assert list(config.actor_rollout_ref.model.target_modules) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def test_the_cpu_config_trains_in_fp32_with_token_packed_micro_batches() -> None:
+    from lightloop.trainer.verl_backend import verl_config
+
+    settings = TrainerSettings(backend="verl", verl={"max_tokens_per_gpu": 4096, "strategy": "fsdp"})
+    config = verl_config(settings, Path("/models/tiny"), cpu=True).actor_rollout_ref
+    assert config.model.path == "/models/tiny"
+    assert config.model.override_config.attn_implementation == "sdpa"
+    assert config.actor.fsdp_config.mixed_precision.param_dtype == "fp32"
+    assert config.actor.strategy == "fsdp"
+    assert config.actor.use_dynamic_bsz and config.rollout.log_prob_use_dynamic_bsz
+    assert config.actor.ppo_max_token_len_per_gpu == 4096
+    # On GPUs VERL's defaults stand (FlashAttention, bf16).
+    gpu = verl_config(settings, Path("/models/tiny"), cpu=False).actor_rollout_ref
+    assert "attn_implementation" not in gpu.model.get("override_config", {})
+
+
+def test_a_batch_is_filled_to_a_multiple_of_the_workers_with_samples_that_carry_no_loss() -> None:
+    from lightloop.trainer.verl_backend import _fill
+
+    samples = [Sample(f"r{i}", [1, 2, 3], 2, [1], [-0.5]) for i in range(5)]
+    filled, advantages = _fill(samples, [1.0] * 5, workers=4)
+    assert len(filled) == 8 and advantages == [1.0] * 5 + [0.0] * 3
+    assert [s.loss_mask for s in filled[5:]] == [[0]] * 3
+    assert _fill(samples, [1.0] * 5, workers=1)[0] == samples
