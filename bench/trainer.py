@@ -9,9 +9,11 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -92,13 +94,15 @@ def main() -> None:
     home = args.home or Path(
         os.environ.get("LIGHTLOOP_BENCH_HOME", tempfile.mkdtemp(prefix="lightloop-bench-"))
     )
-    result = {
-        "threads": torch.get_num_threads(),
-        **bench_rebuild(),
-        **bench_update(args.model, home, args.samples, args.length, "local"),
-        # The same batch through VERL's actor worker (FSDP2, fp32, one process), same run.
-        **bench_update(args.model, home, args.samples, args.length, "verl"),
-    }
+    # VERL prints progress to stdout; stdout carries only the JSON result.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = {
+            "threads": torch.get_num_threads(),
+            **bench_rebuild(),
+            **bench_update(args.model, home, args.samples, args.length, "local"),
+            # The same batch through VERL's actor worker (FSDP2, fp32, one process), same run.
+            **bench_update(args.model, home, args.samples, args.length, "verl"),
+        }
     result["verl_vs_local_step_time"] = round(result["update_verl_step_s"] / result["update_step_s"], 2)
     print(json.dumps(result))
 

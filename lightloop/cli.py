@@ -279,13 +279,23 @@ def _migrate_if_reachable(url: str) -> None:
 
 @cli.command("trainer")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many recorded steps.")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Health check: exit 0 if a trainer under this LIGHTLOOP_HOME beat recently, 1 if not.",
+)
+@click.option("--max-age", type=float, default=60.0, show_default=True, help="Seconds --check accepts.")
 @click.pass_context
-def trainer(ctx: click.Context, max_steps: int | None) -> None:
+def trainer(ctx: click.Context, max_steps: int | None, check: bool, max_age: float) -> None:
     """Train the policy on finished, rewarded rollouts and publish each step as a new version
     (LoRA, hot-swapped into every engine). Runs until Ctrl-C."""
+    from lightloop.trainer.daemon import check as check_heartbeat
     from lightloop.trainer.daemon import serve
 
     settings = _settings(ctx)
+    if check:
+        check_heartbeat(settings, max_age)
+        return
     url = _database_url(settings)
     _migrate_if_reachable(url)
     serve(settings, url, max_steps)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import asyncpg
@@ -43,6 +44,8 @@ from lightloop.trainer.publish import Publisher
 from lightloop.trainer.rebuild import RebuildStats, Sample, rebuild, turns_from_calls
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 5.0
 
 
 class Backend(Protocol):
@@ -101,6 +104,7 @@ class Trainer:
         backend: Backend,
         publisher: Publisher,
         name: str | None = None,
+        heartbeat: Path | None = None,
     ) -> None:
         self.settings = settings
         self.policy = policy
@@ -108,6 +112,7 @@ class Trainer:
         self.backend = backend
         self.publisher = publisher
         self.name = name or f"trainer@{socket.gethostname()}:{os.getpid()}"
+        self.heartbeat = heartbeat
 
     async def resume(self) -> int:
         """Start from the live version: its weights, loaded on every engine. Versions a previous
@@ -141,6 +146,24 @@ class Trainer:
         """Train until `stop` is set (or `max_steps` steps were recorded); steps recorded."""
         version = await self.resume()
         log.info("trainer %s: policy %s from version %d", self.name, self.policy, version)
+        beating = asyncio.create_task(self._beat(stop)) if self.heartbeat else None
+        try:
+            return await self._loop(stop, max_steps)
+        finally:
+            if beating:
+                beating.cancel()
+
+    async def _beat(self, stop: asyncio.Event) -> None:
+        """Touch the heartbeat file while the event loop runs (`lightloop trainer --check`). The
+        update runs in a thread, so a long step keeps beating; a stuck loop does not."""
+        assert self.heartbeat is not None
+        self.heartbeat.parent.mkdir(parents=True, exist_ok=True)
+        while not stop.is_set():
+            self.heartbeat.touch()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), HEARTBEAT_S)
+
+    async def _loop(self, stop: asyncio.Event, max_steps: int | None) -> int:
         steps = 0
         while not stop.is_set() and (max_steps is None or steps < max_steps):
             try:

@@ -9,6 +9,7 @@ GPU); `trainer.verl.nodes` x `gpus_per_node` > 1 runs a Ray worker group of the 
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from lightloop.settings import TrainerSettings
 from lightloop.trainer.errors import TrainerError
 from lightloop.trainer.local import LORA_TARGETS
 from lightloop.trainer.rebuild import Sample
+from lightloop.trainer.verl_cpu import use_cpu_platform
 
 _ESTIMATORS = {"grpo": "grpo", "rloo": "rloo", "reinforce_plus_plus": "reinforce_plus_plus"}
 
@@ -126,13 +128,21 @@ def verl_config(settings: TrainerSettings, model_folder: Path, *, cpu: bool) -> 
         # Each step is one optimiser step over the whole claimed batch (set per call).
         "actor_rollout_ref.actor.ppo_epochs=1",
     ]
+    if cpu or importlib.util.find_spec("flash_attn") is None:
+        # FlashAttention 2 is VERL's default; it needs CUDA and the flash-attn package (the `gpu`
+        # extra). PyTorch's SDPA is the fallback; VERL's packed batches stay correct with it.
+        overrides.append("+actor_rollout_ref.model.override_config.attn_implementation=sdpa")
     if cpu:
-        # FlashAttention is VERL's default and needs CUDA; bf16 on a CPU is slower than fp32 and
-        # would put the trainer's logprobs ~1e-2 off the CPU engine's (which serves in fp32).
+        # bf16 on a CPU is slower than fp32 and would put the trainer's logprobs ~1e-2 off the
+        # CPU engine's (which serves in fp32).
         overrides += [
-            "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
             "++actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}",
             "actor_rollout_ref.actor.fsdp_config.dtype=float32",
+            # Memory is not what limits a CPU; recomputing activations would cost a forward pass.
+            "actor_rollout_ref.model.enable_gradient_checkpointing=false",
+            # Packing a batch into one sequence pays off with FlashAttention's varlen kernels; with
+            # SDPA on a CPU it means attention over the whole batch under a block mask.
+            "actor_rollout_ref.model.use_remove_padding=false",
         ]
     config_dir = Path(verl.__file__).parent / "trainer" / "config"
     with initialize_config_dir(config_dir=str(config_dir), version_base=None):
@@ -171,7 +181,9 @@ class VerlBackend:
             if v.nodes * v.gpus_per_node == 1:
                 self._workers = _in_process(config.actor_rollout_ref, cpu=self.cpu)
             else:
-                self._workers = _ray_group(config.actor_rollout_ref, v.nodes, v.gpus_per_node, v.ray_address)
+                self._workers = _ray_group(
+                    config.actor_rollout_ref, v.nodes, v.gpus_per_node, v.ray_address, cpu=self.cpu
+                )
         return self._workers
 
     def step(self, samples: Sequence[Sample], advantages: Sequence[float]) -> dict[str, float]:
@@ -276,24 +288,24 @@ def _in_process(config: Any, *, cpu: bool) -> Any:
         os.environ.update(
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
         )
-        backend = "gloo" if cpu else "cpu:gloo,cuda:nccl"
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     worker = LightloopActorWorker(config, "actor", cpu=cpu)
     worker.init_model()
     return worker
 
 
-def _ray_group(config: Any, nodes: int, gpus_per_node: int, address: str | None) -> Any:  # pragma: no cover
-    """A Ray worker group of the same worker across nodes x GPUs (needs GPUs; README)."""
+def _ray_group(config: Any, nodes: int, per_node: int, address: str | None, *, cpu: bool) -> Any:
+    """A Ray worker group of the same worker class, one per GPU (or CPU process) on each node."""
     import ray
     from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 
     from lightloop.trainer.verl_worker import LightloopActorWorker
 
+    if cpu:
+        use_cpu_platform()  # the group asks the platform which Ray resource a worker needs
     if not ray.is_initialized():
-        ray.init(address=address)
-    pool = RayResourcePool(process_on_nodes=[gpus_per_node] * nodes, use_gpu=True, max_colocate_count=1)
-    worker = RayClassWithInitArgs(cls=ray.remote(LightloopActorWorker), config=config, role="actor")
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    pool = RayResourcePool(process_on_nodes=[per_node] * nodes, use_gpu=not cpu, max_colocate_count=1)
+    worker = RayClassWithInitArgs(cls=ray.remote(LightloopActorWorker), config=config, role="actor", cpu=cpu)
     group: Any = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=worker)
     group.init_model()  # methods of the worker class, bound on the group by VERL
     return group

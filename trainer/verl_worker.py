@@ -19,6 +19,10 @@ class LightloopActorWorker(ActorRolloutRefWorker):
     def __init__(self, config: Any, role: str = "actor", *, cpu: bool = False) -> None:
         if cpu:
             use_cpu_platform()
+            # VERL would ask for "cpu:gloo,<device>:<backend>", which is "cpu:gloo,cpu:gloo" here;
+            # the rendezvous comes from the environment (Ray's worker group or the trainer sets it).
+            if not torch.distributed.is_initialized():
+                torch.distributed.init_process_group("gloo")
         super().__init__(config, role)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)  # type: ignore[attr-defined, no-untyped-call, untyped-decorator]

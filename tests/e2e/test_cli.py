@@ -134,3 +134,19 @@ def test_a_bad_policy_section_stops_the_proxy_with_one_line(tmp_path: Path) -> N
         assert result.returncode == 1, result.stderr
         assert expected in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_trainer_check_fails_without_a_heartbeat_and_passes_with_a_fresh_one(tmp_path: Path) -> None:
+    env = {"LIGHTLOOP_HOME": str(tmp_path)}
+    missing = run("trainer", "--check", env=env)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == (
+        f"lightloop: error: no trainer heartbeat at {tmp_path / 'run' / 'trainer.heartbeat'}"
+    )
+    beat = tmp_path / "run" / "trainer.heartbeat"
+    beat.parent.mkdir()
+    beat.touch()
+    assert run("trainer", "--check", env=env).returncode == 0
+    os.utime(beat, (0, 0))
+    stale = run("trainer", "--check", "--max-age", "30", env=env)
+    assert stale.returncode == 1 and "limit 30 s" in stale.stderr

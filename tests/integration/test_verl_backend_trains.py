@@ -8,6 +8,7 @@ transformers + peft model serves the next group."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -36,10 +37,9 @@ def served_logprobs(cache: Path, adapter: Path | None) -> torch.Tensor:
     return torch.log_softmax(logits / TEMPERATURE, dim=-1)
 
 
-def settings(**overrides: object) -> TrainerSettings:
-    return TrainerSettings(
-        backend="verl", learning_rate=2e-3, lora_rank=4, micro_batch_size=8, seed=7, **overrides
-    )
+def settings(**overrides: Any) -> TrainerSettings:
+    values: dict[str, Any] = {"learning_rate": 2e-3, "lora_rank": 4, "seed": 7, **overrides}
+    return TrainerSettings(backend="verl", **values)
 
 
 def test_a_few_verl_steps_raise_the_reward(tmp_path: Path) -> None:
@@ -92,3 +92,47 @@ def test_a_few_verl_steps_raise_the_reward(tmp_path: Path) -> None:
     assert float(trained[1, 0].exp()) == pytest.approx(after, abs=1e-4)
     with pytest.raises(TrainerError, match="before its first step"):
         resumed.load_adapter(tmp_path / "v1")
+
+
+def test_a_ray_group_of_two_workers_takes_the_same_step_as_one_worker(tmp_path: Path) -> None:
+    """`verl.gpus_per_node: 2` runs VERL's worker group on Ray (here two CPU processes, FSDP2
+    over gloo): the batch is split, padded to a multiple of the workers with samples that carry
+    no loss, and the step and the adapter gathered from the shards equal one worker's."""
+    import ray
+
+    cache = tmp_path / "models"
+    generator = torch.Generator().manual_seed(3)
+    batch = [
+        Sample(
+            f"r{i}",
+            torch.randint(5, 1000, (6 + i,), generator=generator).tolist(),
+            4,
+            [1] * (2 + i),
+            [-3.0] * (2 + i),
+            temperature=0.7,
+        )
+        for i in range(5)  # odd: the group pads it to 6
+    ]
+    advantages = [1.0, -1.0, 0.5, -0.5, 1.0]
+    single = VerlBackend(settings(learning_rate=1e-2), model_folder("tiny", cache))
+    single.save_adapter(tmp_path / "start")  # the same starting adapter for both
+    group = VerlBackend(settings(learning_rate=1e-2, verl={"gpus_per_node": 2}), model_folder("tiny", cache))
+    group.load_adapter(tmp_path / "start")
+    try:
+        one, two = single.step(batch, advantages), group.step(batch, advantages)
+        assert two["tokens"] == one["tokens"] == sum(len(s.loss_mask) for s in batch)
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-8)
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+        single.save_adapter(tmp_path / "single")
+        group.save_adapter(tmp_path / "group")
+    finally:
+        ray.shutdown()
+    from safetensors.torch import load_file
+
+    a, b = (
+        load_file(tmp_path / "single" / "adapter_model.safetensors"),
+        load_file(tmp_path / "group" / "adapter_model.safetensors"),
+    )
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)  # it trained

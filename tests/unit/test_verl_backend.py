@@ -63,9 +63,13 @@ def test_the_cpu_config_trains_in_fp32_with_token_packed_micro_batches() -> None
     assert config.actor.strategy == "fsdp"
     assert config.actor.use_dynamic_bsz and config.rollout.log_prob_use_dynamic_bsz
     assert config.actor.ppo_max_token_len_per_gpu == 4096
-    # On GPUs VERL's defaults stand (FlashAttention, bf16).
+    assert config.model.enable_gradient_checkpointing is False
+    # On GPUs VERL's defaults stand (bf16, activation checkpointing); without flash-attn
+    # installed (as here) attention falls back to SDPA.
     gpu = verl_config(settings, Path("/models/tiny"), cpu=False).actor_rollout_ref
-    assert "attn_implementation" not in gpu.model.get("override_config", {})
+    assert gpu.actor.fsdp_config.get("mixed_precision") is None
+    assert gpu.model.enable_gradient_checkpointing is True
+    assert gpu.model.override_config.attn_implementation == "sdpa"
 
 
 def test_a_batch_is_filled_to_a_multiple_of_the_workers_with_samples_that_carry_no_loss() -> None:
