@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Coroutine
 from datetime import date, datetime
 from decimal import Decimal
@@ -289,16 +290,25 @@ def _migrate_if_reachable(url: str) -> None:
 def trainer(ctx: click.Context, max_steps: int | None, check: bool, max_age: float) -> None:
     """Train the policy on finished, rewarded rollouts and publish each step as a new version
     (LoRA, hot-swapped into every engine). Runs until Ctrl-C."""
-    from lightloop.trainer.daemon import check as check_heartbeat
-    from lightloop.trainer.daemon import serve
-
     settings = _settings(ctx)
     if check:
-        check_heartbeat(settings, max_age)
+        # Kept free of the trainer's imports (torch): health checks run it every few seconds.
+        _check_heartbeat(settings.trainer_heartbeat, max_age)
         return
+    from lightloop.trainer.daemon import serve
+
     url = _database_url(settings)
     _migrate_if_reachable(url)
     serve(settings, url, max_steps)
+
+
+def _check_heartbeat(path: Path, max_age_s: float) -> None:
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        raise LightloopError(f"no trainer heartbeat at {path}") from None
+    if age > max_age_s:
+        raise LightloopError(f"the trainer's last heartbeat is {age:.0f} s old (limit {max_age_s:.0f} s)")
 
 
 # -- up ------------------------------------------------------------------------------------------

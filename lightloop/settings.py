@@ -128,6 +128,11 @@ class VerlSettings(BaseModel):
     strategy: str = Field(
         "fsdp2", pattern="^(fsdp|fsdp2)$", description="VERL actor strategy: fsdp2 or fsdp."
     )
+    device: str = Field(
+        "auto",
+        pattern="^(auto|cpu|cuda)$",
+        description="auto: CUDA when the workers have GPUs (the Ray cluster's, not the driver's), else CPU.",
+    )
 
 
 class TrainerSettings(BaseModel):
@@ -176,6 +181,11 @@ class TrainerSettings(BaseModel):
         default_factory=list, description="Engines to publish to (default: the policy's upstreams)."
     )
     seed: int = Field(0, description="Seed for the LoRA initialisation.")
+    max_step_s: float = Field(
+        3600.0,
+        gt=0,
+        description="A longer step stops the heartbeat, so `trainer --check` fails and restarts it.",
+    )
 
 
 class Settings(BaseSettings):
@@ -264,6 +274,10 @@ class Settings(BaseSettings):
     @property
     def checkpoints(self) -> Path:
         return self.home / "checkpoints"
+
+    @property
+    def trainer_heartbeat(self) -> Path:
+        return self.run_dir / "trainer.heartbeat"
 
     @property
     def run_dir(self) -> Path:

@@ -5,12 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
-from pathlib import Path
 
 from lightloop.errors import ConfigError
 from lightloop.settings import Settings
-from lightloop.trainer.errors import TrainerError
 from lightloop.trainer.local import LocalBackend, LocalConfig
 from lightloop.trainer.loop import Backend, Trainer
 from lightloop.trainer.publish import HttpEngine, Publisher
@@ -31,23 +28,8 @@ def build(settings: Settings, database_url: str) -> tuple[Trainer, list[HttpEngi
     engines = [HttpEngine(url, api_key) for url in (t.engines or policy.upstreams)]
     backend = make_backend(settings)
     publisher = Publisher(name, policy.base_model, settings.checkpoints, engines, t.keep_versions)
-    trainer = Trainer(t, name, database_url, backend, publisher, heartbeat=heartbeat_path(settings))
+    trainer = Trainer(t, name, database_url, backend, publisher, heartbeat=settings.trainer_heartbeat)
     return trainer, engines
-
-
-def heartbeat_path(settings: Settings) -> Path:
-    return settings.run_dir / "trainer.heartbeat"
-
-
-def check(settings: Settings, max_age_s: float) -> None:
-    """Exit quietly when a trainer beat within `max_age_s`; raise TrainerError otherwise."""
-    path = heartbeat_path(settings)
-    try:
-        age = time.time() - path.stat().st_mtime
-    except FileNotFoundError:
-        raise TrainerError(f"no trainer heartbeat at {path}") from None
-    if age > max_age_s:
-        raise TrainerError(f"the trainer's last heartbeat is {age:.0f} s old (limit {max_age_s:.0f} s)")
 
 
 def make_backend(settings: Settings) -> Backend:

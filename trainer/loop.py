@@ -113,6 +113,7 @@ class Trainer:
         self.publisher = publisher
         self.name = name or f"trainer@{socket.gethostname()}:{os.getpid()}"
         self.heartbeat = heartbeat
+        self._step_started: float | None = None  # monotonic start of the step in progress
 
     async def resume(self) -> int:
         """Start from the live version: its weights, loaded on every engine. Versions a previous
@@ -144,22 +145,25 @@ class Trainer:
 
     async def run(self, stop: asyncio.Event, max_steps: int | None = None) -> int:
         """Train until `stop` is set (or `max_steps` steps were recorded); steps recorded."""
-        version = await self.resume()
-        log.info("trainer %s: policy %s from version %d", self.name, self.policy, version)
         beating = asyncio.create_task(self._beat(stop)) if self.heartbeat else None
         try:
+            version = await self.resume()
+            log.info("trainer %s: policy %s from version %d", self.name, self.policy, version)
             return await self._loop(stop, max_steps)
         finally:
             if beating:
                 beating.cancel()
 
     async def _beat(self, stop: asyncio.Event) -> None:
-        """Touch the heartbeat file while the event loop runs (`lightloop trainer --check`). The
-        update runs in a thread, so a long step keeps beating; a stuck loop does not."""
+        """Touch the heartbeat file while the trainer is healthy (`lightloop trainer --check`).
+        The update runs in a thread, so a long step keeps beating, up to `max_step_s`: a step
+        stuck longer (a hung collective, a dead worker) stops the beat, and the health check fails."""
         assert self.heartbeat is not None
         self.heartbeat.parent.mkdir(parents=True, exist_ok=True)
         while not stop.is_set():
-            self.heartbeat.touch()
+            running = self._step_started is not None and time.monotonic() - self._step_started
+            if not running or running < self.settings.max_step_s:
+                self.heartbeat.touch()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), HEARTBEAT_S)
 
@@ -190,12 +194,15 @@ class Trainer:
             if len(groups) < s.min_groups:
                 await release_claim(conn, claim)
                 return None
+            self._step_started = time.monotonic()
             try:
                 return await self._train(conn, claim)
             except BaseException:
                 with contextlib.suppress(Exception):
                     await release_claim(conn, claim)
                 raise
+            finally:
+                self._step_started = None
         finally:
             await conn.close()
 
@@ -229,6 +236,12 @@ class Trainer:
                 done, _ = await asyncio.wait({update}, timeout=s.lease_s / 3)
                 if done:
                     break
+                assert self._step_started is not None
+                if time.monotonic() - self._step_started > s.max_step_s:
+                    # Presumed hung: let the lease lapse so another trainer (or this one,
+                    # restarted by its health check) can take the rollouts.
+                    log.error("the update has run for more than %.0f s; not renewing the claim", s.max_step_s)
+                    continue
                 await extend_claim(conn, claim, s.lease_s)
             step_metrics = update.result()
             loss = step_metrics.pop("loss")

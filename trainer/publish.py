@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -119,7 +120,13 @@ class Publisher:
 
     async def publish(self, conn: asyncpg.Connection, save: Callable[[Path], None]) -> Published:
         tmp = Path(tempfile.mkdtemp(prefix="tmp-", dir=self.root))
-        save(tmp)
+        try:
+            # In a thread: exporting gathers weights (seconds on large models) and the event loop
+            # keeps the heartbeat and the claim's lease going meanwhile.
+            await asyncio.to_thread(save, tmp)
+        except PublishError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         files = sha256_manifest(tmp)
         (tmp / MANIFEST).write_text(json.dumps(files, indent=1, sort_keys=True))
         digest = folder_digest(files)

@@ -9,6 +9,7 @@ GPU); `trainer.verl.nodes` x `gpus_per_node` > 1 runs a Ray worker group of the 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import replace
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from lightloop.settings import TrainerSettings
-from lightloop.trainer.errors import TrainerError
+from lightloop.trainer.errors import PublishError, TrainerError
 from lightloop.trainer.local import LORA_TARGETS
 from lightloop.trainer.rebuild import Sample
 from lightloop.trainer.verl_cpu import use_cpu_platform
@@ -159,7 +160,6 @@ class VerlBackend:
     def __init__(self, settings: TrainerSettings, model_folder: Path) -> None:
         self.settings = settings
         self.model_folder = model_folder
-        self.cpu = not torch.cuda.is_available()
         self._adapter: Path | None = None
         self._workers: Any = None
 
@@ -170,20 +170,31 @@ class VerlBackend:
         self._adapter = path
 
     def save_adapter(self, path: Path) -> None:
-        self.workers().export_adapter(str(path))
+        """Rank 0 writes the adapter, maybe on another machine; check that what this process sees
+        in `path` (a shared volume, perhaps NFS with its client cache) is what it wrote."""
+        written = _rank0(self.workers().export_adapter(str(path)))
+        seen = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in path.iterdir() if f.is_file()}
+        if seen != written:
+            raise PublishError(
+                f"the adapter the workers wrote is not what the trainer sees in {path} "
+                f"(wrote {sorted(written)}, sees {sorted(seen)}); is the checkpoint folder shared?"
+            )
 
     def workers(self) -> Any:
         if self._workers is None:
-            config = verl_config(self.settings, self.model_folder, cpu=self.cpu)
+            v = self.settings.verl
+            single = v.nodes * v.gpus_per_node == 1
+            if single:
+                cpu = _on_cpu(v.device, gpus=torch.cuda.device_count())
+            else:
+                cpu = _on_cpu(v.device, gpus=_ray_gpus(v.ray_address))
+            config = verl_config(self.settings, self.model_folder, cpu=cpu)
             if self._adapter is not None:
                 config.actor_rollout_ref.model.lora_adapter_path = str(self._adapter)
-            v = self.settings.verl
-            if v.nodes * v.gpus_per_node == 1:
-                self._workers = _in_process(config.actor_rollout_ref, cpu=self.cpu)
+            if single:
+                self._workers = _in_process(config.actor_rollout_ref, cpu=cpu)
             else:
-                self._workers = _ray_group(
-                    config.actor_rollout_ref, v.nodes, v.gpus_per_node, v.ray_address, cpu=self.cpu
-                )
+                self._workers = _ray_group(config.actor_rollout_ref, v.nodes, v.gpus_per_node, cpu=cpu)
         return self._workers
 
     def step(self, samples: Sequence[Sample], advantages: Sequence[float]) -> dict[str, float]:
@@ -293,17 +304,43 @@ def _in_process(config: Any, *, cpu: bool) -> Any:
     return worker
 
 
-def _ray_group(config: Any, nodes: int, per_node: int, address: str | None, *, cpu: bool) -> Any:
+def _on_cpu(device: str, *, gpus: float) -> bool:
+    """Where the workers run. `auto` looks at the GPUs the workers would get: the driver's own
+    for one in-process worker, the Ray cluster's for a group (a RayJob's driver runs on a head
+    node without GPUs)."""
+    if device == "auto":
+        return gpus == 0
+    if device == "cuda" and gpus == 0:
+        raise TrainerError("LIGHTLOOP_TRAINER__VERL__DEVICE=cuda, but the workers have no GPU")
+    return device == "cpu"
+
+
+def _ray_gpus(address: str | None) -> float:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False)
+    return float(ray.cluster_resources().get("GPU", 0))  # type: ignore[no-untyped-call]
+
+
+def _rank0(result: Any) -> dict[str, str]:
+    # In process a worker method returns its value; a Ray group returns one per rank.
+    values = result if isinstance(result, list) else [result]
+    written: dict[str, str] = values[0]
+    assert written, "rank 0 writes the adapter"
+    return written
+
+
+def _ray_group(config: Any, nodes: int, per_node: int, *, cpu: bool) -> Any:
     """A Ray worker group of the same worker class, one per GPU (or CPU process) on each node."""
     import ray
     from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 
     from lightloop.trainer.verl_worker import LightloopActorWorker
 
+    assert ray.is_initialized(), "_ray_gpus() joined the cluster"
     if cpu:
         use_cpu_platform()  # the group asks the platform which Ray resource a worker needs
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
     pool = RayResourcePool(process_on_nodes=[per_node] * nodes, use_gpu=not cpu, max_colocate_count=1)
     worker = RayClassWithInitArgs(cls=ray.remote(LightloopActorWorker), config=config, role="actor", cpu=cpu)
     group: Any = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=worker)

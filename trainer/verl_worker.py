@@ -4,7 +4,9 @@ load at run time. Ray imports this module by name in each worker process."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,10 @@ class LightloopActorWorker(ActorRolloutRefWorker):
         super().__init__(config, role)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)  # type: ignore[attr-defined, no-untyped-call, untyped-decorator]
-    def export_adapter(self, path: str) -> None:
+    def export_adapter(self, path: str) -> dict[str, str]:
         """Write adapter_model.safetensors + adapter_config.json to `path` (rank 0 writes; every
-        rank takes part, because gathering the sharded LoRA weights is a collective)."""
+        rank takes part, because gathering the sharded LoRA weights is a collective). Returns
+        the sha256 of each file rank 0 wrote ({} on the other ranks)."""
         from safetensors.torch import save_file
 
         assert self.actor is not None, "init_model() builds the actor"
@@ -37,12 +40,16 @@ class LightloopActorWorker(ActorRolloutRefWorker):
         assert peft_config is not None, "the verl backend trains a LoRA adapter"
         tensors = {_peft_key(name): tensor.detach().to("cpu").contiguous() for name, tensor in params}
         if torch.distributed.get_rank() != 0:
-            return
+            return {}
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(folder / "adapter_model.safetensors"))
         config = {k: sorted(v) if isinstance(v, set) else v for k, v in peft_config.items()}
         (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
+        for written in folder.iterdir():
+            with open(written, "rb") as f:
+                os.fsync(f.fileno())  # on a shared volume, other machines read it next
+        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.iterdir()}
 
 
 def _peft_key(name: str) -> str:

@@ -168,9 +168,12 @@ def test_profiles_cpu_engine_gpu_vllm_and_jaeger() -> None:
     assert vllm["ipc"] == "host" and vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert "--enable-lora" in vllm["command"]
     assert vllm["command"][vllm["command"].index("--logprobs-mode") + 1] == "processed_logprobs"
+    gpus = {}
     for name in ("vllm", "trainer-gpu"):
         (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        gpus[name] = device["device_ids"]
+    assert gpus == {"vllm": ["0"], "trainer-gpu": ["1"]}  # not both on GPU 0
     # Adapters are loaded by path: the engines see the trainer's checkpoint folder at the same place.
     assert "lightloop-home:/var/lib/lightloop:ro" in vllm["volumes"]
     assert services["trainer-gpu"]["build"]["target"] == "gpu"

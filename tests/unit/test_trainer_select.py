@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from lightloop.store import ClaimedRollout
@@ -53,3 +55,34 @@ def test_only_selected_agents_are_trained_and_other_models_are_ignored() -> None
         [rollout("p", [planner])], policy="policy", live=1, max_staleness=2, agents=["solver"]
     )
     assert none == {}
+
+
+async def test_the_heartbeat_stops_when_a_step_runs_past_max_step_s(tmp_path: Path) -> None:
+    import asyncio
+    import time
+
+    from lightloop.settings import TrainerSettings
+    from lightloop.trainer.loop import Trainer
+
+    beat = tmp_path / "run" / "trainer.heartbeat"
+    trainer = Trainer(
+        TrainerSettings(max_step_s=60), "policy", "postgresql://unused", None, None, heartbeat=beat
+    )  # type: ignore[arg-type]
+
+    async def one_beat() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(trainer._beat(stop))
+        await asyncio.sleep(0)  # a scheduling point: the task runs its first round
+        stop.set()
+        await task
+
+    trainer._step_started = time.monotonic() - 30  # a step, still within bounds
+    await one_beat()
+    assert beat.is_file()
+    os.utime(beat, (0, 0))
+    trainer._step_started = time.monotonic() - 61  # hung
+    await one_beat()
+    assert beat.stat().st_mtime == 0
+    trainer._step_started = None  # between steps
+    await one_beat()
+    assert beat.stat().st_mtime > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from lightloop.settings import TrainerSettings
@@ -80,3 +81,15 @@ def test_a_batch_is_filled_to_a_multiple_of_the_workers_with_samples_that_carry_
     assert len(filled) == 8 and advantages == [1.0] * 5 + [0.0] * 3
     assert [s.loss_mask for s in filled[5:]] == [[0]] * 3
     assert _fill(samples, [1.0] * 5, workers=1)[0] == samples
+
+
+def test_the_device_follows_the_workers_gpus_not_the_drivers() -> None:
+    from lightloop.trainer.errors import TrainerError
+    from lightloop.trainer.verl_backend import _on_cpu
+
+    assert _on_cpu("auto", gpus=16) is False  # a RayJob: the driver has none, the workers 16
+    assert _on_cpu("auto", gpus=0) is True
+    assert _on_cpu("cpu", gpus=8) is True
+    assert _on_cpu("cuda", gpus=1) is False
+    with pytest.raises(TrainerError, match="no GPU"):
+        _on_cpu("cuda", gpus=0)
