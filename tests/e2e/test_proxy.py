@@ -603,7 +603,9 @@ def test_client_disconnect_cancels_the_engine_and_records_abort(
         ) as response,
     ):
         lines = response.iter_lines()
-        while "token_ids" not in next(lines):
+        # The first token's chunk (the chunk before it already says "prompt_token_ids"): what
+        # the agent saw before hanging up is what must be recorded.
+        while '"token_ids": [1000]' not in next(lines):
             pass
     # Leaving the block closed the connection mid-stream; the proxy must cut the engine's.
     assert stub.disconnected.wait(30), "the engine's request was not cancelled"
