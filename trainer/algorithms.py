@@ -71,6 +71,15 @@ def rollout_advantages(scored: Sequence[Scored], algorithm: str) -> dict[str, fl
     return {s.rollout_id: float(v) for s, v in zip(scored, values, strict=True)}
 
 
+def tis_weights(
+    old_logprobs: torch.Tensor, served_logprobs: torch.Tensor, mask: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Truncated importance weights for the serving/training gap: min(pi_old / pi_served, cap)
+    per token, 0 where masked, no gradient. All tensors [B, R]."""
+    with torch.no_grad():
+        return torch.exp(torch.clamp(old_logprobs - served_logprobs, max=math.log(cap))) * mask
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -101,8 +110,7 @@ def policy_loss(
         loss_agg_mode="token-mean",
         use_torch_compile=False,
     )
-    with torch.no_grad():
-        weights = torch.exp(torch.clamp(old_logprobs - served_logprobs, max=math.log(tis_cap))) * mask
+    weights = tis_weights(old_logprobs, served_logprobs, mask, tis_cap)
     vanilla: Any = core_algos.get_policy_loss_fn("vanilla")  # type: ignore[no-untyped-call]
     loss, metrics = vanilla(
         old_log_prob=old_logprobs,

@@ -9,7 +9,6 @@ GPU); `trainer.verl.nodes` x `gpus_per_node` > 1 runs a Ray worker group of the 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import replace
@@ -20,8 +19,10 @@ import numpy as np
 import torch
 
 from lightloop.settings import TrainerSettings
+from lightloop.trainer.algorithms import tis_weights
 from lightloop.trainer.errors import PublishError, TrainerError
 from lightloop.trainer.local import LORA_TARGETS
+from lightloop.trainer.publish import sha256_manifest
 from lightloop.trainer.rebuild import Sample
 from lightloop.trainer.verl_cpu import use_cpu_platform
 
@@ -173,7 +174,7 @@ class VerlBackend:
         """Rank 0 writes the adapter, maybe on another machine; check that what this process sees
         in `path` (a shared volume, perhaps NFS with its client cache) is what it wrote."""
         written = _rank0(self.workers().export_adapter(str(path)))
-        seen = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in path.iterdir() if f.is_file()}
+        seen = sha256_manifest(path)
         if seen != written:
             raise PublishError(
                 f"the adapter the workers wrote is not what the trainer sees in {path} "
@@ -212,9 +213,8 @@ class VerlBackend:
         old = _log_probs(workers, data)  # [B, R]
         served = data.batch["rollout_log_probs"]  # [B, R]
         data.batch["old_log_probs"] = old
-        data.batch["rollout_is_weights"] = (
-            torch.clamp(torch.exp(old - served), max=self.settings.tis_cap) * mask
-        )
+        weights = tis_weights(old, served, mask, self.settings.tis_cap)
+        data.batch["rollout_is_weights"] = weights
         if self.settings.kl_coef > 0:
             data.batch["ref_log_prob"] = _log_probs(workers, data, base=True)
         b = len(samples)
@@ -232,13 +232,15 @@ class VerlBackend:
             compute_loss=True,
         )
         metrics = tu.get(workers.update_actor(batch), "metrics")
-        gap = float(((old - served).abs() * mask).sum() / tokens)
+        # The local backend's names (VERL's, without "actor/"), so steps compare across backends.
+        names = ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl")
         return {
-            "loss": _mean(metrics.get("actor/pg_loss", metrics.get("loss"))),
-            "grad_norm": _mean(metrics.get("grad_norm")),
-            "clip_fraction": _mean(metrics.get("actor/pg_clipfrac")),
+            "loss": _mean(metrics["actor/pg_loss"]),
+            "grad_norm": _mean(metrics["grad_norm"]),
             "tokens": tokens,
-            "serve_train_logprob_gap": gap,
+            **{name: _mean(metrics[f"actor/{name}"]) for name in names if f"actor/{name}" in metrics},
+            "tis_weight_mean": float(weights.sum() / tokens),
+            "serve_train_logprob_gap": float(((old - served).abs() * mask).sum() / tokens),
         }
 
 
@@ -275,10 +277,9 @@ def _log_probs(workers: Any, data: Any, *, base: bool = False) -> torch.Tensor:
 
 
 def _mean(value: Any) -> float:
-    if value is None:
-        return 0.0
+    """VERL reports a metric as a value or a list (one per micro-batch and rank)."""
     values = value if isinstance(value, list) else [value]
-    return float(np.mean([float(v) for v in values])) if values else 0.0
+    return float(np.mean([float(v) for v in values]))
 
 
 def _in_process(config: Any, *, cpu: bool) -> Any:

@@ -4,7 +4,6 @@ load at run time. Ray imports this module by name in each worker process."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from verl.single_controller.base.decorator import Dispatch, register
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
+from lightloop.trainer.publish import sha256_manifest
 from lightloop.trainer.verl_cpu import use_cpu_platform
 
 
@@ -49,7 +49,7 @@ class LightloopActorWorker(ActorRolloutRefWorker):
         for written in folder.iterdir():
             with open(written, "rb") as f:
                 os.fsync(f.fileno())  # on a shared volume, other machines read it next
-        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.iterdir()}
+        return sha256_manifest(folder)
 
 
 def _peft_key(name: str) -> str:

@@ -63,6 +63,9 @@ def test_a_few_steps_raise_the_reward(tmp_path: Path, algorithm: str) -> None:
         assert metrics["tokens"] == len(train)
         # Samples come from the model being trained: serving and training agree.
         assert metrics["serve_train_logprob_gap"] < 1e-3
+        # Both backends report the same metrics; on-policy samples get IS weights of 1.
+        assert {"pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "grad_norm"} <= metrics.keys(), metrics
+        assert metrics["tis_weight_mean"] == pytest.approx(1.0, abs=1e-2)
     after = float(next_token_logprobs(backend)[target].exp())
     assert after > before + 0.1, (before, after)
 

@@ -73,6 +73,9 @@ def test_a_few_verl_steps_raise_the_reward(tmp_path: Path) -> None:
         assert metrics["tokens"] == len(train)
         # The samples came from the adapter VERL exported: serving and training agree.
         assert metrics["serve_train_logprob_gap"] < 1e-3, metrics
+        # Both backends report the same metrics; on-policy samples get IS weights of 1.
+        assert {"pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "grad_norm"} <= metrics.keys(), metrics
+        assert metrics["tis_weight_mean"] == pytest.approx(1.0, abs=1e-2)
         backend.save_adapter(tmp_path / f"v{step + 1}")
         logprobs = served_logprobs(cache, tmp_path / f"v{step + 1}")
     after = float(logprobs[target].exp())
