@@ -350,6 +350,220 @@ def up(ctx: click.Context, engine: bool, with_trainer: bool) -> None:
             stack.check_children()
 
 
+# -- tasks -----------------------------------------------------------------------------------------
+
+
+@cli.group()
+def tasks() -> None:
+    """Datasets of tasks for `lightloop run`: load them, see their progress."""
+
+
+@tasks.command("load")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--dataset", required=True, help="Dataset name (letters, digits and . _ : @ -).")
+@click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True)
+@click.option(
+    "--group-size",
+    type=click.IntRange(1, 10_000),
+    default=4,
+    show_default=True,
+    help="Rollouts per train task (one GRPO group).",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(0),
+    default=None,
+    help="Passes over the train split (0: until stopped). [default: 1]",
+)
+@click.option("--seed", type=int, default=None, help="Seed of the train split's shuffle. [default: 0]")
+@click.option(
+    "--policy", default=None, help="Policy model the dataset trains (default: the first under policy)."
+)
+@click.pass_context
+def tasks_load(
+    ctx: click.Context,
+    file: Path,
+    dataset: str,
+    split: str,
+    group_size: int,
+    epochs: int | None,
+    seed: int | None,
+    policy: str | None,
+) -> None:
+    """Load FILE (JSONL, CSV or Parquet; one task per row, a JSON object) into DATASET. A task's
+    `id` field is its id, else a hash of its content: loading the same file twice adds nothing.
+    One transaction: a malformed row loads nothing."""
+    from lightloop.ids import ID_RULE, is_valid_id
+    from lightloop.store.database import connect
+    from lightloop.store.tasks import load_tasks
+    from lightloop.taskfiles import read_tasks
+
+    settings = _settings(ctx)
+    if not is_valid_id(dataset):
+        raise click.BadParameter(
+            f"{dataset[:80]!r} is not a valid name: use {ID_RULE}", param_hint="--dataset"
+        )
+    names = [p.name for p in settings.policy]
+    policy = policy or names[0]
+    if policy not in names:
+        raise click.BadParameter(
+            f"{policy!r} is not a policy model ({', '.join(names)})", param_hint="--policy"
+        )
+    rows = read_tasks(file)
+    url = _database_url(settings)
+    _migrate_if_reachable(url)
+
+    async def load() -> Any:
+        conn = await connect(url)
+        try:
+            return await load_tasks(
+                conn, dataset, split, rows, group_size=group_size, policy=policy, seed=seed, epochs=epochs
+            )
+        finally:
+            await conn.close()
+
+    result = _run(load())
+    click.echo(
+        f"{dataset}/{split}: {result.added} tasks added, {result.already_there} already there "
+        f"(group size {group_size if split == 'train' else 1})"
+    )
+
+
+@tasks.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.pass_context
+def tasks_list(ctx: click.Context, as_json: bool) -> None:
+    """Every dataset and split with its tasks and the queue's progress (rollouts queued,
+    running, done, failed)."""
+    from lightloop.store.database import connect
+    from lightloop.store.tasks import dataset_progress
+
+    url = _database_url(_settings(ctx))
+
+    async def read() -> Any:
+        conn = await connect(url)
+        try:
+            return await dataset_progress(conn)
+        finally:
+            await conn.close()
+
+    splits = [s for d in _run(read()) for s in d.splits.values()]
+    if as_json:
+        click.echo(json.dumps([s.as_dict() for s in splits]))
+        return
+    if not splits:
+        click.echo("no datasets yet: load one with `lightloop tasks load FILE --dataset NAME`")
+        return
+    headers = [
+        "dataset",
+        "split",
+        "policy",
+        "tasks",
+        "group",
+        "epochs",
+        "queued",
+        "running",
+        "done",
+        "failed",
+        "planned",
+    ]
+    table = [
+        [
+            s.dataset,
+            s.split,
+            s.policy,
+            s.tasks,
+            s.group_size,
+            s.epochs or "until stopped",
+            s.queued,
+            s.running,
+            s.done,
+            s.failed,
+            "" if s.planned is None else s.planned,
+        ]
+        for s in splits
+    ]
+    click.echo(tabulate(table, headers=headers, tablefmt="psql", disable_numparse=True))
+
+
+# -- run -------------------------------------------------------------------------------------------
+
+
+@cli.command("run")
+@click.argument("agent")
+@click.option("--dataset", required=True, help="The dataset to take tasks from.")
+@click.option(
+    "--split",
+    type=click.Choice(["train", "val"]),
+    default=None,
+    help="Only this split (default: val rounds first, then train).",
+)
+@click.option(
+    "--concurrency", type=click.IntRange(1, 10_000), default=8, show_default=True, help="Rollouts at once."
+)
+@click.option(
+    "--proxy",
+    "proxy_url",
+    default=None,
+    metavar="URL",
+    help="The proxy (default: the configured proxy address).",
+)
+@click.option(
+    "--key",
+    default=None,
+    help="The proxy's key (default: LITELLM_MASTER_KEY or the key `lightloop up` keeps).",
+)
+@click.option(
+    "--max-tasks", type=click.IntRange(1), default=None, help="Stop after taking this many rollouts."
+)
+@click.option("--model", default=None, help="Model the agent asks for (default: the dataset's policy model).")
+@click.option("--quiet", is_flag=True, help="Log lines instead of a progress bar.")
+@click.option(
+    "--retry-s", type=float, default=30.0, show_default=True, help="How long an unreachable proxy is retried."
+)
+@click.pass_context
+def run_agent(
+    ctx: click.Context,
+    agent: str,
+    dataset: str,
+    split: str | None,
+    concurrency: int,
+    proxy_url: str | None,
+    key: str | None,
+    max_tasks: int | None,
+    model: str | None,
+    quiet: bool,
+    retry_s: float,
+) -> None:
+    """Run AGENT (path/to/file.py:function or package.module:function, a sync or async
+    `(task: dict, llm: lightloop.LLM) -> float | None`) over the tasks of a dataset, taken from
+    the proxy's queue; any number of runners share it. Returning a float finishes the rollout
+    with that reward; None means the agent posted its own. Ctrl-C stops taking tasks and lets
+    running ones finish; a second Ctrl-C abandons them (exit 130)."""
+    from lightloop.runner import AgentLoadError, Runner, default_key, load_agent, run_cli
+
+    settings = _settings(ctx)
+    if settings.log_level != "debug":
+        # One line per HTTP request (the agent's and the runner's own) would drown the progress.
+        for noisy in ("httpx", "openai", "httpcore"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        # stamina logs each scheduled retry at WARNING; the runner says once if it gives up.
+        logging.getLogger("stamina").setLevel(logging.ERROR)
+    try:
+        function = load_agent(agent)
+    except AgentLoadError as exc:
+        click.echo(f"lightloop: error: {exc}", err=True)
+        ctx.exit(2)
+    proxy_url = proxy_url or f"http://{settings.proxy.host}:{settings.proxy.port}"
+    key = key or default_key(
+        settings.home, settings.master_key.get_secret_value() if settings.master_key else None
+    )
+    runner = Runner(function, proxy_url, key, dataset, split, concurrency, max_tasks, model, retry_s)
+    code = _run(run_cli(runner, quiet=quiet))
+    if code:
+        ctx.exit(code)
+
+
 # -- demo ----------------------------------------------------------------------------------------
 
 

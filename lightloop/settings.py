@@ -112,6 +112,31 @@ class ProxySettings(BaseModel):
     )
 
 
+class QueueSettings(BaseModel):
+    """The task queue on the proxy (`POST /v1/tasks/next`) that runners take rollouts from."""
+
+    lease_s: float = Field(
+        60.0, gt=0, description="A handed-out rollout's lease; runners renew it by heartbeat."
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="Attempts per rollout; after the last lapses it is finished as failed."
+    )
+    failed_reward: float = Field(
+        0.0, description="Reward of a queue rollout that failed or finished without a reward."
+    )
+    max_groups_in_flight: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Train groups handed out and not yet trained, per policy (default: (MAX_STALENESS + 1) x "
+            "GROUPS_PER_STEP of the trainer settings; 0: no limit)."
+        ),
+    )
+    reap_interval_s: float = Field(
+        1.0, gt=0, description="How often the proxy re-queues rollouts whose lease lapsed."
+    )
+
+
 class VerlSettings(BaseModel):
     """The `verl` backend: VERL's FSDP actor, in this process or as a Ray worker group."""
 
@@ -176,6 +201,11 @@ class TrainerSettings(BaseModel):
     lease_s: float = Field(
         600.0, gt=0, description="How long a claim holds before another trainer may take it."
     )
+    group_settle_s: float = Field(
+        30.0,
+        ge=0,
+        description="A group with no declared size is claimed this long after its newest member finished.",
+    )
     poll_interval_s: float = Field(2.0, gt=0, description="Pause between claims when nothing is ready.")
     engines: list[str] = Field(
         default_factory=list, description="Engines to publish to (default: the policy's upstreams)."
@@ -214,6 +244,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     proxy: ProxySettings = Field(default_factory=ProxySettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
     policy: list[PolicyModelSettings] = Field(
         default_factory=list,
         description=(

@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,9 @@ from lightloop.proxy.http import (
 from lightloop.proxy.lane import PolicyLane
 from lightloop.proxy.litellm_lane import RecordingLogger, current_attribution
 from lightloop.proxy.metrics import Metrics
+from lightloop.proxy.queue import TaskQueue
 from lightloop.proxy.recorder import Recorder
+from lightloop.proxy.routing import TABLE, Route, match
 from lightloop.proxy.upstream import Upstreams
 from lightloop.proxy.versions import LiveVersions
 from lightloop.settings import Settings
@@ -48,23 +50,24 @@ from lightloop.store import BatchWriter, create_pool
 log = logging.getLogger(__name__)
 
 # lightloop's own routes, as the README documents them (tests/unit/test_readme.py checks it).
-ROUTES = (
-    "POST /v1/chat/completions",
-    "POST /v1/completions",
-    "POST /v1/rewards",
-    "POST /v1/rollouts/{id}/finish",
-    "POST /v1/traces",
-    "GET /metrics",
-    "GET /health",
-)
+ROUTES = tuple(route.documented for route in TABLE)
 
-_COMPLETIONS = {
-    "/v1/chat/completions": "chat",
-    "/chat/completions": "chat",
-    "/v1/completions": "text_completion",
-    "/completions": "text_completion",
-}
-_FINISH = re.compile(r"^/v1/rollouts/(?P<id>[^/]+)/finish$")
+
+def _check_handlers() -> None:
+    # Every route of the table has its handler: a typo fails at import, not on first request.
+    missing = [r.name for r in TABLE if r.operation is None and not hasattr(ProxyApp, f"_serve_{r.name}")]
+    assert not missing, missing
+
+
+@dataclass(frozen=True)
+class Request:
+    params: dict[str, str]
+    body: bytes
+    attribution: Attribution
+    scope: Scope
+
+
+Handler = Callable[[Request, Send], Awaitable[int]]
 
 
 class ProxyApp:
@@ -93,6 +96,7 @@ class ProxyApp:
         self.metrics = Metrics(self.writer)
         self.logger = RecordingLogger(self.recorder)
         self._pool: asyncpg.Pool | None = None
+        self.queue = TaskQueue(settings.queue, settings.trainer, self.versions, self.recorder, self._db)
 
     # -- ASGI ----------------------------------------------------------------------------------
 
@@ -104,15 +108,7 @@ class ProxyApp:
             await self.litellm(scope, receive, send)
             return
         path: str = scope["path"]
-        if not (
-            path in _COMPLETIONS
-            or path.startswith(("/rollout/", "/v1/r", "/v1/traces"))
-            or path
-            in (
-                "/metrics",
-                "/health",
-            )
-        ):
+        if not path.startswith("/rollout/") and match(path) is None:
             await self.litellm(scope, receive, send)
             return
         started = time.perf_counter()
@@ -131,42 +127,75 @@ class ProxyApp:
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> tuple[str, int]:
         attribution, path = resolve(scope["path"], _lightloop_headers(scope))
-        operation = _COMPLETIONS.get(path)
-        if operation is not None:
-            return "completions", await self._completions(operation, path, attribution, scope, receive, send)
-        finish = _FINISH.match(path)
-        if path == "/v1/rewards" or finish or path in ("/v1/traces", "/metrics", "/health"):
-            route = "finish" if finish else path.rsplit("/", 1)[-1]
-            if attribution.source == "path" and path != "/v1/rewards":
-                raise BadRequest(f"{path} is not served under /rollout/{{id}}; use it at the root")
-            method = "GET" if path in ("/metrics", "/health") else "POST"
-            if scope["method"] != method:
-                raise MethodNotAllowed(f"{path} takes {method}")
-            check_key(scope, self.master_key)
-            if method == "GET":
-                if path == "/metrics":
-                    return route, await routes.get_metrics(self.metrics, send)
-                return route, await routes.get_health(self.recorder, self.versions, send)
+        found = match(path)
+        if found is None:
+            # Any other OpenAI route under /rollout/{id}/v1 (models, embeddings, ...): LiteLLM's.
+            await self._to_litellm(scope, receive, send, path, attribution, None)
+            return "litellm", 0
+        route, params = found
+        if attribution.source == "path" and not route.path_form:
+            raise BadRequest(f"{route.path} is not served under /rollout/{{id}}; use it at the root")
+        if scope["method"] != route.method:
+            raise MethodNotAllowed(f"{route.path} takes {route.method}")
+        check_key(scope, self.master_key)
+        if route.operation is not None:
+            return route.name, await self._completions(route, path, attribution, scope, receive, send)
+        body = b""
+        if route.method == "POST":
             body = await read_body(scope, receive, self.settings.proxy.max_body_bytes)
-            if path == "/v1/rewards":
-                return route, await routes.post_reward(
-                    body, attribution.rollout_id, self.recorder, self._db, send
-                )
-            if finish:
-                return route, await routes.post_finish(body, finish["id"], self.recorder, self._db, send)
-            return route, await routes.post_traces(
-                body, header(scope, b"content-type"), header(scope, b"content-encoding"), self.recorder, send
-            )
-        # Any other OpenAI route under /rollout/{id}/v1 (models, embeddings, ...): LiteLLM's.
-        await self._to_litellm(scope, receive, send, path, attribution, None)
-        return "litellm", 0
+        return route.name, await self._serve(route, params, body, attribution, scope, send)
+
+    async def _serve(
+        self,
+        route: Route,
+        params: dict[str, str],
+        body: bytes,
+        attribution: Attribution,
+        scope: Scope,
+        send: Send,
+    ) -> int:
+        handler: Handler = getattr(self, f"_serve_{route.name}")
+        return await handler(Request(params, body, attribution, scope), send)
+
+    # One handler per route of the table, `_serve_<route name>`.
+
+    async def _serve_rewards(self, r: Request, send: Send) -> int:
+        a = r.attribution
+        return await routes.post_reward(r.body, a.rollout_id, a.attempt, self.recorder, self._db, send)
+
+    async def _serve_finish(self, r: Request, send: Send) -> int:
+        failed_reward = self.settings.queue.failed_reward
+        return await routes.post_finish(r.body, r.params["id"], failed_reward, self.recorder, self._db, send)
+
+    async def _serve_heartbeat(self, r: Request, send: Send) -> int:
+        return await self.queue.heartbeat(r.params["id"], r.body, send)
+
+    async def _serve_tasks_next(self, r: Request, send: Send) -> int:
+        return await self.queue.next(r.scope, r.body, send)
+
+    async def _serve_datasets(self, r: Request, send: Send) -> int:
+        return await self.queue.datasets(None, send)
+
+    async def _serve_dataset(self, r: Request, send: Send) -> int:
+        return await self.queue.datasets(r.params["name"], send)
+
+    async def _serve_traces(self, r: Request, send: Send) -> int:
+        content_type, encoding = header(r.scope, b"content-type"), header(r.scope, b"content-encoding")
+        return await routes.post_traces(r.body, content_type, encoding, self.recorder, send)
+
+    async def _serve_metrics(self, r: Request, send: Send) -> int:
+        return await routes.get_metrics(self.metrics, send)
+
+    async def _serve_health(self, r: Request, send: Send) -> int:
+        error = self.queue.reaper_error
+        queue = {"reaper": "ok" if error is None else f"failing: {error}", **self.queue.reaped}
+        return await routes.get_health(self.recorder, self.versions, queue, send)
 
     async def _completions(
-        self, operation: str, path: str, attribution: Attribution, scope: Scope, receive: Receive, send: Send
+        self, route: Route, path: str, attribution: Attribution, scope: Scope, receive: Receive, send: Send
     ) -> int:
-        if scope["method"] != "POST":
-            raise MethodNotAllowed(f"{path} takes POST")
-        check_key(scope, self.master_key)
+        operation = route.operation
+        assert operation is not None
         raw = await read_body(scope, receive, self.settings.proxy.max_body_bytes)
         body = parse_json_object(raw)
         model = body.get("model")
@@ -251,6 +280,7 @@ class ProxyApp:
             stack.push_async_callback(self.writer.close)
             await self.versions.start()
             stack.push_async_callback(self.versions.close)
+            await stack.enter_async_context(self.queue.running())
             stack.push_async_callback(self.upstreams.close)
             stack.push_async_callback(self._close_pool)
             if self.recorder.export is not None:
@@ -275,3 +305,6 @@ def _lightloop_headers(scope: Scope) -> dict[str, str]:
     return {
         k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k.startswith(b"x-lightloop-")
     }
+
+
+_check_handlers()

@@ -2,7 +2,7 @@
 
 1. the path: `/rollout/{rollout_id}/v1/...` or `/rollout/{rollout_id}/attempt/{n}/v1/...`;
 2. the headers `X-Lightloop-Rollout`, `-Group`, `-Agent`, `-Task` (and `-Mode`: train or val,
-   which also applies to the other forms);
+   and `-Group-Size`: how many rollouts the group will have, which also apply to the other forms);
 3. neither: the proxy infers the session from the messages (done by the caller).
 
 Pure functions, no I/O.
@@ -15,11 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from lightloop.ids import ID_RULE, is_valid_id
 from lightloop.proxy.errors import BadRequest
 
-# Ids end up in URLs, SQL and logs: keep them to a safe, printable alphabet.
-_ID = r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}"
-_ID_RE = re.compile(rf"^{_ID}$")
 _PATH_RE = re.compile(r"^/rollout/(?P<rollout>[^/]+)(?:/attempt/(?P<attempt>[^/]+))?(?P<rest>/v1(?:/.*)?)$")
 
 HEADER_ROLLOUT = "x-lightloop-rollout"
@@ -27,6 +25,8 @@ HEADER_GROUP = "x-lightloop-group"
 HEADER_AGENT = "x-lightloop-agent"
 HEADER_TASK = "x-lightloop-task"
 HEADER_MODE = "x-lightloop-mode"
+HEADER_GROUP_SIZE = "x-lightloop-group-size"
+MAX_GROUP_SIZE = 10_000
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,12 @@ class Attribution:
     agent: str | None = None
     task_id: str | None = None
     mode: str = "train"  # "val": evaluation rollouts, recorded but never trained on
+    group_size: int | None = None  # declared: the trainer waits for that many finished rollouts
 
 
 def check_id(value: str, what: str) -> str:
-    if not _ID_RE.match(value):
-        raise BadRequest(
-            f"{what} {value[:80]!r} is not a valid id: use up to 200 letters, digits and . _ : @ -, "
-            "starting with a letter or digit"
-        )
+    if not is_valid_id(value):
+        raise BadRequest(f"{what} {value[:80]!r} is not a valid id: use {ID_RULE}")
     return value
 
 
@@ -81,6 +79,12 @@ def resolve(path: str, headers: Mapping[str, str]) -> tuple[Attribution, str]:
     mode = lower.get(HEADER_MODE, "train")
     if mode not in ("train", "val"):
         raise BadRequest(f"X-Lightloop-Mode must be train or val, not {mode[:20]!r}")
+    size_text = lower.get(HEADER_GROUP_SIZE)
+    size = None
+    if size_text is not None:
+        if not size_text.strip().isdigit() or not 1 <= int(size_text) <= MAX_GROUP_SIZE:
+            raise BadRequest(f"X-Lightloop-Group-Size must be a whole number from 1 to {MAX_GROUP_SIZE}")
+        size = int(size_text)
     header_rollout = lower.get(HEADER_ROLLOUT)
     if header_rollout is not None:
         check_id(header_rollout, "rollout id")
@@ -90,7 +94,7 @@ def resolve(path: str, headers: Mapping[str, str]) -> tuple[Attribution, str]:
             raise BadRequest(
                 f"the path names rollout {rollout!r} but X-Lightloop-Rollout says {header_rollout!r}"
             )
-        return Attribution(rollout, "path", attempt, group, agent, task, mode), rest
+        return Attribution(rollout, "path", attempt, group, agent, task, mode, size), rest
     if header_rollout is not None:
-        return Attribution(header_rollout, "header", None, group, agent, task, mode), rest
-    return Attribution(None, "session", None, group, agent, task, mode), rest
+        return Attribution(header_rollout, "header", None, group, agent, task, mode, size), rest
+    return Attribution(None, "session", None, group, agent, task, mode, size), rest

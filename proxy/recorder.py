@@ -79,7 +79,8 @@ class Recorder:
                 rollout_id = self.sessions.find(messages)
             if rollout_id is None:
                 rollout_id = new_rollout_id()
-        if admit and self.max_in_flight and attribution.mode == "train":
+        # The queue's rollouts (the path form with an attempt) are capped by the queue instead.
+        if admit and self.max_in_flight and attribution.mode == "train" and attribution.attempt is None:
             self._admit(rollout_id)
         seq = self._next_seq.get(rollout_id)
         if seq is None and self.enabled:
@@ -94,6 +95,7 @@ class Recorder:
                     "task_id": attribution.task_id,
                     "agent": attribution.agent,
                     "mode": attribution.mode,
+                    "group_size": attribution.group_size,
                     "metadata": {"attribution": attribution.source},
                 },
             )
@@ -157,6 +159,11 @@ class Recorder:
                 "finish one (POST /v1/rollouts/{id}/finish) before starting another"
             )
         self._in_flight[rollout_id] = now
+
+    def handed_out(self, rollout_id: str) -> None:
+        """The queue made this rollout's row: its calls need not write one."""
+        if rollout_id not in self._next_seq:
+            self._next_seq.put(rollout_id, 0)
 
     def finished(self, rollout_id: str) -> None:
         self._in_flight.pop(rollout_id, None)

@@ -55,7 +55,7 @@ def _optional_str(data: dict[str, Any], key: str) -> str | None:
 Pool = Callable[[], Awaitable[asyncpg.Pool]]
 
 
-async def _with_db(pool: Pool, action: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+async def with_db(pool: Pool, action: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
     try:
         async with (await pool()).acquire() as conn:
             return await action(conn)
@@ -70,7 +70,12 @@ async def _with_db(pool: Pool, action: Callable[[asyncpg.Connection], Awaitable[
 
 
 async def post_reward(
-    body: bytes, path_rollout: str | None, recorder: Recorder, pool: Pool, send: Send
+    body: bytes,
+    path_rollout: str | None,
+    path_attempt: int | None,
+    recorder: Recorder,
+    pool: Pool,
+    send: Send,
 ) -> int:
     data = _parse_lenient(body)
     rollout_id = _optional_str(data, "rollout_id") or path_rollout
@@ -83,15 +88,22 @@ async def post_reward(
         raise BadRequest("value is required")
     value = _finite(data["value"], "value")
     name = _optional_str(data, "name") or "reward"
+    attempt = path_attempt if rollout_id == path_rollout else None
     if rollout_id is not None:
         check_id(rollout_id, "rollout id")
         response_id = None
     if recorder.knows(rollout_id, response_id):
         await recorder.writer.flush()  # its calls may still be on their way to Postgres
-    record = await _with_db(
+    record = await with_db(
         pool,
         lambda conn: add_reward(
-            conn, value=value, rollout_id=rollout_id, response_id=response_id, name=name, source=SOURCE
+            conn,
+            value=value,
+            rollout_id=rollout_id,
+            response_id=response_id,
+            name=name,
+            source=SOURCE,
+            attempt=attempt,
         ),
     )
     await respond_json(
@@ -108,18 +120,35 @@ async def post_reward(
     return 200
 
 
-async def post_finish(body: bytes, rollout_id: str, recorder: Recorder, pool: Pool, send: Send) -> int:
+async def post_finish(
+    body: bytes, rollout_id: str, failed_reward: float, recorder: Recorder, pool: Pool, send: Send
+) -> int:
     check_id(rollout_id, "rollout id")
     data = _parse_lenient(body) if body.strip() else {}
     status = data.get("status", "succeeded")
     if status not in ("succeeded", "failed"):
         raise BadRequest("status must be 'succeeded' or 'failed'")
     reward = _finite(data["reward"], "reward") if data.get("reward") is not None else None
+    attempt = data.get("attempt")
+    if attempt is not None and (isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1):
+        raise BadRequest("attempt must be a positive integer")
+    # A runner's report of an agent that raised: kept in rollouts.metadata.
+    metadata = {k: str(data[k])[:20_000] for k in ("error", "traceback") if data.get(k) is not None}
     if recorder.knows(rollout_id, None):
         await recorder.writer.flush()
     try:
-        changed = await _with_db(
-            pool, lambda conn: finish_rollout(conn, rollout_id, status, reward, source=SOURCE)
+        changed = await with_db(
+            pool,
+            lambda conn: finish_rollout(
+                conn,
+                rollout_id,
+                status,
+                reward,
+                source=SOURCE,
+                attempt=attempt,
+                failed_reward=failed_reward,
+                metadata=metadata or None,
+            ),
         )
     finally:
         recorder.finished(rollout_id)
@@ -141,14 +170,15 @@ async def post_traces(
     return 200
 
 
-async def get_health(recorder: Recorder, versions: LiveVersions, send: Send) -> int:
+async def get_health(recorder: Recorder, versions: LiveVersions, queue: dict[str, Any], send: Send) -> int:
     writer = recorder.writer
     database = "up" if versions.connected.is_set() else "unreachable"
+    healthy = database == "up" and queue.get("reaper") == "ok"
     await respond_json(
         send,
         200,
         {
-            "status": "ok" if database == "up" else "degraded",
+            "status": "ok" if healthy else "degraded",
             "database": database,
             "writer": {
                 "queue_rows": writer.queue_depth,
@@ -156,6 +186,7 @@ async def get_health(recorder: Recorder, versions: LiveVersions, send: Send) -> 
                 "rows_dropped": writer.stats.rows_dropped,
             },
             "policies": {name: versions.served(name)[1] for name in versions.policies},
+            "queue": queue,
         },
     )
     return 200

@@ -38,6 +38,16 @@ from lightloop.store.policies import (
     stage_version,
 )
 from lightloop.store.query import QueryResult, run_sql
+from lightloop.store.queue import Empty, Handout, ensure_val_round, expire_leases, heartbeat, next_rollout
+from lightloop.store.tasks import (
+    DatasetProgress,
+    LoadResult,
+    SplitProgress,
+    dataset_progress,
+    latest_val_reward,
+    load_tasks,
+    task_id,
+)
 from lightloop.store.rewards import TRAINING_REWARD, RewardRecord, add_reward, finish_rollout
 from lightloop.store.schema import metadata
 from lightloop.store.writer import BatchWriter, WriterStats
@@ -50,6 +60,11 @@ __all__ = [
     "ClaimLost",
     "ClaimedRollout",
     "Conflict",
+    "DatasetProgress",
+    "Empty",
+    "Handout",
+    "LoadResult",
+    "SplitProgress",
     "DatabaseUnavailable",
     "EmbeddedPostgres",
     "EmbeddedPostgresError",
@@ -73,14 +88,21 @@ __all__ = [
     "create_engine",
     "create_pool",
     "current_revision",
+    "dataset_progress",
     "dsn",
+    "ensure_val_round",
+    "expire_leases",
     "extend_claim",
     "fail_version",
     "finish_rollout",
     "head_revision",
+    "heartbeat",
+    "latest_val_reward",
     "list_versions",
     "live_version",
+    "load_tasks",
     "metadata",
+    "next_rollout",
     "record_step",
     "release_claim",
     "release_expired",
@@ -89,6 +111,7 @@ __all__ = [
     "run_sql",
     "set_live",
     "stage_version",
+    "task_id",
     "translated",
     "upgrade",
 ]

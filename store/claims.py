@@ -33,6 +33,14 @@ WITH ready AS MATERIALIZED (
     GROUP BY 1
     HAVING bool_and(status IN ('succeeded', 'failed') AND reward IS NOT NULL)
        AND bool_and(claimed_by IS NULL OR claim_expires_at < now())
+       -- Complete: as many finished as the group declared (the queue's group_size, or
+       -- X-Lightloop-Group-Size); a rollout without a group is a group of one; a group of
+       -- unknown size has settled (its newest member finished $5 seconds ago).
+       AND CASE
+           WHEN max(group_size) IS NOT NULL THEN count(*) >= max(group_size)
+           WHEN bool_and(group_id IS NULL) THEN true
+           ELSE max(finished_at) <= now() - make_interval(secs => $5)
+       END
 ),
 heads AS MATERIALIZED (
     SELECT ready.g
@@ -59,13 +67,16 @@ RETURNING r.id, r.group_id, r.task_id, r.agent, r.mode, r.status, r.reward, r.me
 """
 
 _CALLS_SQL = """
-SELECT span_id, choice_index, rollout_id, seq, model, agent, policy_version, attempt, created_at,
-       prompt_token_ids, completion_token_ids, completion_logprobs, finish_reason, request, response
-FROM llm_calls
-WHERE rollout_id = ANY($1::text[])
+SELECT c.span_id, c.choice_index, c.rollout_id, c.seq, c.model, c.agent, c.policy_version, c.attempt,
+       c.created_at, c.prompt_token_ids, c.completion_token_ids, c.completion_logprobs, c.finish_reason,
+       c.request, c.response
+FROM llm_calls c JOIN rollouts r ON r.id = c.rollout_id
+WHERE c.rollout_id = ANY($1::text[])
+  -- Calls of a superseded attempt (a runner that lost its lease) stay for SQL, not for training.
+  AND (r.attempt IS NULL OR c.attempt IS NULL OR c.attempt = r.attempt)
 -- created_at first: it orders a rollout's calls even when several proxy processes served it
 -- (each counts seq on its own).
-ORDER BY rollout_id, created_at, seq, choice_index
+ORDER BY c.rollout_id, c.created_at, c.seq, c.choice_index
 """
 
 
@@ -120,13 +131,21 @@ class StepRecord:
 
 
 async def claim_groups(
-    conn: asyncpg.Connection, claimer: str, *, max_groups: int, lease_s: float, mode: str = "train"
+    conn: asyncpg.Connection,
+    claimer: str,
+    *,
+    max_groups: int,
+    lease_s: float,
+    settle_s: float,
+    mode: str = "train",
 ) -> Claim | None:
-    """Claim up to `max_groups` whole groups; None when nothing is ready."""
+    """Claim up to `max_groups` complete groups; None when nothing is ready. A group is complete
+    when its declared size is finished, or, with no declared size, `settle_s` after its newest
+    member finished (and none is running)."""
     if max_groups < 1:
         raise ValueError("max_groups must be at least 1")
     async with conn.transaction():
-        rows = await conn.fetch(_CLAIM_SQL, max_groups, claimer, float(lease_s), mode)
+        rows = await conn.fetch(_CLAIM_SQL, max_groups, claimer, float(lease_s), mode, float(settle_s))
         if not rows:
             return None
         calls = await conn.fetch(_CALLS_SQL, [r["id"] for r in rows])

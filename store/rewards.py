@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
@@ -31,8 +33,10 @@ async def add_reward(
     response_id: str | None = None,
     name: str = TRAINING_REWARD,
     source: str | None = None,
+    attempt: int | None = None,
 ) -> RewardRecord:
-    """Record a reward for a rollout, or for the call that returned `response_id`."""
+    """Record a reward for a rollout, or for the call that returned `response_id`. With
+    `attempt` (the path form `/rollout/{id}/attempt/{n}`), a superseded attempt is a Conflict."""
     assert (rollout_id is None) != (response_id is None), "name exactly one of rollout_id, response_id"
     async with conn.transaction():
         span_id: str | None = None
@@ -45,9 +49,10 @@ async def add_reward(
             rollout_id, span_id = row["rollout_id"], row["span_id"]
         assert rollout_id is not None
         # FOR UPDATE: a concurrent finish must not overwrite the reward this statement sets.
-        exists = await conn.fetchval("SELECT 1 FROM rollouts WHERE id = $1 FOR UPDATE", rollout_id)
-        if exists is None:
+        row = await conn.fetchrow("SELECT attempt FROM rollouts WHERE id = $1 FOR UPDATE", rollout_id)
+        if row is None:
             raise NotFound(f"rollout {rollout_id!r} does not exist")
+        _check_attempt(rollout_id, attempt, row["attempt"])
         reward_id = await conn.fetchval(
             "INSERT INTO rewards (rollout_id, span_id, name, value, source) "
             "VALUES ($1, $2, $3, $4, $5) RETURNING id",
@@ -68,19 +73,36 @@ async def finish_rollout(
     status: str,
     reward: float | None = None,
     source: str | None = None,
+    *,
+    attempt: int | None = None,
+    failed_reward: float = 0.0,
+    metadata: dict[str, Any] | None = None,
 ) -> bool:
     """Mark a rollout succeeded or failed (and record its reward). Finishing it again with the same
-    status is a no-op that returns False; with another status it is a Conflict."""
+    status is a no-op that returns False; with another status it is a Conflict.
+
+    Queue rollouts: a finish naming a superseded `attempt` is a Conflict and changes nothing;
+    one that leaves the rollout without any reward gives it `failed_reward`, so that its group
+    completes. `metadata` is merged into `rollouts.metadata` (a runner's error and traceback)."""
     assert status in ("succeeded", "failed")
     async with conn.transaction():
-        current = await conn.fetchval("SELECT status FROM rollouts WHERE id = $1 FOR UPDATE", rollout_id)
-        if current is None:
+        row = await conn.fetchrow(
+            "SELECT status, attempt, dataset, reward FROM rollouts WHERE id = $1 FOR UPDATE", rollout_id
+        )
+        if row is None:
             raise NotFound(f"rollout {rollout_id!r} does not exist")
+        current = row["status"]
+        _check_attempt(rollout_id, attempt, row["attempt"])
+        if current == "queued":
+            raise Conflict(f"rollout {rollout_id!r} is queued: no runner holds it")
         if current != "running":
             if current != status:
                 raise Conflict(f"rollout {rollout_id!r} already finished as {current}")
             if reward is None:
                 return False
+        if reward is None and row["dataset"] is not None and row["reward"] is None:
+            reward = failed_reward
+            metadata = {**(metadata or {}), "reward": "none was posted; failed_reward given"}
         if reward is not None:
             await conn.execute(
                 "INSERT INTO rewards (rollout_id, name, value, source) VALUES ($1, $2, $3, $4)",
@@ -91,9 +113,27 @@ async def finish_rollout(
             )
         await conn.execute(
             "UPDATE rollouts SET status = $2, reward = coalesce($3, reward), "
-            "finished_at = coalesce(finished_at, now()) WHERE id = $1",
+            "finished_at = coalesce(finished_at, now()), metadata = metadata || $4::jsonb WHERE id = $1",
             rollout_id,
             status,
             reward,
+            json.dumps(metadata or {}),
         )
+        if row["attempt"] is not None and current == "running":
+            await conn.execute(
+                "UPDATE rollout_attempts SET status = $3, ended_at = now(), error = $4 "
+                "WHERE rollout_id = $1 AND attempt = $2 AND status = 'running'",
+                rollout_id,
+                row["attempt"],
+                status,
+                None if (metadata or {}).get("error") is None else str((metadata or {})["error"]),
+            )
     return bool(current == "running")
+
+
+def _check_attempt(rollout_id: str, given: int | None, current: int | None) -> None:
+    if given is not None and current is not None and given != current:
+        raise Conflict(
+            f"attempt {given} of rollout {rollout_id!r} was superseded by attempt {current}; "
+            "its result is not recorded"
+        )

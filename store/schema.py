@@ -66,10 +66,29 @@ class Rollout(Base):
     # A claim is a lease: it lapses by itself at claim_expires_at (see store/claims.py).
     claimed_by: Mapped[str | None] = mapped_column(Text)
     claim_expires_at: Mapped[datetime | None] = mapped_column(TZ)
+    # The group's declared size (the queue's group_size, or X-Lightloop-Group-Size): the trainer
+    # claims the group only when that many of its rollouts are finished.
+    group_size: Mapped[int | None] = mapped_column(Integer)
+    # Queue rollouts only (store/queue.py): the dataset they came from, the current attempt
+    # (rollout_attempts holds every attempt) and the version live when they were handed out.
+    dataset: Mapped[str | None] = mapped_column(Text)
+    attempt: Mapped[int | None] = mapped_column(Integer)
+    policy_version: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         CheckConstraint("mode IN ('train', 'val')", name="mode"),
-        CheckConstraint("status IN ('running', 'succeeded', 'failed')", name="status"),
+        # queued: made by the task queue, not yet handed to a runner.
+        CheckConstraint("status IN ('queued', 'running', 'succeeded', 'failed')", name="status"),
+        CheckConstraint("group_size IS NULL OR group_size >= 1", name="group_size"),
+        # The queue hands out the oldest queued rollout of a dataset, val first.
+        Index(
+            "ix_rollouts_queued",
+            "dataset",
+            "mode",
+            "created_at",
+            postgresql_where=text("status = 'queued'"),
+        ),
+        Index("ix_rollouts_dataset", "dataset"),
         # The claim query scans unconsumed rollouts by group; consumed ones are most of the table.
         Index(
             "ix_rollouts_unconsumed_group",
@@ -78,6 +97,79 @@ class Rollout(Base):
         ),
         Index("ix_rollouts_created_at", "created_at"),
     )
+
+
+class Dataset(Base):
+    """A named set of tasks (`lightloop tasks load`) and how the queue schedules it."""
+
+    __tablename__ = "datasets"
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    # The policy model its rollouts are served by (val rounds follow its live version).
+    policy: Mapped[str] = mapped_column(Text)
+    seed: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    epochs: Mapped[int] = mapped_column(Integer, server_default="1")  # 0: until stopped
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=NOW)
+
+    __table_args__ = (CheckConstraint("epochs >= 0", name="epochs"),)
+
+
+class Task(Base):
+    """One row of a dataset: the input an agent function gets."""
+
+    __tablename__ = "tasks"
+    dataset: Mapped[str] = mapped_column(Text, ForeignKey("datasets.name"), primary_key=True)
+    split: Mapped[str] = mapped_column(Text, primary_key=True)
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    input: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    group_size: Mapped[int] = mapped_column(Integer, server_default="1")
+    # Train tasks: how many times a group was made of it (one per epoch).
+    epochs_started: Mapped[int] = mapped_column(Integer, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=NOW)
+
+    __table_args__ = (
+        CheckConstraint("split IN ('train', 'val')", name="split"),
+        CheckConstraint("group_size >= 1", name="group_size"),
+        # The queue starts the next group from the train tasks with the fewest epochs started.
+        Index("ix_tasks_next", "dataset", "split", "epochs_started"),
+    )
+
+
+class RolloutAttempt(Base):
+    """One try of a queue rollout by a runner, with its lease. A lapsed lease supersedes it."""
+
+    __tablename__ = "rollout_attempts"
+    rollout_id: Mapped[str] = mapped_column(Text, ForeignKey("rollouts.id"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text, server_default="running")
+    started_at: Mapped[datetime] = mapped_column(TZ, server_default=NOW)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(TZ)
+    lease_expires_at: Mapped[datetime] = mapped_column(TZ)
+    ended_at: Mapped[datetime | None] = mapped_column(TZ)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('running', 'succeeded', 'failed', 'superseded')",
+            name="status",
+        ),
+        # The reaper scans running attempts by lease.
+        Index(
+            "ix_rollout_attempts_lease",
+            "lease_expires_at",
+            postgresql_where=text("status = 'running'"),
+        ),
+    )
+
+
+class ValRound(Base):
+    """A dataset's val split run against one live policy version: made once per version."""
+
+    __tablename__ = "val_rounds"
+    dataset: Mapped[str] = mapped_column(Text, ForeignKey("datasets.name"), primary_key=True)
+    policy: Mapped[str] = mapped_column(Text, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=NOW)
 
 
 class Span(Base):

@@ -187,7 +187,9 @@ class Trainer:
         s = self.settings
         conn = await connect(self.database_url)
         try:
-            claim = await claim_groups(conn, self.name, max_groups=s.groups_per_step, lease_s=s.lease_s)
+            claim = await claim_groups(
+                conn, self.name, max_groups=s.groups_per_step, lease_s=s.lease_s, settle_s=s.group_settle_s
+            )
             if claim is None:
                 return None
             groups = {r.group_id or r.id for r in claim.rollouts}

@@ -33,7 +33,7 @@ def trainer_for(db_url: str, engine_home: Path, engines: list[str], root: Path, 
         loaded.model, loaded.tokenizer, LocalConfig(learning_rate=1e-3, lora_rank=4, micro_batch_size=8)
     )
     publisher = Publisher("policy", "tiny", root, [HttpEngine(e) for e in engines], keep=2)
-    config = TrainerSettings(groups_per_step=4, **settings)
+    config = TrainerSettings(**{"groups_per_step": 4, **settings})
     return Trainer(config, "policy", db_url, backend, publisher, name="test-trainer")
 
 
@@ -48,7 +48,11 @@ def play(proxy_url: str, key: str, groups: int = 2, per_group: int = 4, prefix: 
                 messages=[{"role": "user", "content": f"Task {g}: say something."}],
                 max_tokens=6,
                 temperature=1.0,
-                extra_headers={"X-Lightloop-Rollout": rollout, "X-Lightloop-Group": f"task{g}"},
+                extra_headers={
+                    "X-Lightloop-Rollout": rollout,
+                    "X-Lightloop-Group": f"task{g}",
+                    "X-Lightloop-Group-Size": str(per_group),
+                },
             )
             done = httpx.post(
                 f"{proxy_url}/v1/rollouts/{rollout}/finish",

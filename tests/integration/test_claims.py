@@ -67,7 +67,7 @@ async def test_claims_whole_groups_with_their_calls(conn: asyncpg.Connection) ->
     await add_rollout(conn, "v0", "V", mode="val")  # validation rollouts are never trained on
     await add_rollout(conn, "solo", None)  # no group: a group of its own
 
-    claim = await claim_groups(conn, "t1", max_groups=10, lease_s=60)
+    claim = await claim_groups(conn, "t1", max_groups=10, lease_s=60, settle_s=0)
     assert claim is not None
     assert set(claim.groups()) == {"A", "solo"}
     assert sorted(claim.rollout_ids) == ["a0", "a1", "a2", "solo"]
@@ -76,24 +76,24 @@ async def test_claims_whole_groups_with_their_calls(conn: asyncpg.Connection) ->
     assert [c["seq"] for c in a1.calls] == [0, 1]
     assert a1.calls[0]["prompt_token_ids"] == [1, 2]
     # Claimed rollouts are not claimed again while the lease holds.
-    assert await claim_groups(conn, "t2", max_groups=10, lease_s=60) is None
+    assert await claim_groups(conn, "t2", max_groups=10, lease_s=60, settle_s=0) is None
 
 
 async def test_max_groups_limits_the_claim(conn: asyncpg.Connection) -> None:
     for g in range(5):
         for i in range(2):
             await add_rollout(conn, f"{g}-{i}", f"g{g}")
-    claim = await claim_groups(conn, "t1", max_groups=2, lease_s=60)
+    claim = await claim_groups(conn, "t1", max_groups=2, lease_s=60, settle_s=0)
     assert claim is not None
     assert len(claim.groups()) == 2 and len(claim.rollouts) == 4
     with pytest.raises(ValueError, match="max_groups"):
-        await claim_groups(conn, "t1", max_groups=0, lease_s=60)
+        await claim_groups(conn, "t1", max_groups=0, lease_s=60, settle_s=0)
 
 
 async def test_record_step_consumes_atomically(conn: asyncpg.Connection) -> None:
     await add_rollout(conn, "r1", "G")
     await add_rollout(conn, "r2", "G")
-    claim = await claim_groups(conn, "t1", max_groups=1, lease_s=60)
+    claim = await claim_groups(conn, "t1", max_groups=1, lease_s=60, settle_s=0)
     assert claim is not None
     step_id = await record_step(conn, claim, step(loss=0.5, reward_mean=1.0, metrics={"merges": 3}))
     rows = await conn.fetch("SELECT consumed_by_step, claimed_by FROM rollouts ORDER BY id")
@@ -102,15 +102,15 @@ async def test_record_step_consumes_atomically(conn: asyncpg.Connection) -> None
     assert s["n_rollouts"] == 2 and s["loss"] == 0.5 and s["trainer"] == "t1"
     assert json.loads(s["metrics"]) == {"merges": 3}
     assert s["finished_at"] is not None
-    assert await claim_groups(conn, "t2", max_groups=1, lease_s=60) is None
+    assert await claim_groups(conn, "t2", max_groups=1, lease_s=60, settle_s=0) is None
 
 
 async def test_a_stale_claim_is_released_and_the_late_trainer_loses(conn: asyncpg.Connection) -> None:
     await add_rollout(conn, "r1", "G")
     # A lease of zero seconds has lapsed by the next statement: the trainer "died".
-    stale = await claim_groups(conn, "dead-trainer", max_groups=1, lease_s=0)
+    stale = await claim_groups(conn, "dead-trainer", max_groups=1, lease_s=0, settle_s=0)
     assert stale is not None
-    fresh = await claim_groups(conn, "t2", max_groups=1, lease_s=60)
+    fresh = await claim_groups(conn, "t2", max_groups=1, lease_s=60, settle_s=0)
     assert fresh is not None and fresh.rollout_ids == ["r1"]
     # The first trainer comes back: its step must not be recorded, and nothing changes.
     with pytest.raises(ClaimLost):
@@ -125,10 +125,10 @@ async def test_a_stale_claim_is_released_and_the_late_trainer_loses(conn: asyncp
 async def test_release_and_release_expired(conn: asyncpg.Connection) -> None:
     await add_rollout(conn, "r1", "G")
     await add_rollout(conn, "r2", "H")
-    claim = await claim_groups(conn, "t1", max_groups=1, lease_s=60)
+    claim = await claim_groups(conn, "t1", max_groups=1, lease_s=60, settle_s=0)
     assert claim is not None
     assert await release_claim(conn, claim) == 1
-    expired = await claim_groups(conn, "t1", max_groups=2, lease_s=0)
+    expired = await claim_groups(conn, "t1", max_groups=2, lease_s=0, settle_s=0)
     assert expired is not None and len(expired.rollouts) == 2
     assert await release_expired(conn) == 2
     assert await conn.fetchval("SELECT count(*) FROM rollouts WHERE claimed_by IS NOT NULL") == 0
@@ -136,7 +136,7 @@ async def test_release_and_release_expired(conn: asyncpg.Connection) -> None:
 
 async def test_extend_claim_moves_the_lease(conn: asyncpg.Connection) -> None:
     await add_rollout(conn, "r1", "G")
-    claim = await claim_groups(conn, "t1", max_groups=1, lease_s=1)
+    claim = await claim_groups(conn, "t1", max_groups=1, lease_s=1, settle_s=0)
     assert claim is not None
     later = await extend_claim(conn, claim, 3600)
     assert (later - claim.expires_at).total_seconds() > 3000
@@ -154,7 +154,7 @@ async def main(url, name):
     sys.stdin.readline()  # both start together
     taken = []
     while True:
-        claim = await claim_groups(conn, name, max_groups=2, lease_s=60)
+        claim = await claim_groups(conn, name, max_groups=2, lease_s=60, settle_s=0)
         if claim is None:
             break
         await record_step(conn, claim, StepRecord(started_at=datetime.now(UTC)))

@@ -1,0 +1,58 @@
+"""lightloop's routes on the proxy, in one table: it drives dispatch, the metrics' route labels,
+and the README test (every route documented). A path no route matches goes to LiteLLM."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str  # as documented: `/v1/rollouts/{id}/finish`
+    name: str  # the metrics label, and the ProxyApp handler `_serve_<name>`
+    # Also answered under the path form `/rollout/{id}/v1/...` (its rollout applies).
+    path_form: bool = False
+    # Other spellings clients use for the same route (OpenAI's SDKs without `/v1`).
+    aliases: tuple[str, ...] = ()
+    operation: str | None = None  # completions: chat or text_completion
+    pattern: re.Pattern[str] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(self.path))
+        object.__setattr__(self, "pattern", re.compile(f"^{regex}$"))
+
+    @property
+    def documented(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+TABLE: tuple[Route, ...] = (
+    Route("POST", "/v1/chat/completions", "completions", True, ("/chat/completions",), operation="chat"),
+    Route("POST", "/v1/completions", "completions", True, ("/completions",), operation="text_completion"),
+    Route("POST", "/v1/rewards", "rewards", path_form=True),
+    Route("POST", "/v1/rollouts/{id}/finish", "finish"),
+    Route("POST", "/v1/rollouts/{id}/heartbeat", "heartbeat"),
+    Route("POST", "/v1/tasks/next", "tasks_next"),
+    Route("GET", "/v1/datasets", "datasets"),
+    Route("GET", "/v1/datasets/{name}", "dataset"),
+    Route("POST", "/v1/traces", "traces"),
+    Route("GET", "/metrics", "metrics"),
+    Route("GET", "/health", "health"),
+)
+
+_STATIC = {p: r for r in TABLE if "{" not in r.path for p in (r.path, *r.aliases)}
+_TEMPLATED = tuple(r for r in TABLE if "{" in r.path)
+
+
+def match(path: str) -> tuple[Route, dict[str, str]] | None:
+    """The route serving `path` (the path form's prefix already removed) and its parameters."""
+    route = _STATIC.get(path)
+    if route is not None:
+        return route, {}
+    for route in _TEMPLATED:
+        found = route.pattern.match(path)
+        if found is not None:
+            return route, found.groupdict()
+    return None
