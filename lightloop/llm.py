@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import openai
+    # Aliased: the method `openai` below would shadow the module in annotations.
+    import openai as openai_sdk
 
 __all__ = ["LLM"]
 
@@ -33,7 +34,7 @@ class LLM:
     # Headers that say the same as the path, for clients that cannot change their base URL.
     headers: dict[str, str] = field(default_factory=dict)
 
-    def openai(self, **kwargs: object) -> openai.OpenAI:
+    def openai(self, **kwargs: object) -> openai_sdk.OpenAI:
         """An `openai.OpenAI` client for this rollout (keyword arguments go to the client)."""
         import openai
 
@@ -44,7 +45,7 @@ class LLM:
             **kwargs,  # type: ignore[arg-type]
         )
 
-    def async_openai(self, **kwargs: object) -> openai.AsyncOpenAI:
+    def async_openai(self, **kwargs: object) -> openai_sdk.AsyncOpenAI:
         """An `openai.AsyncOpenAI` client for this rollout."""
         import openai
 

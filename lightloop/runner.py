@@ -183,7 +183,7 @@ class QueueClient:
             body["split"] = split
         answer = await self._post("/v1/tasks/next", body)
         if answer.status_code == 204:
-            return answer.headers.get("x-lightloop-queue") == "drained"
+            return bool(answer.headers.get("x-lightloop-queue") == "drained")
         data = _ok(answer, "/v1/tasks/next")
         return Handout(
             rollout_id=data["rollout_id"],

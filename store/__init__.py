@@ -39,6 +39,8 @@ from lightloop.store.policies import (
 )
 from lightloop.store.query import QueryResult, run_sql
 from lightloop.store.queue import Empty, Handout, ensure_val_round, expire_leases, heartbeat, next_rollout
+from lightloop.store.rewards import TRAINING_REWARD, RewardRecord, add_reward, finish_rollout
+from lightloop.store.schema import metadata
 from lightloop.store.tasks import (
     DatasetProgress,
     LoadResult,
@@ -48,8 +50,6 @@ from lightloop.store.tasks import (
     load_tasks,
     task_id,
 )
-from lightloop.store.rewards import TRAINING_REWARD, RewardRecord, add_reward, finish_rollout
-from lightloop.store.schema import metadata
 from lightloop.store.writer import BatchWriter, WriterStats
 
 __all__ = [
@@ -60,14 +60,13 @@ __all__ = [
     "ClaimLost",
     "ClaimedRollout",
     "Conflict",
+    "DatabaseUnavailable",
     "DatasetProgress",
+    "EmbeddedPostgres",
+    "EmbeddedPostgresError",
     "Empty",
     "Handout",
     "LoadResult",
-    "SplitProgress",
-    "DatabaseUnavailable",
-    "EmbeddedPostgres",
-    "EmbeddedPostgresError",
     "NotFound",
     "PolicyChange",
     "PolicyListener",
@@ -77,6 +76,7 @@ __all__ = [
     "QueryResult",
     "RewardRecord",
     "SchemaError",
+    "SplitProgress",
     "StepRecord",
     "StoreError",
     "WriterStats",

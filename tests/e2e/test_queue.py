@@ -196,7 +196,8 @@ def test_a_killed_runner_s_rollouts_are_handed_out_again_and_completed(
                 len(
                     sql(
                         db_url,
-                        "SELECT DISTINCT c.rollout_id FROM llm_calls c JOIN rollouts r ON r.id = c.rollout_id "
+                        "SELECT DISTINCT c.rollout_id FROM llm_calls c "
+                        "JOIN rollouts r ON r.id = c.rollout_id "
                         "WHERE r.dataset = 'k' AND r.status = 'running'",
                     )
                 )
@@ -302,7 +303,7 @@ def test_an_agent_that_raises_fails_its_rollout_and_the_run_goes_on(
 
 
 def test_queue_routes_refuse_bad_input(stack: tuple[Proxy, dict[str, str]], tmp_path: Path) -> None:
-    proxy, env = stack
+    proxy, _ = stack
     post = lambda path, body: httpx.post(f"{proxy.url}{path}", json=body, headers=proxy.headers)  # noqa: E731
     missing = post("/v1/tasks/next", {"dataset": "nope"})
     assert missing.status_code == 404 and "lightloop tasks load" in missing.json()["error"]["message"]
