@@ -66,15 +66,24 @@ class Rollout:
 
 @contextmanager
 def rollout(
-    proxy: str, key: str, *, rollout_id: str | None = None, group: str | None = None
+    proxy: str,
+    key: str,
+    *,
+    rollout_id: str | None = None,
+    group: str | None = None,
+    group_size: int | None = None,
 ) -> Iterator[Rollout]:
     """A rollout for the block; its calls go through `.base_url`. A rollout that is not new (same
-    id) simply continues. The group makes rollouts of the same task comparable (GRPO)."""
+    id) simply continues. The group makes rollouts of the same task comparable (GRPO); its size,
+    when known, lets the trainer take it as soon as its last rollout ends (else it waits for the
+    group to settle, LIGHTLOOP_TRAINER__GROUP_SETTLE_S)."""
     r = Rollout(
         rollout_id or f"rollout-{uuid.uuid4().hex}", proxy.rstrip("/").removesuffix("/v1"), key, group
     )
     if group is not None:
         r.headers["X-Lightloop-Group"] = group
+    if group_size is not None:
+        r.headers["X-Lightloop-Group-Size"] = str(group_size)
     try:
         yield r
     except BaseException:

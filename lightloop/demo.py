@@ -105,7 +105,9 @@ class Demo:
         for g in range(self.groups):
             task = rng.choice(self.train_tasks)
             for t in range(self.tries):
-                jobs.append((f"demo-s{step}-g{g}-t{t}", task, {"X-Lightloop-Group": f"demo-s{step}-g{g}"}))
+                # The declared size lets the trainer take the group the moment its last try ends.
+                group = {"X-Lightloop-Group": f"demo-s{step}-g{g}", "X-Lightloop-Group-Size": str(self.tries)}
+                jobs.append((f"demo-s{step}-g{g}-t{t}", task, group))
         with ThreadPoolExecutor(self.parallel) as pool:
             list(pool.map(lambda j: self._attempt(j[0], j[1], 1.0, j[2]), jobs))
         return [j[0] for j in jobs]

@@ -650,15 +650,15 @@ def test_concurrent_calls_are_all_recorded_once(proxy: Proxy, module_db: str) ->
 def test_the_client_helper_attributes_calls_and_posts_the_reward(proxy: Proxy, module_db: str) -> None:
     from lightloop.client import RolloutError, rollout
 
-    with rollout(proxy.url + "/v1", proxy.key, group="helper-task") as r:
+    with rollout(proxy.url + "/v1", proxy.key, group="helper-task", group_size=3) as r:
         client = openai.OpenAI(
             base_url=r.base_url, api_key=proxy.key, default_headers=r.headers, max_retries=0
         )
         client.chat.completions.create(model="stub", messages=HI)
         client.chat.completions.create(model="stub", messages=HI)
         r.reward = 0.75
-    row = sql(module_db, "SELECT group_id, status, reward FROM rollouts WHERE id = $1", r.id)[0]
-    assert tuple(row) == ("helper-task", "succeeded", 0.75)
+    row = sql(module_db, "SELECT group_id, group_size, status, reward FROM rollouts WHERE id = $1", r.id)[0]
+    assert tuple(row) == ("helper-task", 3, "succeeded", 0.75)
     assert len(calls(module_db, r.id)) == 2
 
     def failing_agent() -> str:
