@@ -299,7 +299,10 @@ def test_an_agent_that_raises_fails_its_rollout_and_the_run_goes_on(
     )
     assert run_agent(proxy, env, "async_one_call", "--dataset", "g", "--max-tasks", "3").returncode == 0
     statuses = sql(db_url, "SELECT status, count(*) FROM rollouts WHERE dataset = 'g' GROUP BY 1")
-    assert {r[0]: r[1] for r in statuses} == {"succeeded": 3, "queued": 1}
+    counts = {r[0]: r[1] for r in statuses}
+    # Exactly three taken; slots asking at once may each have started a group, always a whole one.
+    assert counts["succeeded"] == 3 and set(counts) <= {"succeeded", "queued"}
+    assert (counts["succeeded"] + counts.get("queued", 0)) % 2 == 0
 
 
 def test_queue_routes_refuse_bad_input(stack: tuple[Proxy, dict[str, str]], tmp_path: Path) -> None:
