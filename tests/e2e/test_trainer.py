@@ -191,10 +191,11 @@ async def _seed(db_url: str, rollouts: int = 8) -> None:
         for i in range(rollouts):
             rid = f"r{i}"
             await conn.execute(
-                "INSERT INTO rollouts (id, group_id, status, reward, finished_at) "
-                "VALUES ($1, $2, 'succeeded', $3, now())",
+                "INSERT INTO rollouts (id, group_id, group_size, status, reward, finished_at) "
+                "VALUES ($1, $2, $3, 'succeeded', $4, now())",
                 rid,
                 f"g{i % 2}",
+                rollouts // 2,
                 float(i % 4 >= 2),
             )
             await conn.execute(
