@@ -13,15 +13,15 @@ alternates model calls and tool calls up to MAX_TOOL_ITERATIONS times and stops 
 reply without a tool call; its last message, that reply or else the last tool output, is scored.
 """
 
-import ast
 import logging
-import operator
-import re
 import warnings
 
 from autogen_agentchat.agents import AssistantAgent
 from autogen_core import EVENT_LOGGER_NAME
 from autogen_ext.models.openai import OpenAIChatCompletionClient
+
+# The same safe calculator and scoring as the plain-SDK example beside this file.
+from calculator_tool import calculate, score
 
 from lightloop.llm import LLM
 
@@ -31,38 +31,6 @@ SYSTEM = "You are good at arithmetic. Use the calculator tool, then reply with t
 warnings.filterwarnings("ignore", message="Resolved model mismatch")
 # AutoGen logs every request and response in full at INFO; lightloop records them already.
 logging.getLogger(EVENT_LOGGER_NAME).setLevel(logging.WARNING)
-OPERATORS = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
-    ast.USub: operator.neg, ast.UAdd: operator.pos,
-}  # fmt: skip
-
-
-def calculate(expression: str) -> str:
-    def value(node: ast.AST) -> float:
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return node.value
-        if isinstance(node, ast.UnaryOp) and type(node.op) in OPERATORS:
-            return OPERATORS[type(node.op)](value(node.operand))
-        if isinstance(node, ast.BinOp) and type(node.op) in OPERATORS:
-            left, right = value(node.left), value(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 64:
-                raise ValueError("exponent too large")
-            result = OPERATORS[type(node.op)](left, right)
-            if abs(result) > 1e100:
-                raise ValueError("number too large")
-            return result
-        raise ValueError("only numbers and + - * / // % ** are allowed")
-
-    try:
-        return str(value(ast.parse(str(expression)[:200], mode="eval").body))
-    except (SyntaxError, ValueError, ArithmeticError, RecursionError) as e:
-        return f"error: {e}"
-
-
-def score(reply: str | None, answer: str) -> float:
-    numbers = re.findall(r"-?\d+(?:\.\d+)?", (reply or "").replace(",", ""))
-    return 1.0 if numbers and float(numbers[-1]) == float(answer) else 0.0
 
 
 def calculator(expression: str) -> str:

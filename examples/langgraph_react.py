@@ -14,10 +14,8 @@ the proxy records each of them as this rollout's. ModelCallLimitMiddleware ends 
 MAX_MODEL_CALLS calls, so a model that keeps calling the tool cannot loop forever.
 """
 
-import ast
-import operator
-import re
-
+# The same safe calculator and scoring as the plain-SDK example beside this file.
+from calculator_tool import calculate, score
 from langchain.agents import create_agent
 from langchain.agents.middleware import ModelCallLimitMiddleware
 from langchain_core.tools import tool
@@ -27,38 +25,6 @@ from lightloop.llm import LLM
 
 MAX_MODEL_CALLS = 3
 SYSTEM = "You are good at arithmetic. Use the calculator tool, then reply with the number only."
-OPERATORS = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
-    ast.USub: operator.neg, ast.UAdd: operator.pos,
-}  # fmt: skip
-
-
-def calculate(expression: str) -> str:
-    def value(node: ast.AST) -> float:
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return node.value
-        if isinstance(node, ast.UnaryOp) and type(node.op) in OPERATORS:
-            return OPERATORS[type(node.op)](value(node.operand))
-        if isinstance(node, ast.BinOp) and type(node.op) in OPERATORS:
-            left, right = value(node.left), value(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 64:
-                raise ValueError("exponent too large")
-            result = OPERATORS[type(node.op)](left, right)
-            if abs(result) > 1e100:
-                raise ValueError("number too large")
-            return result
-        raise ValueError("only numbers and + - * / // % ** are allowed")
-
-    try:
-        return str(value(ast.parse(str(expression)[:200], mode="eval").body))
-    except (SyntaxError, ValueError, ArithmeticError, RecursionError) as e:
-        return f"error: {e}"
-
-
-def score(reply: str | None, answer: str) -> float:
-    numbers = re.findall(r"-?\d+(?:\.\d+)?", (reply or "").replace(",", ""))
-    return 1.0 if numbers and float(numbers[-1]) == float(answer) else 0.0
 
 
 @tool
