@@ -21,14 +21,11 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,45 +33,11 @@ import aiohttp
 import psutil
 import yaml
 
-from lightloop.stack import wait_ready
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import cpu_seconds, free_port, process
 
-REPO = Path(__file__).resolve().parent.parent
 KEY = "sk-bench-" + "0123456789abcdef" * 4
 MESSAGES = [{"role": "user", "content": "Benchmark me, please: a short question."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def process(
-    args: list[str], env: dict[str, str], health: str, log: Path, key: str | None = None
-) -> Iterator[psutil.Process]:
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-        wait_ready(health, proc, log.stem, 180, key)
-        yield psutil.Process(proc.pid)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def cpu_seconds(p: psutil.Process) -> float:
-    total = 0.0
-    for q in [p, *p.children(recursive=True)]:
-        try:
-            t = q.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
 
 
 async def load(

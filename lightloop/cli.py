@@ -429,6 +429,29 @@ def tasks_load(
     )
 
 
+@tasks.command("stop")
+@click.argument("dataset")
+@click.pass_context
+def tasks_stop(ctx: click.Context, dataset: str) -> None:
+    """Stop training on DATASET: no new train groups are started and the ones no runner has
+    started are discarded; started groups and val rounds finish, so runners drain and exit.
+    Loading tasks into it again resumes it."""
+    from lightloop.store.database import connect
+    from lightloop.store.tasks import stop_dataset
+
+    url = _database_url(_settings(ctx))
+
+    async def stop() -> int:
+        conn = await connect(url)
+        try:
+            return await stop_dataset(conn, dataset)
+        finally:
+            await conn.close()
+
+    discarded = _run(stop())  # an unknown dataset: NotFound, one line and exit 1 (main)
+    click.echo(f"{dataset}: stopped; {discarded} queued rollouts that no runner had started were discarded")
+
+
 @tasks.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @click.pass_context
@@ -577,6 +600,7 @@ def run_agent(
 )
 @click.option("--groups", type=int, default=8, show_default=True, help="Tasks per step.")
 @click.option("--tries", type=int, default=4, show_default=True, help="Attempts per task (one GRPO group).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the task choice and order.")
 @click.option(
     "--learning-rate", type=float, default=1e-3, show_default=True, help="The trainer's LoRA learning rate."
 )
@@ -591,12 +615,15 @@ def demo(
     minutes: float,
     groups: int,
     tries: int,
+    seed: int,
     learning_rate: float,
     plot_path: Path | None,
 ) -> None:
-    """The whole loop on CPU: an example agent does short arithmetic through the proxy (reward 1
-    for the exact answer), the trainer learns, and the held-out reward per policy version is read
-    back with SQL and plotted. Uses a running stack when the proxy answers, else starts one."""
+    """The whole loop on CPU, on the task queue: sums are loaded as a dataset, the runner hands
+    them to an example `openai` SDK agent (reward 1 for the exact answer), the trainer learns
+    from the groups, the held-out split runs against every new version, and the curve is read
+    back from `reward_by_version` and plotted. Uses a running stack when the proxy answers, else
+    starts one."""
     import contextlib
 
     import httpx
@@ -634,12 +661,24 @@ def demo(
             }
             stack = stack_ctx.enter_context(running_stack(settings, extra_env=env))
             base, key, url = stack.base_url, stack.key, stack.database_url
-        runner = Demo(base, key, url, groups=groups, tries=tries, log=lambda line: click.echo(line))
-        curve = runner.run(steps, minutes)
-    click.echo("held-out reward per version, from SQL:")
+        demo_run = Demo(
+            base,
+            key,
+            url,
+            policy=settings.policy[0].name,
+            groups=groups,
+            tries=tries,
+            seed=seed,
+            log=lambda line: click.echo(line),
+        )
+        curve = _run(demo_run.run(steps, minutes))
+    click.echo(f"reward per version on {demo_run.dataset}, from SQL:")
     click.echo(CURVE_SQL.strip())
-    for version, value in curve:
-        click.echo(f"  v{version}: {value:.3f}")
+    for row in curve:
+        if not row["val_rollouts"]:
+            continue
+        train = "" if row["train_reward"] is None else f"   training tries {float(row['train_reward']):.3f}"
+        click.echo(f"  v{row['policy_version']}: {float(row['val_reward']):.3f} held-out{train}")
     path = plot_path or settings.home / "demo.png"
     plot(curve, path, f"lightloop demo: {model}, {groups}x{tries} rollouts per step")
     click.echo(f"plot: {path}")

@@ -1,27 +1,47 @@
-"""`lightloop demo`: the whole loop on CPU. An example agent does short arithmetic through the
-proxy with the `openai` SDK (reward 1 for the exact answer), the trainer learns from it, and the
-held-out reward of each policy version is read back with SQL and plotted.
+"""`lightloop demo`: the whole loop on CPU, on the task queue. Sums of two numbers are loaded as
+a dataset (training tasks, and held-out tasks as its val split); the runner hands them to an
+ordinary `openai` SDK agent that answers through the proxy (reward 1 for the exact answer);
+the trainer learns from the GRPO groups; the queue runs the held-out tasks against every new
+version; and the learning curve is read back from `reward_by_version` and plotted.
 
-The agent is an ordinary client: it only knows the proxy's base URL and key."""
+The agent knows nothing of lightloop but the base URL and key its `llm` carries."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import random
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-
-import asyncpg
-import httpx
-import openai
+from typing import Any
 
 from lightloop.errors import LightloopError
-from lightloop.store import connect
+from lightloop.llm import LLM
+from lightloop.runner import Runner
+from lightloop.store import (
+    TrainingProgress,
+    connect,
+    live_version,
+    load_tasks,
+    reward_curve,
+    stop_dataset,
+    training_progress,
+)
+from lightloop.store.tasks import REWARD_CURVE_SQL
 
 SYSTEM = "You are a calculator. Reply with the number only."
+MAX_TOKENS = 16
+# Nothing happened for this long (no rollout finished, no step taken): the trainer or the
+# engine is not running; say so instead of waiting for ever.
+STALL_S = 900.0
+
+__all__ = ["CURVE_SQL", "Demo", "Task", "agent", "plot", "reward", "tasks"]
+
+CURVE_SQL = REWARD_CURVE_SQL
 
 
 @dataclass(frozen=True)
@@ -37,16 +57,25 @@ class Task:
     def answer(self) -> str:
         return str(self.a + self.b)
 
+    def row(self) -> dict[str, Any]:
+        """The task as a dataset row (its id keeps loading idempotent)."""
+        return {"id": f"{self.a}+{self.b}", "a": self.a, "b": self.b, "question": self.question}
+
 
 def reward(task: Task, reply: str) -> float:
-    """1 for exactly the number. Partial credit points the way: 0.5 when the right number is
-    there among other words, 0.1 for any number at all; 0 otherwise."""
+    """1 for exactly the number: the task. Below that, partial credit points the way, each tier
+    under the one above it: the right number among other words 0.5, any number 0.2, nothing 0,
+    each plus less than 0.1 for brevity (the task asks for the number only), so that the tries of
+    one group seldom tie and a group always says which answer was better."""
     text = reply.strip().rstrip(".")
     if text == task.answer:
         return 1.0
+    brevity = 0.1 * 20 / (20 + len(text))  # 0.1 for nothing, 0.05 at 20 characters, never 0
     if task.answer in text.replace(",", " ").split():
-        return 0.5
-    return 0.1 if any(ch.isdigit() for ch in text) else 0.0
+        return 0.5 + brevity
+    if any(ch.isdigit() for ch in text):
+        return 0.2 + brevity
+    return brevity
 
 
 def tasks(seed: int = 0) -> tuple[list[Task], list[Task]]:
@@ -56,148 +85,193 @@ def tasks(seed: int = 0) -> tuple[list[Task], list[Task]]:
     return every[32:], every[:32]
 
 
+async def agent(task: dict[str, Any], llm: LLM) -> float:
+    """The demo's agent: one chat call. Training tries sample (temperature 1, the GRPO group's
+    spread); held-out tasks are answered greedily."""
+    temperature = 0.0 if llm.mode == "val" else 1.0
+    async with llm.async_openai(max_retries=2) as client:
+        completion = await client.chat.completions.create(
+            model=llm.model,
+            messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": task["question"]}],
+            max_tokens=MAX_TOKENS,
+            temperature=temperature,
+        )
+    return reward(Task(int(task["a"]), int(task["b"])), completion.choices[0].message.content or "")
+
+
 @dataclass
 class Demo:
     base_url: str  # the proxy, without /v1
     key: str
     database_url: str
-    model: str = "policy"
-    groups: int = 8
-    tries: int = 4
+    policy: str = "policy"
+    groups: int = 8  # tasks per training step
+    tries: int = 4  # rollouts per task: one GRPO group
     held_out: int = 16
-    parallel: int = 8
+    parallel: int = 8  # the runner's concurrency
+    seed: int = 0
     log: Callable[[str], None] = print
+    dataset: str = field(default_factory=lambda: f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}")
 
     def __post_init__(self) -> None:
         self.train_tasks, held = tasks()
         self.held_tasks = held[: self.held_out]
-        self.headers = {"authorization": f"Bearer {self.key}"}
+        self._reported: set[int] = set()
+        self._started = time.monotonic()
+        self._deadline = math.inf
+        self._stopped = False
 
-    def _client(self, rollout: str, extra: dict[str, str]) -> openai.OpenAI:
-        return openai.OpenAI(
-            base_url=f"{self.base_url}/rollout/{rollout}/v1",
-            api_key=self.key,
-            default_headers=extra,
-            max_retries=2,
-        )
-
-    def _attempt(self, rollout: str, task: Task, temperature: float, extra: dict[str, str]) -> float:
-        completion = self._client(rollout, extra).chat.completions.create(
-            model=self.model,
-            messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": task.question}],
-            max_tokens=16,
-            temperature=temperature,
-        )
-        value = reward(task, completion.choices[0].message.content or "")
-        answer = httpx.post(
-            f"{self.base_url}/v1/rollouts/{rollout}/finish",
-            json={"status": "succeeded", "reward": value},
-            headers=self.headers,
-            timeout=60,
-        )
-        if answer.status_code != 200:
-            raise LightloopError(f"finishing {rollout}: HTTP {answer.status_code}: {answer.text[:200]}")
-        return value
-
-    def play(self, step: int, rng: random.Random) -> list[str]:
-        """One batch of training rollouts: `groups` tasks, `tries` attempts each (a GRPO group)."""
-        jobs = []
-        for g in range(self.groups):
-            task = rng.choice(self.train_tasks)
-            for t in range(self.tries):
-                # The declared size lets the trainer take the group the moment its last try ends.
-                group = {"X-Lightloop-Group": f"demo-s{step}-g{g}", "X-Lightloop-Group-Size": str(self.tries)}
-                jobs.append((f"demo-s{step}-g{g}-t{t}", task, group))
-        with ThreadPoolExecutor(self.parallel) as pool:
-            list(pool.map(lambda j: self._attempt(j[0], j[1], 1.0, j[2]), jobs))
-        return [j[0] for j in jobs]
-
-    def evaluate(self, version: int) -> float:
-        """Greedy answers to the held-out tasks, as evaluation rollouts (never trained on)."""
-        jobs = [(f"demo-eval-v{version}-{i}", task) for i, task in enumerate(self.held_tasks)]
-        with ThreadPoolExecutor(self.parallel) as pool:
-            values = list(
-                pool.map(lambda j: self._attempt(j[0], j[1], 0.0, {"X-Lightloop-Mode": "val"}), jobs)
-            )
-        return sum(values) / len(values)
-
-    def live_version(self) -> int:
-        health = httpx.get(f"{self.base_url}/health", headers=self.headers, timeout=10).json()
-        return int(health["policies"][self.model])
-
-    async def _consumed(self, ids: list[str]) -> bool:
+    async def load(self, steps: int) -> tuple[int, int]:
+        """The dataset: just enough training tasks for `steps` steps (each task one group), so
+        that the queue drains when they are done; returns (tasks, epochs)."""
+        wanted = steps * self.groups
+        n = min(len(self.train_tasks), wanted)
+        epochs = math.ceil(wanted / n)
+        chosen = random.Random(self.seed).sample(self.train_tasks, n)
         conn = await connect(self.database_url)
         try:
-            n = await conn.fetchval(
-                "SELECT count(*) FROM rollouts WHERE id = ANY($1::text[]) AND consumed_by_step IS NOT NULL",
-                ids,
+            await load_tasks(
+                conn,
+                self.dataset,
+                "train",
+                [t.row() for t in chosen],
+                group_size=self.tries,
+                policy=self.policy,
+                seed=self.seed,
+                epochs=epochs,
+            )
+            await load_tasks(
+                conn,
+                self.dataset,
+                "val",
+                [t.row() for t in self.held_tasks],
+                group_size=1,
+                policy=self.policy,
             )
         finally:
             await conn.close()
-        return int(n) == len(ids)
+        return n, epochs
 
-    def wait_trained(self, ids: list[str], timeout_s: float) -> None:
-        """Until the trainer recorded a step for these rollouts (a separate process's progress)."""
-        deadline = time.monotonic() + timeout_s
-        while not asyncio.run(self._consumed(ids)):
-            if time.monotonic() > deadline:
-                raise LightloopError(
-                    f"the trainer did not take the batch within {timeout_s:g} s; is it running?"
-                )
-            time.sleep(1.0)
-
-    def run(self, steps: int, minutes: float) -> list[tuple[int, float]]:
-        started = time.monotonic()
-        rng = random.Random(1)
-        version = self.live_version()
-        self.log(f"version {version}: held-out reward {self.evaluate(version):.3f}")
-        for step in range(steps):
-            if (time.monotonic() - started) / 60 > minutes:
-                self.log(f"stopping after {minutes:g} minutes")
-                break
-            ids = self.play(step, rng)
-            self.wait_trained(ids, timeout_s=900)
-            # The proxy learns a new version by NOTIFY; the step's row is written after publishing.
-            new = self.live_version()
-            if new != version:
-                version = new
-                score = self.evaluate(version)
-                self.log(
-                    f"version {version}: held-out reward {score:.3f}  ({time.monotonic() - started:.0f} s)"
-                )
-        return asyncio.run(self.curve())
-
-    async def curve(self) -> list[tuple[int, float]]:
-        """Held-out reward per policy version, straight from SQL."""
-        conn: asyncpg.Connection = await connect(self.database_url)
+    async def _read(self) -> tuple[TrainingProgress, int]:
+        conn = await connect(self.database_url)
         try:
-            rows = await conn.fetch(CURVE_SQL)
+            live = await live_version(conn, self.policy)
+            return await training_progress(conn, self.dataset), (live.version if live else 0)
         finally:
             await conn.close()
-        return [(int(r["policy_version"]), float(r["held_out_reward"])) for r in rows]
+
+    def _report(self, progress: TrainingProgress) -> None:
+        for r in progress.val_rounds:
+            if r.complete and r.version not in self._reported:
+                self._reported.add(r.version)
+                served = progress.calls_by_version.get(r.version, 0)
+                mean = "n/a" if r.mean_reward is None else f"{r.mean_reward:.3f}"
+                self.log(
+                    f"version {r.version}: held-out reward {mean} over {r.rollouts} tasks"
+                    f"  ({served} calls served by v{r.version}, {time.monotonic() - self._started:.0f} s)"
+                )
+
+    async def _watch(self, runner: Runner, stalled: list[str]) -> None:
+        """Report finished val rounds as they come; at the deadline stop the dataset (started
+        groups finish, so the runner drains); stop the runner when nothing moves at all."""
+        last, moved = None, time.monotonic()
+        while True:
+            progress, _ = await self._read()
+            self._report(progress)
+            signature = (progress.steps, progress.finished)
+            if signature != last:
+                last, moved = signature, time.monotonic()
+            elif time.monotonic() - moved > STALL_S:
+                stalled.append(f"nothing finished for {STALL_S:g} s; are the engine and the trainer running?")
+                runner.stop()
+                return
+            await self._stop_if_late()
+            await asyncio.sleep(1.0)
+
+    async def run(self, steps: int, minutes: float) -> list[dict[str, Any]]:
+        """Until the trainer took every training group and the newest version's held-out round
+        is done (or `minutes` passed: then the started groups finish and the run ends)."""
+        self._started = time.monotonic()
+        self._deadline = self._started + minutes * 60
+        self._stopped = False
+        n, epochs = await self.load(steps)
+        self.log(
+            f"dataset {self.dataset}: {n} training tasks x {epochs} epoch(s), {self.tries} tries each, "
+            f"{len(self.held_tasks)} held-out tasks; the runner takes them from the queue"
+        )
+        while True:
+            runner = Runner(agent, self.base_url, self.key, self.dataset, concurrency=self.parallel)
+            stalled: list[str] = []
+            watch = asyncio.create_task(self._watch(runner, stalled))
+            try:
+                await runner.run()  # until the queue is drained for now
+            finally:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
+            if stalled:
+                raise LightloopError(stalled[0])
+            progress, live = await self._read()
+            self._report(progress)
+            if live not in self._reported:
+                # The live version's val round is made when a runner next asks (the proxy may
+                # learn of the version a moment after the database has it).
+                await asyncio.sleep(0.5)
+                continue
+            if progress.train_open == 0 or self._stopped:
+                break
+            await self._wait_for_trainer(progress, live)
+        conn = await connect(self.database_url)
+        try:
+            return await reward_curve(conn, self.dataset)
+        finally:
+            await conn.close()
+
+    async def _wait_for_trainer(self, before: TrainingProgress, live_before: int) -> None:
+        """Every group is finished and the trainer has some still to take: until it takes a
+        step or publishes (a new val round), or time is up."""
+        since = time.monotonic()
+        while True:
+            progress, live = await self._read()
+            if progress.steps != before.steps or live != live_before:
+                return
+            if await self._stop_if_late():
+                return
+            if time.monotonic() - since > STALL_S:
+                raise LightloopError(f"the trainer took no step within {STALL_S:g} s; is it running?")
+            await asyncio.sleep(1.0)
+
+    async def _stop_if_late(self) -> bool:
+        if time.monotonic() < self._deadline or self._stopped:
+            return self._stopped
+        self._stopped = True
+        conn = await connect(self.database_url)
+        try:
+            discarded = await stop_dataset(conn, self.dataset)
+        finally:
+            await conn.close()
+        self.log(f"time is up: no new training groups ({discarded} unstarted rollouts discarded)")
+        return True
 
 
-CURVE_SQL = """
-SELECT c.policy_version, avg(r.reward) AS held_out_reward, count(*) AS tasks
-FROM rollouts r JOIN llm_calls c ON c.rollout_id = r.id
-WHERE r.mode = 'val' AND r.id LIKE 'demo-eval-%'
-GROUP BY c.policy_version ORDER BY c.policy_version
-"""
-
-
-def plot(curve: list[tuple[int, float]], path: Path, title: str) -> None:
+def plot(curve: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot([v for v, _ in curve], [r for _, r in curve], marker="o")
+    val = [(r["policy_version"], float(r["val_reward"])) for r in curve if r["val_rollouts"]]
+    train = [(r["policy_version"], float(r["train_reward"])) for r in curve if r["train_rollouts"]]
+    ax.plot([v for v, _ in val], [x for _, x in val], marker="o", label="held-out (val)")
+    if train:
+        ax.plot([v for v, _ in train], [x for _, x in train], alpha=0.5, label="training tries")
     ax.set_xlabel("policy version (training steps published)")
-    ax.set_ylabel("mean held-out reward")
+    ax.set_ylabel("mean reward")
     ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

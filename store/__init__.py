@@ -45,10 +45,15 @@ from lightloop.store.tasks import (
     DatasetProgress,
     LoadResult,
     SplitProgress,
+    TrainingProgress,
+    ValRound,
     dataset_progress,
     latest_val_reward,
     load_tasks,
+    reward_curve,
+    stop_dataset,
     task_id,
+    training_progress,
 )
 from lightloop.store.writer import BatchWriter, WriterStats
 
@@ -79,6 +84,8 @@ __all__ = [
     "SplitProgress",
     "StepRecord",
     "StoreError",
+    "TrainingProgress",
+    "ValRound",
     "WriterStats",
     "adapter_name",
     "add_reward",
@@ -108,10 +115,13 @@ __all__ = [
     "release_expired",
     "resolve_database_url",
     "retire_version",
+    "reward_curve",
     "run_sql",
     "set_live",
     "stage_version",
+    "stop_dataset",
     "task_id",
+    "training_progress",
     "translated",
     "upgrade",
 ]

@@ -62,7 +62,8 @@ _NEW_GROUP_SQL = """
 WITH t AS (
     SELECT t.dataset, t.id, t.group_size, t.epochs_started
     FROM tasks t JOIN datasets d ON d.name = t.dataset
-    WHERE t.dataset = ANY($1::text[]) AND t.split = 'train' AND (d.epochs = 0 OR t.epochs_started < d.epochs)
+    WHERE t.dataset = ANY($1::text[]) AND t.split = 'train' AND d.stopped_at IS NULL
+      AND (d.epochs = 0 OR t.epochs_started < d.epochs)
     ORDER BY t.epochs_started, md5(d.seed::text || ':' || t.epochs_started::text || ':' || t.id)
     LIMIT 1
     FOR UPDATE OF t SKIP LOCKED
@@ -211,7 +212,7 @@ async def next_rollout(
             )
             more = "train" in modes and await conn.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM tasks t JOIN datasets d ON d.name = t.dataset "
-                "WHERE t.dataset = ANY($1::text[]) AND t.split = 'train' "
+                "WHERE t.dataset = ANY($1::text[]) AND t.split = 'train' AND d.stopped_at IS NULL "
                 "AND (d.epochs = 0 OR t.epochs_started < d.epochs))",
                 names,
             )

@@ -109,6 +109,8 @@ class Dataset(Base):
     seed: Mapped[int] = mapped_column(BigInteger, server_default="0")
     epochs: Mapped[int] = mapped_column(Integer, server_default="1")  # 0: until stopped
     created_at: Mapped[datetime] = mapped_column(TZ, server_default=NOW)
+    # Set by `lightloop tasks stop`: no new train groups; the started ones finish.
+    stopped_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
 
     __table_args__ = (CheckConstraint("epochs >= 0", name="epochs"),)
 

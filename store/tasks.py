@@ -49,6 +49,7 @@ class SplitProgress:
     # version); None while epochs is 0 (until stopped).
     planned: int | None = None
     val_rounds: int = 0
+    stopped: bool = False  # `lightloop tasks stop`: no new train groups
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
@@ -73,7 +74,8 @@ async def load_tasks(
     epochs: int | None = None,
 ) -> LoadResult:
     """Add `tasks` to `dataset`/`split` in one transaction. A task whose id is already there is
-    left as it is. `seed` and `epochs` change the dataset's schedule when given."""
+    left as it is. `seed` and `epochs` change the dataset's schedule when given; a stopped
+    dataset is resumed."""
     assert split in SPLITS, split
     if group_size < 1:
         raise ValueError("group size must be at least 1")
@@ -91,7 +93,8 @@ async def load_tasks(
             INSERT INTO datasets (name, policy, seed, epochs)
             VALUES ($1, $2, coalesce($3, 0), coalesce($4, 1))
             ON CONFLICT (name) DO UPDATE
-            SET seed = coalesce($3, datasets.seed), epochs = coalesce($4, datasets.epochs)
+            SET seed = coalesce($3, datasets.seed), epochs = coalesce($4, datasets.epochs),
+                stopped_at = NULL
             """,
             dataset,
             policy,
@@ -120,11 +123,11 @@ async def dataset_progress(conn: asyncpg.Connection, dataset: str | None = None)
     """Every dataset (or one: NotFound when it does not exist) with its splits' counts."""
     rows = await conn.fetch(
         """
-        SELECT d.name, d.policy, d.epochs, t.split, count(t.id) AS tasks,
+        SELECT d.name, d.policy, d.epochs, d.stopped_at, t.split, count(t.id) AS tasks,
                coalesce(max(t.group_size), 1) AS group_size, coalesce(sum(t.group_size), 0) AS per_epoch
         FROM datasets d LEFT JOIN tasks t ON t.dataset = d.name
         WHERE $1::text IS NULL OR d.name = $1
-        GROUP BY d.name, d.policy, d.epochs, t.split
+        GROUP BY d.name, d.policy, d.epochs, d.stopped_at, t.split
         ORDER BY d.name, t.split
         """,
         dataset,
@@ -144,6 +147,7 @@ async def dataset_progress(conn: asyncpg.Connection, dataset: str | None = None)
             group_size=int(r["group_size"]),
             epochs=int(r["epochs"]),
             planned=_planned(r["split"], int(r["per_epoch"]), int(r["epochs"])),
+            stopped=r["stopped_at"] is not None,
         )
     counts = await conn.fetch(
         """
@@ -170,6 +174,11 @@ async def dataset_progress(conn: asyncpg.Connection, dataset: str | None = None)
         if val is not None:
             val.val_rounds = int(r["n"])
             val.planned = val.tasks * int(r["n"])
+    for d in out.values():
+        train = d.splits.get("train")
+        if train is not None and train.stopped:
+            # What was started is all there will be.
+            train.planned = train.queued + train.running + train.done + train.failed
     return list(out.values())
 
 
@@ -189,3 +198,122 @@ async def latest_val_reward(conn: asyncpg.Connection, dataset: str) -> tuple[int
         dataset,
     )
     return None if row is None else (int(row["policy_version"]), float(row["val_reward"]))
+
+
+# Train groups of the dataset that no runner has touched (every rollout queued, never handed
+# out), locked first so that a hand-out running now either took its row before (the group is
+# kept) or finds it gone. Their tasks get their epoch back, so that resuming starts them again.
+_DISCARD_UNSTARTED_SQL = """
+WITH open AS (
+    SELECT id, group_id, task_id, status, attempt FROM rollouts
+    WHERE dataset = $1 AND mode = 'train' AND consumed_by_step IS NULL
+    FOR UPDATE
+),
+untouched AS (
+    SELECT group_id, min(task_id) AS task_id FROM open
+    GROUP BY group_id HAVING bool_and(status = 'queued' AND coalesce(attempt, 0) = 0)
+),
+gone AS (
+    DELETE FROM rollouts r USING untouched u WHERE r.dataset = $1 AND r.group_id = u.group_id
+    RETURNING r.id
+),
+returned AS (
+    UPDATE tasks t SET epochs_started = greatest(t.epochs_started - 1, 0)
+    FROM untouched u WHERE t.dataset = $1 AND t.split = 'train' AND t.id = u.task_id
+)
+SELECT count(*) FROM gone
+"""
+
+
+async def stop_dataset(conn: asyncpg.Connection, dataset: str) -> int:
+    """Stop training on `dataset`: the queue starts no new train group of it, and the groups no
+    runner has started are discarded; started groups and val rounds are handed out and finish
+    as usual, so nothing a runner did is lost. Loading tasks into it again resumes it. Returns
+    how many queued rollouts were discarded."""
+    async with conn.transaction():
+        found = await conn.fetchval(
+            "UPDATE datasets SET stopped_at = coalesce(stopped_at, now()) WHERE name = $1 RETURNING name",
+            dataset,
+        )
+        if found is None:
+            raise NotFound(f"dataset {dataset!r} does not exist")
+        return int(await conn.fetchval(_DISCARD_UNSTARTED_SQL, dataset))
+
+
+@dataclass(frozen=True)
+class ValRound:
+    version: int
+    rollouts: int
+    finished: int
+    mean_reward: float | None  # of the finished ones
+
+    @property
+    def complete(self) -> bool:
+        return self.finished == self.rollouts
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    """Where training on one dataset stands: what `lightloop demo` follows."""
+
+    steps: int  # training steps that consumed its rollouts
+    finished: int  # its rollouts that finished (succeeded or failed)
+    train_open: int  # train rollouts not consumed by a step yet (queued, running or waiting)
+    val_rounds: list[ValRound]
+    calls_by_version: dict[int, int]  # LLM calls of its rollouts, by the version that served them
+
+
+async def training_progress(conn: asyncpg.Connection, dataset: str) -> TrainingProgress:
+    steps, finished, open_ = await conn.fetchrow(
+        """
+        SELECT count(DISTINCT consumed_by_step),
+               count(*) FILTER (WHERE status IN ('succeeded', 'failed')),
+               count(*) FILTER (WHERE mode = 'train' AND consumed_by_step IS NULL)
+        FROM rollouts WHERE dataset = $1
+        """,
+        dataset,
+    )
+    rounds = await conn.fetch(
+        """
+        SELECT policy_version AS version, count(*) AS rollouts,
+               count(*) FILTER (WHERE status IN ('succeeded', 'failed')) AS finished,
+               avg(reward) FILTER (WHERE status IN ('succeeded', 'failed')) AS mean_reward
+        FROM rollouts WHERE dataset = $1 AND mode = 'val'
+        GROUP BY policy_version ORDER BY policy_version
+        """,
+        dataset,
+    )
+    calls = await conn.fetch(
+        """
+        SELECT c.policy_version, count(*) AS n FROM llm_calls c JOIN rollouts r ON r.id = c.rollout_id
+        WHERE r.dataset = $1 AND c.policy_version IS NOT NULL GROUP BY 1
+        """,
+        dataset,
+    )
+    return TrainingProgress(
+        steps=int(steps),
+        finished=int(finished),
+        train_open=int(open_),
+        val_rounds=[
+            ValRound(
+                int(r["version"]),
+                int(r["rollouts"]),
+                int(r["finished"]),
+                None if r["mean_reward"] is None else float(r["mean_reward"]),
+            )
+            for r in rounds
+        ],
+        calls_by_version={int(c["policy_version"]): int(c["n"]) for c in calls},
+    )
+
+
+async def reward_curve(conn: asyncpg.Connection, dataset: str) -> list[dict[str, Any]]:
+    """`reward_by_version` for one dataset, oldest version first: the learning curve."""
+    rows = await conn.fetch(REWARD_CURVE_SQL, dataset)
+    return [dict(r) for r in rows]
+
+
+REWARD_CURVE_SQL = """
+SELECT policy_version, train_reward, train_rollouts, val_reward, val_rollouts
+FROM reward_by_version WHERE dataset = $1 ORDER BY policy_version
+"""

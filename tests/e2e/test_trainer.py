@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -336,19 +337,47 @@ def test_the_demo_wiring_check_runs_the_whole_loop(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "version 0: held-out reward" in result.stdout and "  v0: " in result.stdout
+    out = result.stdout
+    assert "version 0: held-out reward" in out and "  v0: " in out
+    # At least one version was published, its held-out round ran, and it served calls.
+    served = re.findall(
+        r"version (\d+): held-out reward [\d.]+ over 16 tasks {2}\((\d+) calls served by v\1", out
+    )
+    assert any(int(v) >= 1 and int(n) >= 16 for v, n in served), out[-3000:]
+    assert re.search(r"  v[1-9]\d*: ", out), out[-3000:]
     assert plot.read_bytes().startswith(b"\x89PNG")
-    assert "embedded Postgres stopped" in result.stdout
+    assert "embedded Postgres stopped" in out
+    dataset = re.search(r"dataset (demo-[\d-]+):", out)
+    assert dataset is not None, out
+    name = dataset.group(1)
+    query = f"""
+        SELECT (SELECT count(*) FROM training_steps) AS steps,
+               (SELECT count(*) FROM policy_versions WHERE version > 0) AS published,
+               (SELECT max(version) FROM policy_versions WHERE status = 'live') AS live,
+               (SELECT count(*) FROM rollouts WHERE dataset = '{name}' AND mode = 'train'
+                  AND consumed_by_step IS NULL) AS untrained,
+               (SELECT count(DISTINCT group_id) FROM rollouts WHERE dataset = '{name}'
+                  AND mode = 'train') AS groups,
+               (SELECT array_agg(version ORDER BY version) FROM val_rounds
+                  WHERE dataset = '{name}') AS rounds,
+               (SELECT count(*) FROM rollouts WHERE dataset = '{name}' AND mode = 'val'
+                  AND status <> 'succeeded') AS val_unfinished,
+               (SELECT count(*) FROM rollouts WHERE dataset = '{name}' AND mode = 'val') AS val_rollouts
+    """
     counted = subprocess.run(
-        [LIGHTLOOP, "sql", "--json", "SELECT count(*) AS steps FROM training_steps"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        [LIGHTLOOP, "sql", "--json", query], env=env, capture_output=True, text=True, timeout=60, check=False
     )
     subprocess.run([LIGHTLOOP, "db", "stop"], env=env, capture_output=True, timeout=60, check=False)
-    assert json.loads(counted.stdout) == [{"steps": 3}], counted.stderr
+    [row] = json.loads(counted.stdout)
+    # The dataset held 3 x 4 groups: the trainer took all of them, in exactly 3 steps, each of
+    # which published a version.
+    assert (row["steps"], row["published"], row["live"], row["untrained"], row["groups"]) == (3, 3, 3, 0, 12)
+    # Held-out rounds: v0 and the final version at least (a version replaced before a runner
+    # asked for work gets none), each of all 16 tasks, all finished, and the demo reported each.
+    rounds = row["rounds"]
+    assert rounds[0] == 0 and rounds[-1] == 3 and row["val_rollouts"] == 16 * len(rounds), row
+    assert row["val_unfinished"] == 0
+    assert sorted(int(v) for v, _ in served) == rounds
 
 
 def test_a_live_version_whose_adapter_is_missing_stops_the_trainer_clearly(

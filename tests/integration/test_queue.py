@@ -26,6 +26,8 @@ from lightloop.store import (
     load_tasks,
     next_rollout,
     record_step,
+    stop_dataset,
+    training_progress,
 )
 from lightloop.store.database import dsn
 
@@ -332,3 +334,60 @@ async def test_reward_by_version_gives_the_curve(conn: asyncpg.Connection) -> No
     row = rows[0]
     assert (row["policy_version"], row["val_rollouts"], row["train_rollouts"]) == (0, 3, 2)
     assert (row["val_reward"], row["train_reward"]) == (1.0, 0.5)
+
+
+async def test_a_stopped_dataset_lets_started_groups_finish_and_makes_no_new_ones(
+    conn: asyncpg.Connection,
+) -> None:
+    await load(conn, group_size=2)
+    started = await take(conn)  # one rollout of the first group: that group is started
+    assert isinstance(started, Handout)
+    await take(conn, max_groups=None)  # the second of the first group
+    third = await take(conn)  # the second group is made and one of it handed out
+    assert isinstance(third, Handout) and third.group_id != started.group_id
+    await ensure_val_round(conn, "sums", "policy", 0)
+    # A third group made but never handed out: only it goes.
+    await conn.execute("UPDATE rollouts SET status = 'queued', attempt = 0 WHERE id = $1", third.rollout_id)
+    await conn.execute("DELETE FROM rollout_attempts WHERE rollout_id = $1", third.rollout_id)
+    epochs_before = await conn.fetchval("SELECT sum(epochs_started) FROM tasks WHERE dataset = 'sums'")
+    assert await stop_dataset(conn, "sums") == 2
+    assert await stop_dataset(conn, "sums") == 0  # stopping again changes nothing
+    left = await conn.fetch("SELECT DISTINCT group_id FROM rollouts WHERE mode = 'train'")
+    assert [r["group_id"] for r in left] == [started.group_id]
+    # The discarded group's task gets its epoch back, so that resuming starts it again.
+    assert await conn.fetchval("SELECT sum(epochs_started) FROM tasks WHERE dataset = 'sums'") == (
+        epochs_before - 1
+    )
+    # Val rounds still run; no new train group is made; once done, the queue is drained.
+    for _ in range(3):
+        got = await take(conn, ("val", "train"))
+        assert isinstance(got, Handout) and got.split == "val"
+        await finish_rollout(conn, got.rollout_id, "succeeded", 1.0, attempt=got.attempt)
+    waiting = await take(conn)
+    assert isinstance(waiting, Empty) and not waiting.drained  # the started group is running
+    for rid in await conn.fetch("SELECT id, attempt FROM rollouts WHERE group_id = $1", started.group_id):
+        await finish_rollout(conn, rid["id"], "succeeded", 0.5, attempt=rid["attempt"])
+    drained = await take(conn)
+    assert isinstance(drained, Empty) and drained.drained
+    [progress] = await dataset_progress(conn, "sums")
+    train = progress.splits["train"]
+    assert train.stopped and train.planned == train.done == 2
+    # Loading into it again resumes it.
+    await load_tasks(conn, "sums", "train", TRAIN[:1], group_size=2, policy="policy")
+    assert isinstance(await take(conn), Handout)
+    with pytest.raises(NotFound):
+        await stop_dataset(conn, "nope")
+
+
+async def test_training_progress_follows_steps_val_rounds_and_served_calls(conn: asyncpg.Connection) -> None:
+    await load(conn, group_size=1)
+    await ensure_val_round(conn, "sums", "policy", 0)
+    for _ in range(4):
+        got = await take(conn, ("val", "train"))
+        assert isinstance(got, Handout)
+        await finish_rollout(conn, got.rollout_id, "succeeded", 1.0 if got.split == "val" else 0.0)
+    progress = await training_progress(conn, "sums")
+    assert (progress.steps, progress.finished, progress.train_open) == (0, 4, 1)
+    [round0] = progress.val_rounds
+    assert (round0.version, round0.rollouts, round0.finished, round0.mean_reward) == (0, 3, 3, 1.0)
+    assert round0.complete and progress.calls_by_version == {}
