@@ -66,8 +66,8 @@ async def runner(
             if answer.status == 204:
                 if answer.headers.get("x-lightloop-queue") == "drained":
                     return
-                waited += 1  # a lapsed lease or the staleness cap: poll again
-                await asyncio.sleep(min(0.01 * waited, 0.5))
+                waited += 1  # every task started, some still running: poll as `lightloop run` does
+                await asyncio.sleep(min(0.05 * 2**waited, 2.0))
                 continue
             if answer.status != 200:
                 raise SystemExit(f"tasks/next: HTTP {answer.status}: {(await answer.text())[:300]}")
@@ -144,8 +144,16 @@ async def scenario(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scenarios", default=",".join(f"{r}x{t}" for r, t in SCENARIOS))
-    parser.add_argument("--rollouts", type=int, default=2000, help="Rollouts per scenario.")
+    parser.add_argument(
+        "--rollouts", type=int, default=2000, help="Rollouts per scenario (at least 4 per runner)."
+    )
     parser.add_argument("--group-size", type=int, default=4, help="Rollouts per task (one GRPO group).")
+    parser.add_argument(
+        "--proxy-workers",
+        type=int,
+        default=1,
+        help="LIGHTLOOP_PROXY__WORKERS: proxy processes sharing the port.",
+    )
     args = parser.parse_args()
     scenarios = [tuple(int(x) for x in s.split("x")) for s in args.scenarios.split(",")]
     work = Path(tempfile.mkdtemp(prefix="lightloop-bench-queue-"))
@@ -158,6 +166,7 @@ def main() -> None:
             # The benchmark measures the queue, not the staleness rule: no trainer consumes.
             "LIGHTLOOP_QUEUE__MAX_GROUPS_IN_FLIGHT": "0",
             "LIGHTLOOP_QUEUE__LEASE_S": "600",
+            "LIGHTLOOP_PROXY__WORKERS": str(args.proxy_workers),
         }
     )
     cli = [sys.executable, "-c", "from lightloop.cli import main; main()"]
@@ -185,6 +194,7 @@ def main() -> None:
                 },
                 "rollouts_per_scenario": args.rollouts,
                 "group_size": args.group_size,
+                "proxy_workers": args.proxy_workers,
                 "agent_lightning_v0_3_rollouts_per_s": (
                     "9 to 50 (32- and 64-core VMs; best 50/s, MongoDB, 1000x3)"
                 ),
@@ -193,6 +203,20 @@ def main() -> None:
             indent=1,
         )
     )
+
+
+def cpu_by_part(proxy: psutil.Process, stub: psutil.Process) -> dict[str, float]:
+    postgres = 0.0
+    for p in psutil.process_iter(["name", "cpu_times"]):
+        if (p.info["name"] or "").startswith("postgres") and p.info["cpu_times"] is not None:
+            postgres += p.info["cpu_times"].user + p.info["cpu_times"].system
+    own = psutil.Process().cpu_times()
+    return {
+        "proxy": cpu_seconds(proxy),
+        "runners": own.user + own.system,
+        "stub_engine": cpu_seconds(stub),
+        "postgres": postgres,
+    }
 
 
 def run_scenarios(
@@ -218,7 +242,7 @@ def run_scenarios(
             env,
             f"{stub_url}/health",
             work / "stub.log",
-        ),
+        ) as stub_proc,
         process(
             [*cli, "--config", str(config), "--log-level", "warning", "proxy", "--port", str(port)],
             env,
@@ -229,11 +253,15 @@ def run_scenarios(
     ):
         asyncio.run(scenario(proxy, database_url, 8, 2, 64, args.group_size))  # warm-up
         for runners, turns in scenarios:
-            cpu0 = cpu_seconds(proxy_proc)
-            row = asyncio.run(scenario(proxy, database_url, runners, turns, args.rollouts, args.group_size))
-            row["proxy_cpu_ms_per_rollout"] = round(
-                (cpu_seconds(proxy_proc) - cpu0) * 1000 / row["rollouts"], 2
-            )
+            before = cpu_by_part(proxy_proc, stub_proc)
+            rollouts = max(args.rollouts, 4 * runners)
+            row = asyncio.run(scenario(proxy, database_url, runners, turns, rollouts, args.group_size))
+            after = cpu_by_part(proxy_proc, stub_proc)
+            # Where the CPU went, per rollout: the proxy is lightloop; the runners (this
+            # process), the stub engine and Postgres share the same cores.
+            for part, seconds in after.items():
+                used = (seconds - before[part]) * 1000 / row["rollouts"]
+                row[f"{part}_cpu_ms_per_rollout"] = round(used, 2)
             row["load_average_1m"] = round(psutil.getloadavg()[0], 2)
             print(json.dumps(row), file=sys.stderr)
             results.append(row)

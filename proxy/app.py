@@ -246,7 +246,10 @@ class ProxyApp:
 
     async def _db(self) -> asyncpg.Pool:
         if self._pool is None:
-            self._pool = await create_pool(self.database_url, min_size=0, max_size=4)
+            # No reset query on release: the proxy's statements leave no session state (its
+            # advisory locks are transaction-scoped), and asyncpg's default reset is one more
+            # round trip for every queue hand-out, finish and reward.
+            self._pool = await create_pool(self.database_url, min_size=0, max_size=8, reset=_no_reset)
         return self._pool
 
     # -- lifespan ------------------------------------------------------------------------------
@@ -294,6 +297,10 @@ class ProxyApp:
     async def _close_pool(self) -> None:
         if self._pool is not None:
             await self._pool.close()
+
+
+async def _no_reset(_conn: asyncpg.Connection) -> None:
+    return None
 
 
 def _remove(items: list[Any], item: Any) -> None:

@@ -56,30 +56,46 @@ SELECT count(DISTINCT r.group_id) FROM rollouts r JOIN datasets d ON d.name = r.
 WHERE r.consumed_by_step IS NULL AND r.mode = 'train' AND d.policy = $1
 """
 
-# One new train group: the task with the fewest epochs started (shuffled by the dataset's seed
-# within an epoch), locked so that two proxies cannot start the same task's epoch twice.
+# New train groups ($3 of them): the tasks with the fewest epochs started (shuffled by the
+# dataset's seed within an epoch), locked so that two proxies cannot start the same task's epoch
+# twice. Groups made together get created_at a microsecond apart in shuffle order, so that the
+# hand-out (oldest first) keeps both the shuffle and each group whole.
 _NEW_GROUP_SQL = """
-WITH t AS (
-    SELECT t.dataset, t.id, t.group_size, t.epochs_started
+WITH picked AS (
+    SELECT t.dataset, t.id, t.group_size, t.epochs_started,
+           md5(d.seed::text || ':' || t.epochs_started::text || ':' || t.id) AS shuffle
     FROM tasks t JOIN datasets d ON d.name = t.dataset
     WHERE t.dataset = ANY($1::text[]) AND t.split = 'train' AND d.stopped_at IS NULL
       AND (d.epochs = 0 OR t.epochs_started < d.epochs)
-    ORDER BY t.epochs_started, md5(d.seed::text || ':' || t.epochs_started::text || ':' || t.id)
-    LIMIT 1
+    ORDER BY t.epochs_started, shuffle
+    LIMIT $3
     FOR UPDATE OF t SKIP LOCKED
+),
+t AS (
+    SELECT picked.*, row_number() OVER (ORDER BY epochs_started, shuffle) AS rank FROM picked
 ),
 bumped AS (
     UPDATE tasks SET epochs_started = tasks.epochs_started + 1
     FROM t WHERE tasks.dataset = t.dataset AND tasks.split = 'train' AND tasks.id = t.id
-    RETURNING tasks.dataset, tasks.id, tasks.group_size, t.epochs_started AS epoch,
+    RETURNING tasks.dataset, tasks.id, tasks.group_size, t.epochs_started AS epoch, t.rank,
               'g-' || replace(gen_random_uuid()::text, '-', '') AS group_id
 )
 INSERT INTO rollouts (id, group_id, task_id, dataset, mode, status, group_size, attempt, policy_version,
-                      metadata)
+                      metadata, created_at)
 SELECT 'q-' || replace(gen_random_uuid()::text, '-', ''), b.group_id, b.id, b.dataset, 'train', 'queued',
-       b.group_size, 0, $2, jsonb_build_object('attribution', 'queue', 'epoch', b.epoch)
+       b.group_size, 0, $2, jsonb_build_object('attribution', 'queue', 'epoch', b.epoch),
+       now() + make_interval(secs => b.rank / 1e6)
 FROM bumped b, generate_series(1, b.group_size)
 RETURNING id
+"""
+
+# Whether any train task of these datasets can still start a group.
+_STARTABLE_SQL = """
+SELECT EXISTS (
+    SELECT 1 FROM tasks t JOIN datasets d ON d.name = t.dataset
+    WHERE t.dataset = ANY($1::text[]) AND t.split = 'train' AND d.stopped_at IS NULL
+      AND (d.epochs = 0 OR t.epochs_started < d.epochs)
+)
 """
 
 # The val split once for a version: the round row is the "once" (its key), the rollouts follow.
@@ -128,6 +144,11 @@ FROM superseded s
 WHERE r.id = s.rollout_id
 RETURNING r.id, r.status
 """
+
+
+# Train groups made at a time when the queue runs dry: many runners asking at once find work
+# without each queueing on the group lock; the staleness limit still caps the total.
+GROUP_BATCH = 4
 
 
 @dataclass(frozen=True)
@@ -190,16 +211,25 @@ async def next_rollout(
         row = await conn.fetchrow(_HAND_OUT_SQL, names, modes, worker, float(lease_s))
         if row is None and "train" in modes:
             for policy in sorted(set(wanted.values())):
+                of_policy = [n for n in names if wanted[n] == policy]
+                if not await conn.fetchval(_STARTABLE_SQL, of_policy):
+                    continue  # every task started: no need to wait for the group lock
                 # Group creation is serialised per policy, so that proxies counting at once
                 # cannot together start more groups than the limit.
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext('lightloop.queue.' || $1))", policy)
+                # Whoever held the lock before may have just made groups: take from those
+                # first, so that runners waiting on the lock do not each make another.
+                row = await conn.fetchrow(_HAND_OUT_SQL, names, modes, worker, float(lease_s))
+                if row is not None:
+                    break
+                batch = GROUP_BATCH
                 limit = max_groups(policy)
                 if limit is not None:
                     in_flight = await conn.fetchval(_GROUPS_IN_FLIGHT_SQL, policy)
                     if in_flight >= limit:
                         continue
-                of_policy = [n for n in names if wanted[n] == policy]
-                made = await conn.fetch(_NEW_GROUP_SQL, of_policy, live(policy))
+                    batch = min(batch, limit - in_flight)
+                made = await conn.fetch(_NEW_GROUP_SQL, of_policy, live(policy), batch)
                 if made:
                     row = await conn.fetchrow(_HAND_OUT_SQL, names, modes, worker, float(lease_s))
                     break
@@ -210,12 +240,7 @@ async def next_rollout(
                 names,
                 modes,
             )
-            more = "train" in modes and await conn.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM tasks t JOIN datasets d ON d.name = t.dataset "
-                "WHERE t.dataset = ANY($1::text[]) AND t.split = 'train' AND d.stopped_at IS NULL "
-                "AND (d.epochs = 0 OR t.epochs_started < d.epochs))",
-                names,
-            )
+            more = "train" in modes and await conn.fetchval(_STARTABLE_SQL, names)
             return Empty(drained=not busy and not more)
     return Handout(
         rollout_id=row["id"],
