@@ -8,26 +8,19 @@ turn by turn from a ~1,000-token first prompt, as an agent's does. Reported per 
 rollouts/s and calls/s over the whole scenario (from the first hand-out to the last finish),
 p50/p99 of a hand-out, and the proxy's CPU ms per rollout. Prints one JSON object.
 
-Usage: python bench/queue.py [--scenarios 32x6,100x10,300x6,1000x3] [--rollouts 2000]
+Usage: python bench/task_queue.py [--scenarios 32x6,100x10,300x6,1000x3] [--rollouts 2000]
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
-# This file is named queue.py: with its folder first on sys.path, the standard library's
-# `import queue` (asyncio, logging, concurrent.futures) would load this file instead.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +30,7 @@ import aiohttp
 import psutil
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import cpu_seconds, free_port, process
 from lightloop.store import connect, load_tasks
 

@@ -1,0 +1,135 @@
+"""What the demo's base model does before any training: the numbers behind "why does the demo
+stall" (issue 12). For each sampling temperature and answer budget, sample GROUP tries for each
+of TASKS training sums (as the demo's training rollouts do) and report:
+
+- how often a try is exactly the number (reward 1), the right number among words, any number;
+- the fraction of flat groups (every try the same reward: no advantage, nothing learned) under
+  the demo's current reward and under the earlier one (0.5 / 0.1 / 0, no brevity term);
+- the mean reward standard deviation within a group;
+- a few sample answers.
+
+The model is sampled in-process with transformers (`generate`), the demo's system prompt and
+chat template. Prints one JSON object.
+
+Usage: python bench/demo_baseline.py [--model smollm2] [--tasks 48] [--group 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lightloop.demo import SYSTEM, Task, reward, tasks
+from lightloop.engine.chat import encode, render_chat
+from lightloop.engine.models import load_model
+
+
+def earlier_reward(task: Task, reply: str) -> float:
+    """The demo's reward before issue 11: no brevity term, so tries of one tier tie."""
+    text = reply.strip().rstrip(".")
+    if text == task.answer:
+        return 1.0
+    if task.answer in text.replace(",", " ").split():
+        return 0.5
+    return 0.1 if any(ch.isdigit() for ch in text) else 0.0
+
+
+def sample(
+    loaded: Any, chosen: list[Task], group: int, temperature: float, max_tokens: int
+) -> list[list[str]]:
+    tok = loaded.tokenizer
+    out: list[list[str]] = []
+    for task in chosen:
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": task.question}]
+        ids = torch.tensor([encode(tok, render_chat(tok, messages, None))])
+        with torch.no_grad():
+            generated = loaded.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                temperature=temperature,
+                top_p=1.0,
+                top_k=0,
+                max_new_tokens=max_tokens,
+                num_return_sequences=group,
+                pad_token_id=tok.eos_token_id,
+            )
+        out.append([tok.decode(g[ids.shape[1] :], skip_special_tokens=True) for g in generated])
+    return out
+
+
+def summarise(chosen: list[Task], answers: list[list[str]]) -> dict[str, Any]:
+    tries = [(t, a) for t, group in zip(chosen, answers, strict=True) for a in group]
+    exact = sum(reward(t, a) == 1.0 for t, a in tries)
+    among = sum(0.5 < reward(t, a) < 1.0 for t, a in tries)
+    number = sum(0.2 < reward(t, a) <= 0.3 for t, a in tries)
+    flat_now = flat_before = 0
+    stds = []
+    for t, group in zip(chosen, answers, strict=True):
+        now = [reward(t, a) for a in group]
+        before = [earlier_reward(t, a) for a in group]
+        flat_now += len(set(now)) == 1
+        flat_before += len(set(before)) == 1
+        stds.append(statistics.pstdev(now))
+    n = len(tries)
+    return {
+        "tries": n,
+        "exact_number_only": round(exact / n, 3),
+        "right_number_among_words": round(among / n, 3),
+        "some_other_number": round(number / n, 3),
+        "mean_reward": round(statistics.fmean(reward(t, a) for t, a in tries), 3),
+        "flat_groups_current_reward": round(flat_now / len(chosen), 3),
+        "flat_groups_earlier_reward": round(flat_before / len(chosen), 3),
+        "mean_group_reward_std": round(statistics.fmean(stds), 4),
+        "samples": [a for a in answers[0][:2] + answers[1][:2]],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--tasks", type=int, default=48)
+    parser.add_argument("--group", type=int, default=4)
+    parser.add_argument("--temperatures", default="0.7,1.0")
+    parser.add_argument("--max-tokens", default="8,16")
+    parser.add_argument("--home", default=os.environ.get("LIGHTLOOP_HOME", ".lightloop"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    loaded = load_model(args.model, Path(args.home) / "models")
+    train, _ = tasks()
+    chosen = train[: args.tasks]
+    rows = []
+    for temperature in (float(x) for x in args.temperatures.split(",")):
+        for max_tokens in (int(x) for x in args.max_tokens.split(",")):
+            t0 = time.perf_counter()
+            answers = sample(loaded, chosen, args.group, temperature, max_tokens)
+            row = {"temperature": temperature, "max_tokens": max_tokens, **summarise(chosen, answers)}
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            print(json.dumps(row), file=sys.stderr)
+            rows.append(row)
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "tasks": args.tasks,
+                "group": args.group,
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                "results": rows,
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
