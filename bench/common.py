@@ -3,8 +3,10 @@ their CPU time. Imported as `bench.common` (each benchmark puts the repository o
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,3 +51,35 @@ def cpu_seconds(p: psutil.Process) -> float:
         except psutil.NoSuchProcess:
             pass
     return total
+
+
+CLI = [sys.executable, "-c", "from lightloop.cli import main; main()"]
+
+
+def clean_env(home: Path, key: str) -> dict[str, str]:
+    """This environment without lightloop's and LiteLLM's settings, with its own home and key."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIGHTLOOP_", "LITELLM_"))}
+    env.update(
+        {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MASTER_KEY": key, "LIGHTLOOP_HOME": str(home)}
+    )
+    return env
+
+
+@contextmanager
+def migrated_database(env: dict[str, str]) -> Iterator[str]:
+    """LIGHTLOOP_DATABASE_URL when set, else a throwaway embedded Postgres (stopped at the end),
+    migrated; its URL is also put into `env`."""
+    given = os.environ.get("LIGHTLOOP_DATABASE_URL")
+    url = (
+        given
+        or subprocess.run(
+            [*CLI, "db", "url"], env=env, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
+    env["LIGHTLOOP_DATABASE_URL"] = url
+    try:
+        subprocess.run([*CLI, "db", "upgrade"], env=env, check=True, capture_output=True)
+        yield url
+    finally:
+        if not given:
+            subprocess.run([*CLI, "db", "stop"], env=env, capture_output=True, check=False)

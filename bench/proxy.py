@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ import psutil
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import cpu_seconds, free_port, process
+from bench.common import clean_env, cpu_seconds, free_port, migrated_database, process
 
 KEY = "sk-bench-" + "0123456789abcdef" * 4
 MESSAGES = [{"role": "user", "content": "Benchmark me, please: a short question."}]
@@ -112,40 +111,14 @@ def main() -> None:
     args = parser.parse_args()
     only = set(args.only.split(","))
     work = Path(tempfile.mkdtemp(prefix="lightloop-bench-proxy-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIGHTLOOP_", "LITELLM_"))}
-    env.update(
-        {
-            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-            "LITELLM_MASTER_KEY": KEY,
-            "LIGHTLOOP_HOME": str(work / "home"),
-        }
-    )
-    cli = [sys.executable, "-c", "from lightloop.cli import main; main()"]
-    embedded = not os.environ.get("LIGHTLOOP_DATABASE_URL")
-    database_url = (
-        os.environ.get("LIGHTLOOP_DATABASE_URL")
-        or subprocess.run(
-            [*cli, "db", "url"], env=env, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    )
-    try:
+    env = clean_env(work / "home", KEY)
+    with migrated_database(env) as database_url:
         run_fronts(args, only, work, env, database_url)
-    finally:
-        if embedded:
-            subprocess.run([*cli, "db", "stop"], env=env, capture_output=True, check=False)
 
 
 def run_fronts(
     args: argparse.Namespace, only: set[str], work: Path, env: dict[str, str], database_url: str
 ) -> None:
-    env["LIGHTLOOP_DATABASE_URL"] = database_url
-    subprocess.run(
-        [sys.executable, "-c", "from lightloop.cli import main; main()", "db", "upgrade"],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-
     stub_port = free_port()
     stub_url = f"http://127.0.0.1:{stub_port}"
     results: list[dict[str, Any]] = []

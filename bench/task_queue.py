@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import psutil
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import cpu_seconds, free_port, process
+from bench.common import CLI, clean_env, cpu_seconds, free_port, migrated_database, process
 from lightloop.store import connect, load_tasks
 
 KEY = "sk-bench-" + "0123456789abcdef" * 4
@@ -151,33 +150,17 @@ def main() -> None:
     args = parser.parse_args()
     scenarios = [tuple(int(x) for x in s.split("x")) for s in args.scenarios.split(",")]
     work = Path(tempfile.mkdtemp(prefix="lightloop-bench-queue-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIGHTLOOP_", "LITELLM_"))}
+    env = clean_env(work / "home", KEY)
     env.update(
         {
-            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-            "LITELLM_MASTER_KEY": KEY,
-            "LIGHTLOOP_HOME": str(work / "home"),
             # The benchmark measures the queue, not the staleness rule: no trainer consumes.
             "LIGHTLOOP_QUEUE__MAX_GROUPS_IN_FLIGHT": "0",
             "LIGHTLOOP_QUEUE__LEASE_S": "600",
             "LIGHTLOOP_PROXY__WORKERS": str(args.proxy_workers),
         }
     )
-    cli = [sys.executable, "-c", "from lightloop.cli import main; main()"]
-    embedded = not os.environ.get("LIGHTLOOP_DATABASE_URL")
-    database_url = (
-        os.environ.get("LIGHTLOOP_DATABASE_URL")
-        or subprocess.run(
-            [*cli, "db", "url"], env=env, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    )
-    env["LIGHTLOOP_DATABASE_URL"] = database_url
-    try:
-        subprocess.run([*cli, "db", "upgrade"], env=env, check=True, capture_output=True)
-        results = run_scenarios(scenarios, args, work, env, cli, database_url)
-    finally:
-        if embedded:
-            subprocess.run([*cli, "db", "stop"], env=env, capture_output=True, check=False)
+    with migrated_database(env) as database_url:
+        results = run_scenarios(scenarios, args, work, env, database_url)
     print(
         json.dumps(
             {
@@ -218,7 +201,6 @@ def run_scenarios(
     args: argparse.Namespace,
     work: Path,
     env: dict[str, str],
-    cli: list[str],
     database_url: str,
 ) -> list[dict[str, Any]]:
     stub_port = free_port()
@@ -238,7 +220,7 @@ def run_scenarios(
             work / "stub.log",
         ) as stub_proc,
         process(
-            [*cli, "--config", str(config), "--log-level", "warning", "proxy", "--port", str(port)],
+            [*CLI, "--config", str(config), "--log-level", "warning", "proxy", "--port", str(port)],
             env,
             f"{proxy}/health",
             work / "proxy.log",
