@@ -199,6 +199,7 @@ class Demo:
             f"dataset {self.dataset}: {n} training tasks x {epochs} epoch(s), {self.tries} tries each, "
             f"{len(self.held_tasks)} held-out tasks; the runner takes them from the queue"
         )
+        round_awaited_since: float | None = None
         while True:
             runner = Runner(agent, self.base_url, self.key, self.dataset, concurrency=self.parallel)
             stalled: list[str] = []
@@ -216,8 +217,15 @@ class Demo:
             if live not in self._reported:
                 # The live version's val round is made when a runner next asks (the proxy may
                 # learn of the version a moment after the database has it).
+                round_awaited_since = round_awaited_since or time.monotonic()
+                if time.monotonic() - round_awaited_since > STALL_S:
+                    raise LightloopError(
+                        f"the proxy made no held-out round for v{live} within {STALL_S:g} s; "
+                        "does it serve that version?"
+                    )
                 await asyncio.sleep(0.5)
                 continue
+            round_awaited_since = None
             if progress.train_open == 0 or self._stopped:
                 break
             await self._wait_for_trainer(progress, live)

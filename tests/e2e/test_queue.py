@@ -444,3 +444,27 @@ def test_ctrl_c_lets_running_rollouts_finish_and_a_second_abandons_them(
         timeout_s=30,
         what="the abandoned rollouts to be re-queued",
     )
+
+
+def test_the_demo_out_of_time_stops_its_dataset_and_leaves_no_work_behind(
+    stack: tuple[Proxy, dict[str, str]], db_url: str
+) -> None:
+    from lightloop.demo import Demo
+
+    proxy, _ = stack
+    lines: list[str] = []
+    # No trainer runs and no time is left: the demo stops its dataset at once, the v0 held-out
+    # round and any started group finish, and the run ends instead of waiting for steps.
+    demo = Demo(proxy.url, proxy.key, db_url, groups=2, tries=2, parallel=4, log=lines.append)
+    curve = asyncio.run(demo.run(steps=3, minutes=0))
+    assert any(line.startswith("version 0: held-out reward") for line in lines), lines
+    assert any(line.startswith("time is up") for line in lines), lines
+    assert [(r["policy_version"], r["val_rollouts"]) for r in curve] == [(0, 16)]
+    left = sql(
+        db_url,
+        f"SELECT count(*) AS n FROM rollouts WHERE dataset = '{demo.dataset}' "
+        "AND status IN ('queued', 'running')",
+    )
+    assert [dict(r) for r in left] == [{"n": 0}]
+    [stopped] = sql(db_url, f"SELECT stopped_at IS NOT NULL AS s FROM datasets WHERE name = '{demo.dataset}'")
+    assert stopped["s"] is True
