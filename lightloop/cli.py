@@ -563,7 +563,8 @@ def run_agent(
     the proxy's queue; any number of runners share it. Returning a float finishes the rollout
     with that reward; None means the agent posted its own. Ctrl-C stops taking tasks and lets
     running ones finish; a second Ctrl-C abandons them (exit 130)."""
-    from lightloop.runner import AgentLoadError, Runner, default_key, load_agent, run_cli
+    from lightloop.agents import AgentLoadError, load_agent
+    from lightloop.runner import Runner, default_key, run_cli
 
     settings = _settings(ctx)
     if settings.log_level != "debug":

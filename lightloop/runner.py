@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import importlib.util
-import inspect
 import logging
-import math
 import os
 import signal
 import socket
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,16 +25,11 @@ from urllib.parse import quote
 import httpx
 import stamina
 
+from lightloop.agents import Agent, AgentCaller, load_agent
 from lightloop.errors import LightloopError
 from lightloop.llm import LLM
 
 log = logging.getLogger(__name__)
-
-Agent = Callable[[dict[str, Any], LLM], Any]
-
-
-class AgentLoadError(LightloopError):
-    """AGENT cannot be imported or is not callable (the CLI exits 2)."""
 
 
 class ProxyUnreachable(LightloopError):
@@ -48,42 +38,6 @@ class ProxyUnreachable(LightloopError):
 
 class QueueError(LightloopError):
     """The proxy refused a queue request (unknown dataset, bad key, ...)."""
-
-
-def load_agent(spec: str) -> Agent:
-    """`path/to/file.py:function` or `package.module:function`."""
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise AgentLoadError(
-            f"AGENT must be path/to/file.py:function or package.module:function, not {spec!r}"
-        )
-    try:
-        if target.endswith(".py") or os.sep in target:
-            path = Path(target)
-            if not path.is_file():
-                raise AgentLoadError(f"{target}: no such file")
-            module_name = f"lightloop_agent_{path.stem}"
-            loader = importlib.util.spec_from_file_location(module_name, path)
-            if loader is None or loader.loader is None:
-                raise AgentLoadError(f"{target}: not a Python file")
-            module = importlib.util.module_from_spec(loader)
-            sys.modules[module_name] = module
-            # Let the agent import modules that sit beside it (appended: a file named like a
-            # package it imports must not shadow that package).
-            sys.path.append(str(path.resolve().parent))
-            loader.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-    except AgentLoadError:
-        raise
-    except Exception as exc:
-        raise AgentLoadError(f"cannot import {target}: {type(exc).__name__}: {exc}") from None
-    agent = getattr(module, name, None)
-    if agent is None:
-        raise AgentLoadError(f"{target} has no {name!r}")
-    if not callable(agent):
-        raise AgentLoadError(f"{target}:{name} is not callable")
-    return agent  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -239,44 +193,6 @@ def _ok(answer: httpx.Response, what: str) -> dict[str, Any]:
     return data
 
 
-def _in_daemon_thread(fn: Callable[[], Any]) -> Awaitable[Any]:
-    """Run a sync agent in a daemon thread: a second Ctrl-C can then exit without waiting for it
-    (an executor's threads are joined at exit)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
-
-    def target() -> None:
-        try:
-            result = fn()
-        except BaseException as exc:
-            loop.call_soon_threadsafe(_set, future, None, exc)
-        else:
-            loop.call_soon_threadsafe(_set, future, result, None)
-
-    threading.Thread(target=target, name="lightloop-agent", daemon=True).start()
-    return future
-
-
-def _set(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    if future.done():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
-
-
-def _reward(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"the agent returned {type(value).__name__}; return a float reward or None")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"the agent returned {value}; a reward must be a finite number")
-    return number
-
-
 @dataclass
 class Runner:
     agent: Agent
@@ -296,6 +212,7 @@ class Runner:
     def __post_init__(self) -> None:
         self.stopping = asyncio.Event()
         self._client = QueueClient(self.proxy, self.key, self.retry_s)
+        self._caller = AgentCaller(self.agent)
 
     async def run(self) -> Stats:
         """Until the dataset is drained, `max_tasks` were taken, `stop_when()` or `stop()`."""
@@ -314,6 +231,7 @@ class Runner:
                 await self._refresh()
             return self.stats
         finally:
+            self._caller.close()
             await self._client.close()
 
     def stop(self) -> None:
@@ -367,13 +285,7 @@ class Runner:
         beating = asyncio.create_task(self._beat(got))
         body: dict[str, Any] = {"attempt": got.attempt}
         try:
-            if inspect.iscoroutinefunction(self.agent):
-                result = await self.agent(got.input, llm)
-            else:
-                result = await _in_daemon_thread(lambda: self.agent(got.input, llm))
-            if inspect.isawaitable(result):
-                result = await result
-            reward = _reward(result)
+            reward = await self._caller.call(got.input, llm)
         except Exception as exc:
             log.warning("rollout %s: the agent raised %s: %s", got.rollout_id, type(exc).__name__, exc)
             body.update(

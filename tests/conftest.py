@@ -2,7 +2,9 @@
 fresh copy of it per test.
 
 The embedded Postgres always runs; when LIGHTLOOP_TEST_DATABASE_URL names another server (CI sets
-it to the machine's Postgres), every test that uses `db_url` also runs against that one.
+it to the machine's Postgres), the tests under tests/integration (the SQL) also run against that
+one. The e2e tests run once, on the embedded server that `lightloop up` itself starts: running
+whole processes twice doubled the suite's time and tested no SQL that the integration tests miss.
 """
 
 from __future__ import annotations
@@ -26,8 +28,18 @@ REPO = Path(__file__).resolve().parent.parent
 LIGHTLOOP = str(Path(sys.executable).parent / "lightloop")
 
 
-def _servers() -> list[str]:
-    return ["embedded", "external"] if os.environ.get("LIGHTLOOP_TEST_DATABASE_URL") else ["embedded"]
+INTEGRATION = REPO / "tests" / "integration"
+
+
+def _servers(test_file: Path) -> list[str]:
+    external = os.environ.get("LIGHTLOOP_TEST_DATABASE_URL") and test_file.is_relative_to(INTEGRATION)
+    return ["embedded", "external"] if external else ["embedded"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "pg_server" in metafunc.fixturenames:
+        servers = _servers(Path(str(metafunc.definition.path)))
+        metafunc.parametrize("pg_server", servers, indirect=True, scope="session")
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +54,7 @@ def with_database(url: str, database: str) -> str:
     return make_url(dsn(url)).set(database=database).render_as_string(hide_password=False)
 
 
-@pytest.fixture(scope="session", params=_servers())
+@pytest.fixture(scope="session")
 def pg_server(request: pytest.FixtureRequest) -> str:
     """The URL of a server's maintenance database, where databases are created and dropped."""
     if request.param == "embedded":

@@ -303,6 +303,15 @@ def test_an_agent_that_raises_fails_its_rollout_and_the_run_goes_on(
     # Exactly three taken; slots asking at once may each have started a group, always a whole one.
     assert counts["succeeded"] == 3 and set(counts) <= {"succeeded", "queued"}
     assert (counts["succeeded"] + counts.get("queued", 0)) % 2 == 0
+    # An async agent that blocks its event loop past the lease keeps its lease: the runner's
+    # heartbeats do not share that loop.
+    loaded = lightloop(
+        env, "tasks", "load", str(write_tasks(tmp_path / "w.jsonl", 1)), "--dataset", "h", "--group-size", "1"
+    )
+    assert loaded.returncode == 0
+    assert run_agent(proxy, env, "async_blocks", "--dataset", "h").returncode == 0
+    [row] = sql(db_url, "SELECT status, attempt FROM rollouts WHERE dataset = 'h'")
+    assert (row["status"], row["attempt"]) == ("succeeded", 1)
 
 
 def test_queue_routes_refuse_bad_input(stack: tuple[Proxy, dict[str, str]], tmp_path: Path) -> None:

@@ -26,6 +26,13 @@ async def async_one_call(task: dict[str, Any], llm: LLM) -> float:
     return 0.5 if answer.choices else 0.0
 
 
+async def async_blocks(task: dict[str, Any], llm: LLM) -> float:
+    """Blocks its event loop for longer than the test proxy's 2 s lease, as an async agent that
+    calls sync code does; the runner's heartbeats must go on regardless."""
+    time.sleep(3.0)  # noqa: ASYNC251 (the point of this agent)
+    return await async_one_call(task, llm)
+
+
 def hang(task: dict[str, Any], llm: LLM) -> float:
     """One call, then never returns: the runner holding it is killed by the test."""
     one_call(task, llm)
