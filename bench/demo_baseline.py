@@ -29,28 +29,28 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lightloop.demo import SYSTEM, Task, reward, tasks
+from lightloop.demo_tasks import DemoTask, reward, split
 from lightloop.engine.chat import encode, render_chat
 from lightloop.engine.models import load_model
 
 
-def earlier_reward(task: Task, reply: str) -> float:
+def earlier_reward(task: DemoTask, reply: str) -> float:
     """The demo's reward before issue 11: no brevity term, so tries of one tier tie."""
     text = reply.strip().rstrip(".")
-    if text == task.answer:
+    if text in task.answers:
         return 1.0
-    if task.answer in text.replace(",", " ").split():
+    if any(answer in text.replace(",", " ").split() for answer in task.answers):
         return 0.5
-    return 0.1 if any(ch.isdigit() for ch in text) else 0.0
+    return 0.1 if task.right_form(text) else 0.0
 
 
 def sample(
-    loaded: Any, chosen: list[Task], group: int, temperature: float, max_tokens: int
+    loaded: Any, chosen: list[DemoTask], group: int, temperature: float, max_tokens: int
 ) -> list[list[str]]:
     tok = loaded.tokenizer
     out: list[list[str]] = []
     for task in chosen:
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": task.question}]
+        messages = [{"role": "system", "content": task.system}, {"role": "user", "content": task.question}]
         ids = torch.tensor([encode(tok, render_chat(tok, messages, None))])
         with torch.no_grad():
             generated = loaded.model.generate(
@@ -68,7 +68,7 @@ def sample(
     return out
 
 
-def summarise(chosen: list[Task], answers: list[list[str]]) -> dict[str, Any]:
+def summarise(chosen: list[DemoTask], answers: list[list[str]]) -> dict[str, Any]:
     tries = [(t, a) for t, group in zip(chosen, answers, strict=True) for a in group]
     exact = sum(reward(t, a) == 1.0 for t, a in tries)
     among = sum(0.5 < reward(t, a) < 1.0 for t, a in tries)
@@ -84,9 +84,9 @@ def summarise(chosen: list[Task], answers: list[list[str]]) -> dict[str, Any]:
     n = len(tries)
     return {
         "tries": n,
-        "exact_number_only": round(exact / n, 3),
-        "right_number_among_words": round(among / n, 3),
-        "some_other_number": round(number / n, 3),
+        "exact_answer_only": round(exact / n, 3),
+        "right_answer_among_words": round(among / n, 3),
+        "right_form_wrong_answer": round(number / n, 3),
         "mean_reward": round(statistics.fmean(reward(t, a) for t, a in tries), 3),
         "flat_groups_current_reward": round(flat_now / len(chosen), 3),
         "flat_groups_earlier_reward": round(flat_before / len(chosen), 3),
@@ -98,6 +98,7 @@ def summarise(chosen: list[Task], answers: list[list[str]]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--task", default="sums", choices=["sums", "opposites"])
     parser.add_argument("--tasks", type=int, default=48)
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--temperatures", default="0.7,1.0")
@@ -106,7 +107,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     loaded = load_model(args.model, Path(args.home) / "models")
-    train, _ = tasks()
+    train, _ = split(args.task)
     chosen = train[: args.tasks]
     rows = []
     for temperature in (float(x) for x in args.temperatures.split(",")):
@@ -121,6 +122,7 @@ def main() -> None:
         json.dumps(
             {
                 "model": args.model,
+                "task": args.task,
                 "tasks": args.tasks,
                 "group": args.group,
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},

@@ -603,6 +603,14 @@ def run_agent(
 @click.option("--tries", type=int, default=4, show_default=True, help="Attempts per task (one GRPO group).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the task choice and order.")
 @click.option(
+    "--task",
+    "task_kind",
+    type=click.Choice(["opposites", "sums"]),
+    default="opposites",
+    show_default=True,
+    help="opposites: one-word opposites (learns in minutes); sums: the number only (stalls, README).",
+)
+@click.option(
     "--learning-rate", type=float, default=1e-3, show_default=True, help="The trainer's LoRA learning rate."
 )
 @click.option(
@@ -617,10 +625,11 @@ def demo(
     groups: int,
     tries: int,
     seed: int,
+    task_kind: str,
     learning_rate: float,
     plot_path: Path | None,
 ) -> None:
-    """The whole loop on CPU, on the task queue: sums are loaded as a dataset, the runner hands
+    """The whole loop on CPU, on the task queue: a task set is loaded as a dataset, the runner hands
     them to an example `openai` SDK agent (reward 1 for the exact answer), the trainer learns
     from the groups, the held-out split runs against every new version, and the curve is read
     back from `reward_by_version` and plotted. Uses a running stack when the proxy answers, else
@@ -670,6 +679,7 @@ def demo(
             groups=groups,
             tries=tries,
             seed=seed,
+            task=task_kind,
             log=lambda line: click.echo(line),
         )
         curve = _run(demo_run.run(steps, minutes))

@@ -1,6 +1,7 @@
-"""`lightloop demo`: the whole loop on CPU, on the task queue. Sums of two numbers are loaded as
-a dataset (training tasks, and held-out tasks as its val split); the runner hands them to an
-ordinary `openai` SDK agent that answers through the proxy (reward 1 for the exact answer);
+"""`lightloop demo`: the whole loop on CPU, on the task queue. A task set of demo_tasks
+(one-word opposites by default, or sums) is loaded as a dataset (training tasks, and held-out
+tasks as its val split); the runner hands them to an ordinary `openai` SDK agent that answers
+through the proxy (reward 1 for the exact answer);
 the trainer learns from the GRPO groups; the queue runs the held-out tasks against every new
 version; and the learning curve is read back from `reward_by_version` and plotted.
 
@@ -19,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from lightloop.demo_tasks import from_row, reward, split
 from lightloop.errors import LightloopError
 from lightloop.llm import LLM
 from lightloop.runner import Runner
@@ -33,70 +35,29 @@ from lightloop.store import (
 )
 from lightloop.store.tasks import REWARD_CURVE_SQL
 
-SYSTEM = "You are a calculator. Reply with the number only."
 MAX_TOKENS = 16
 # Nothing happened for this long (no rollout finished, no step taken): the trainer or the
 # engine is not running; say so instead of waiting for ever.
 STALL_S = 900.0
 
-__all__ = ["CURVE_SQL", "Demo", "Task", "agent", "plot", "reward", "tasks"]
+__all__ = ["CURVE_SQL", "Demo", "agent", "plot"]
 
 CURVE_SQL = REWARD_CURVE_SQL
 
 
-@dataclass(frozen=True)
-class Task:
-    a: int
-    b: int
-
-    @property
-    def question(self) -> str:
-        return f"What is {self.a} + {self.b}?"
-
-    @property
-    def answer(self) -> str:
-        return str(self.a + self.b)
-
-    def row(self) -> dict[str, Any]:
-        """The task as a dataset row (its id keeps loading idempotent)."""
-        return {"id": f"{self.a}+{self.b}", "a": self.a, "b": self.b, "question": self.question}
-
-
-def reward(task: Task, reply: str) -> float:
-    """1 for exactly the number: the task. Below that, partial credit points the way, each tier
-    under the one above it: the right number among other words 0.5, any number 0.2, nothing 0,
-    each plus less than 0.1 for brevity (the task asks for the number only), so that the tries of
-    one group seldom tie and a group always says which answer was better."""
-    text = reply.strip().rstrip(".")
-    if text == task.answer:
-        return 1.0
-    brevity = 0.1 * 20 / (20 + len(text))  # 0.1 for nothing, 0.05 at 20 characters, never 0
-    if task.answer in text.replace(",", " ").split():
-        return 0.5 + brevity
-    if any(ch.isdigit() for ch in text):
-        return 0.2 + brevity
-    return brevity
-
-
-def tasks(seed: int = 0) -> tuple[list[Task], list[Task]]:
-    """(training tasks, held-out tasks): sums of two numbers below 20, split once."""
-    every = [Task(a, b) for a in range(20) for b in range(20)]
-    random.Random(seed).shuffle(every)
-    return every[32:], every[:32]
-
-
-async def agent(task: dict[str, Any], llm: LLM) -> float:
+async def agent(row: dict[str, Any], llm: LLM) -> float:
     """The demo's agent: one chat call. Training tries sample (temperature 1, the GRPO group's
     spread); held-out tasks are answered greedily."""
+    task = from_row(row)
     temperature = 0.0 if llm.mode == "val" else 1.0
     async with llm.async_openai(max_retries=2) as client:
         completion = await client.chat.completions.create(
             model=llm.model,
-            messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": task["question"]}],
+            messages=[{"role": "system", "content": task.system}, {"role": "user", "content": task.question}],
             max_tokens=MAX_TOKENS,
             temperature=temperature,
         )
-    return reward(Task(int(task["a"]), int(task["b"])), completion.choices[0].message.content or "")
+    return reward(task, completion.choices[0].message.content or "")
 
 
 @dataclass
@@ -110,12 +71,12 @@ class Demo:
     held_out: int = 16
     parallel: int = 8  # the runner's concurrency
     seed: int = 0
+    task: str = "opposites"  # a key of demo_tasks.KINDS
     log: Callable[[str], None] = print
     dataset: str = field(default_factory=lambda: f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}")
 
     def __post_init__(self) -> None:
-        self.train_tasks, held = tasks()
-        self.held_tasks = held[: self.held_out]
+        self.train_tasks, self.held_tasks = split(self.task, self.held_out)
         self._reported: set[int] = set()
         self._started = time.monotonic()
         self._deadline = math.inf

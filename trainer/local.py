@@ -149,9 +149,14 @@ class LocalBackend:
                 clip_ratio=self.config.clip_ratio,
                 tis_cap=self.config.tis_cap,
             )
+            # The KL to the base model is always measured (token-mean, low-variance estimator):
+            # the one number that shows a policy drifting off towards collapse. It costs one
+            # forward pass without grad; it is a penalty only with kl_coef > 0.
+            kl = self._kl(batch, logprobs)
             if self.config.kl_coef > 0:
-                loss = loss + self.config.kl_coef * self._kl(batch, logprobs)
+                loss = loss + self.config.kl_coef * kl
             share = float(batch.mask.sum()) / total_tokens  # token-mean over the whole batch
+            sums["kl_to_base"] = sums.get("kl_to_base", 0.0) + float(kl.detach()) * share
             (loss * share).backward()  # type: ignore[no-untyped-call]
             loss_total += float(loss.detach()) * share
             for key, value in metrics.items():

@@ -50,6 +50,7 @@ def test_a_few_steps_raise_the_reward(tmp_path: Path, algorithm: str) -> None:
     generator = torch.Generator().manual_seed(7)
     target = int(next_token_logprobs(backend).argmax())
     before = float(next_token_logprobs(backend)[target].exp())
+    kl = []
     for step in range(4):
         samples, scored = [], []
         for g in range(4):
@@ -66,6 +67,9 @@ def test_a_few_steps_raise_the_reward(tmp_path: Path, algorithm: str) -> None:
         # Both backends report the same metrics; on-policy samples get IS weights of 1.
         assert {"pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "grad_norm"} <= metrics.keys(), metrics
         assert metrics["tis_weight_mean"] == pytest.approx(1.0, abs=1e-2)
+        kl.append(metrics["kl_to_base"])
+    # The policy moves away from the base model as it learns, and the KL says so.
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 1e-4 and kl == sorted(kl), kl
     after = float(next_token_logprobs(backend)[target].exp())
     assert after > before + 0.1, (before, after)
 

@@ -1,12 +1,14 @@
-"""The demo's task and reward: pure functions."""
+"""The demo's tasks and rewards: pure functions."""
 
 from __future__ import annotations
 
-from lightloop.demo import Task, reward, tasks
+import pytest
+
+from lightloop.demo_tasks import KINDS, Opposite, Sum, from_row, reward, split
 
 
 def test_the_exact_answer_gets_1_and_partial_credit_points_the_way() -> None:
-    task = Task(7, 5)
+    task = Sum(7, 5)
     assert reward(task, "12") == 1.0
     assert reward(task, " 12.\n") == 1.0
     # Tiers never overlap: the right number among words beats any number beats none.
@@ -18,13 +20,39 @@ def test_the_exact_answer_gets_1_and_partial_credit_points_the_way() -> None:
     assert min(reward(task, "12 " + "x" * 500), right_in_words) >= 0.5
 
 
+def test_an_opposite_is_exact_whatever_its_case_quotes_or_full_stop() -> None:
+    task = Opposite("big", ("small", "little"))
+    for reply in ("small", "Small.", " **Little**\n", "'small'", '"Small!"'):
+        assert reward(task, reply) == 1.0, reply
+    sentence = reward(task, "The opposite of 'big' is 'small'.")
+    assert 0.5 < sentence < 0.6
+    # One word, but the wrong one: the form is right, the answer is not.
+    assert 0.2 < reward(task, "large") <= 0.3
+    assert 0 < reward(task, "I do not know that one") <= 0.1
+    # "smaller" is not "small": words are matched whole.
+    assert reward(task, "It is smaller") < 0.5
+
+
 def test_shorter_answers_of_the_same_tier_score_higher_so_groups_seldom_tie() -> None:
-    task = Task(7, 5)
+    task = Sum(7, 5)
     assert reward(task, "12 is it") > reward(task, "The answer to that is 12")
     assert reward(task, "banana") > reward(task, "a long and winding answer")
+    opposite = Opposite("hot", ("cold",))
+    assert reward(opposite, "It is cold") > reward(opposite, "The opposite of 'hot' is 'cold'.")
 
 
-def test_held_out_tasks_are_never_training_tasks() -> None:
-    train, held = tasks()
-    assert len(held) == 32 and not set(train) & set(held)
-    assert tasks() == (train, held)  # the split is fixed
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_held_out_tasks_are_never_training_tasks_and_rows_round_trip(kind: str) -> None:
+    train, held = split(kind)
+    assert len(held) == 16 and len(train) > 100
+    assert not {t.question for t in train} & {t.question for t in held}
+    assert split(kind) == (train, held)  # the split is fixed
+    for task in train + held:
+        assert from_row(task.row()) == task
+
+
+def test_no_opposite_is_another_one_reversed() -> None:
+    """So that no held-out task is a training task turned round ("cold" for "hot")."""
+    train, held = split("opposites")
+    answers = {t.row()["word"]: set(t.answers) for t in train + held}
+    assert not [(w, a) for w, ans in answers.items() for a in ans if w in answers.get(a, ())]

@@ -1,0 +1,194 @@
+"""The demo's tasks and their rewards: pure functions, no I/O.
+
+Two task sets. `opposites` (the default): "What is the opposite of 'hot'?", answered with one
+word. The base model knows most of these words' opposites but answers in a sentence ("The
+opposite of 'hot' is 'cold'."), so what a few minutes of RL can teach it, the instruction
+"reply with one word", is what the curve shows. `sums` ("What is 7 + 5?", the number only) is
+the earlier demo: SmolLM2-135M rarely adds correctly (4-20% of its tries contain the right sum,
+none is the number alone; bench/demo_baseline.py), so there is little to reinforce and its curve
+stalls near 0.45 (README, "Why the sums demo stalls").
+
+Each reward is 1 for the exact answer; below that, partial credit points the way, each tier
+under the one above it: the right answer among other words 0.5, the right form with a wrong
+answer 0.2, else 0, each plus less than 0.1 for brevity (the task asks for the answer alone), so
+that the tries of one group seldom tie and a group always says which answer was better."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+__all__ = ["KINDS", "DemoTask", "Opposite", "Sum", "from_row", "reward", "split"]
+
+
+class DemoTask(Protocol):
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def system(self) -> str:
+        """The agent's system prompt."""
+        ...
+
+    @property
+    def question(self) -> str: ...
+
+    @property
+    def answers(self) -> tuple[str, ...]: ...
+
+    def right_form(self, text: str) -> bool:
+        """The reply has the asked-for form (a number, one word), right or wrong."""
+        ...
+
+    def row(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Sum:
+    a: int
+    b: int
+    kind: ClassVar[str] = "sums"
+    system: ClassVar[str] = "You are a calculator. Reply with the number only."
+
+    @property
+    def question(self) -> str:
+        return f"What is {self.a} + {self.b}?"
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        return (str(self.a + self.b),)
+
+    @property
+    def answer(self) -> str:
+        return self.answers[0]
+
+    def right_form(self, text: str) -> bool:
+        return any(ch.isdigit() for ch in text)
+
+    def row(self) -> dict[str, Any]:
+        """The task as a dataset row (its id keeps loading idempotent)."""
+        return {
+            "id": f"{self.a}+{self.b}",
+            "kind": self.kind,
+            "a": self.a,
+            "b": self.b,
+            "question": self.question,
+        }
+
+
+@dataclass(frozen=True)
+class Opposite:
+    word: str
+    opposites: tuple[str, ...]  # every answer accepted as exact
+    kind: ClassVar[str] = "opposites"
+    system: ClassVar[str] = "Reply with the answer only, one word."
+
+    @property
+    def question(self) -> str:
+        return f"What is the opposite of '{self.word}'?"
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        return self.opposites
+
+    def right_form(self, text: str) -> bool:
+        return len(_words(text)) == 1
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "id": f"opposite:{self.word}",
+            "kind": self.kind,
+            "word": self.word,
+            "answers": list(self.opposites),
+            "question": self.question,
+        }
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _bare(reply: str) -> str:
+    """The reply without what does not change the answer: case, whitespace, quotes, markdown
+    emphasis and a final full stop ("**Cold.**" is "cold")."""
+    return reply.strip().strip("\"'*`_ ").rstrip(".!").strip("\"'*`_ ").lower()
+
+
+def reward(task: DemoTask, reply: str) -> float:
+    text = _bare(reply)
+    if text in task.answers:
+        return 1.0
+    brevity = 0.1 * 20 / (20 + len(reply.strip()))  # 0.1 for nothing, 0.05 at 20 characters, never 0
+    if any(answer in _words(text) for answer in task.answers):
+        return 0.5 + brevity
+    if task.right_form(text):
+        return 0.2 + brevity
+    return brevity
+
+
+# Common opposites, one direction each (so that no held-out task is a training task reversed),
+# with every answer a dictionary gives as its opposite. Not chosen by what the model answers.
+OPPOSITES = """
+hot: cold | big: small little | up: down | fast: slow | happy: sad unhappy | dark: light bright
+old: young new | open: closed shut | rich: poor | wet: dry | full: empty | early: late
+strong: weak | win: lose | day: night | black: white | left: right | in: out | love: hate
+true: false | yes: no | high: low | thick: thin | good: bad evil | clean: dirty | heavy: light
+tall: short | long: short | hard: soft | loud: quiet soft silent | push: pull
+start: end finish stop | first: last | top: bottom | inside: outside | above: below
+front: back rear behind | north: south | east: west | on: off | always: never
+all: none nothing | before: after | come: go | buy: sell | give: take receive | laugh: cry
+sweet: sour bitter | wide: narrow | deep: shallow | near: far | cheap: expensive
+safe: dangerous unsafe | healthy: sick ill unhealthy | alive: dead | friend: enemy foe
+war: peace | question: answer | boy: girl | man: woman | king: queen | brother: sister
+father: mother | husband: wife | son: daughter | summer: winter | sunrise: sunset
+morning: evening night | accept: reject refuse decline | arrive: leave depart
+asleep: awake | beautiful: ugly | brave: cowardly afraid scared | cool: warm hot
+correct: wrong incorrect | easy: difficult hard | enter: exit leave | entrance: exit
+fat: thin skinny slim | floor: ceiling | forget: remember | found: lost | guilty: innocent
+hello: goodbye bye | import: export | include: exclude | increase: decrease | inhale: exhale
+kind: cruel unkind mean | major: minor | maximum: minimum | more: less fewer | most: least
+odd: even | optimist: pessimist | plus: minus | positive: negative | private: public
+rough: smooth | same: different | sharp: dull blunt | smile: frown | stand: sit
+success: failure | tight: loose | together: apart alone separate | under: over above
+visible: invisible | wild: tame domestic | fail: pass succeed
+float: sink | freeze: melt thaw boil | generous: stingy selfish greedy | hungry: full
+joy: sorrow sadness grief | junior: senior | multiply: divide | native: foreign
+obey: disobey | past: future present | polite: rude impolite | absent: present
+problem: solution | rise: fall set sink | shout: whisper | stop: go | student: teacher
+tiny: huge enormous giant big large | vertical: horizontal | victory: defeat loss
+wake: sleep | wise: foolish stupid unwise | sunny: cloudy rainy | spend: save earn
+borrow: lend | dawn: dusk | heaven: hell | parent: child | teach: learn | attack: defend
+"""
+
+
+def _opposites() -> list[Opposite]:
+    out = []
+    for entry in OPPOSITES.replace("\n", " | ").split("|"):
+        if entry.strip():
+            word, answers = entry.split(":")
+            out.append(Opposite(word.strip(), tuple(answers.split())))
+    return out
+
+
+def _sums() -> list[Sum]:
+    return [Sum(a, b) for a in range(20) for b in range(20)]
+
+
+KINDS: dict[str, Callable[[], Sequence[DemoTask]]] = {"opposites": _opposites, "sums": _sums}
+
+
+def split(kind: str = "opposites", held_out: int = 16) -> tuple[list[DemoTask], list[DemoTask]]:
+    """(training tasks, held-out tasks), split once: the same split on every run and seed."""
+    every: list[DemoTask] = list(KINDS[kind]())
+    random.Random(0).shuffle(every)
+    return every[held_out:], every[:held_out]
+
+
+def from_row(row: dict[str, Any]) -> DemoTask:
+    """The task a dataset row was made from (the agent gets the row)."""
+    if row.get("kind", "sums") == "sums":
+        return Sum(int(row["a"]), int(row["b"]))
+    return Opposite(str(row["word"]), tuple(str(a) for a in row["answers"]))
