@@ -1,6 +1,6 @@
 """What the demo's base model does before any training: the numbers behind "why does the demo
 stall" (issue 12). For each sampling temperature and answer budget, sample GROUP tries for each
-of TASKS training sums (as the demo's training rollouts do) and report:
+of TASKS training tasks (as the demo's training rollouts do) and report:
 
 - how often a try is exactly the number (reward 1), the right number among words, any number;
 - the fraction of flat groups (every try the same reward: no advantage, nothing learned) under
@@ -11,7 +11,7 @@ of TASKS training sums (as the demo's training rollouts do) and report:
 The model is sampled in-process with transformers (`generate`), the demo's system prompt and
 chat template. Prints one JSON object.
 
-Usage: python bench/demo_baseline.py [--model smollm2] [--tasks 48] [--group 4]
+Usage: python bench/demo_baseline.py [--task sums|opposites] [--earlier-prompt] [--tasks 48] [--group 4]
 """
 
 from __future__ import annotations
@@ -45,12 +45,17 @@ def earlier_reward(task: DemoTask, reply: str) -> float:
 
 
 def sample(
-    loaded: Any, chosen: list[DemoTask], group: int, temperature: float, max_tokens: int
+    loaded: Any, chosen: list[DemoTask], group: int, temperature: float, max_tokens: int, earlier: bool
 ) -> list[list[str]]:
     tok = loaded.tokenizer
     out: list[list[str]] = []
     for task in chosen:
-        messages = [{"role": "system", "content": task.system}, {"role": "user", "content": task.question}]
+        # The demo agent's messages; `earlier`: the agent before issue 12 (no worked example).
+        messages = (
+            [{"role": "system", "content": task.system}, {"role": "user", "content": task.question}]
+            if earlier
+            else task.messages()
+        )
         ids = torch.tensor([encode(tok, render_chat(tok, messages, None))])
         with torch.no_grad():
             generated = loaded.model.generate(
@@ -103,6 +108,9 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--temperatures", default="0.7,1.0")
     parser.add_argument("--max-tokens", default="8,16")
+    parser.add_argument(
+        "--earlier-prompt", action="store_true", help="The agent's prompt before issue 12: no worked example."
+    )
     parser.add_argument("--home", default=os.environ.get("LIGHTLOOP_HOME", ".lightloop"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -113,7 +121,7 @@ def main() -> None:
     for temperature in (float(x) for x in args.temperatures.split(",")):
         for max_tokens in (int(x) for x in args.max_tokens.split(",")):
             t0 = time.perf_counter()
-            answers = sample(loaded, chosen, args.group, temperature, max_tokens)
+            answers = sample(loaded, chosen, args.group, temperature, max_tokens, args.earlier_prompt)
             row = {"temperature": temperature, "max_tokens": max_tokens, **summarise(chosen, answers)}
             row["seconds"] = round(time.perf_counter() - t0, 1)
             print(json.dumps(row), file=sys.stderr)
@@ -123,6 +131,7 @@ def main() -> None:
             {
                 "model": args.model,
                 "task": args.task,
+                "earlier_prompt": args.earlier_prompt,
                 "tasks": args.tasks,
                 "group": args.group,
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},

@@ -1,17 +1,21 @@
 """The demo's tasks and their rewards: pure functions, no I/O.
 
 Two task sets. `opposites` (the default): "What is the opposite of 'hot'?", answered with one
-word. The base model knows most of these words' opposites but answers in a sentence ("The
-opposite of 'hot' is 'cold'."), so what a few minutes of RL can teach it, the instruction
-"reply with one word", is what the curve shows. `sums` ("What is 7 + 5?", the number only) is
-the earlier demo: SmolLM2-135M rarely adds correctly (4-20% of its tries contain the right sum,
-none is the number alone; bench/demo_baseline.py), so there is little to reinforce and its curve
-stalls near 0.45 (README, "Why the sums demo stalls").
+word. The agent shows the form once, as a worked example turn (the opposite of 'up' is "down"),
+as agents commonly do: without it SmolLM2-135M never answers with one word (0 of 768 tries,
+README), and RL cannot reinforce what is never tried. With it the base model answers in one word
+but often with the wrong one (it echoes the question's word, or the example's): 13 of 32 held-out
+tasks are right, and what a few minutes of RL teach it is to give the opposite. `sums` ("What is
+7 + 5?", the number only) is the earlier demo: SmolLM2-135M rarely adds correctly (4-20% of its
+tries contain the right sum, none is the number alone; bench/demo_baseline.py), so there is
+little to reinforce and its curve stalls near 0.45 (README, "Why the sums demo stalls").
 
-Each reward is 1 for the exact answer; below that, partial credit points the way, each tier
-under the one above it: the right answer among other words 0.5, the right form with a wrong
-answer 0.2, else 0, each plus less than 0.1 for brevity (the task asks for the answer alone), so
-that the tries of one group seldom tie and a group always says which answer was better."""
+Each reward is 1 for the exact answer; the right answer among other words earns 0.5 plus less
+than 0.1 for brevity (the task asks for the answer alone). For sums, where the form was the hard
+part, a wrong number still earns 0.2 plus brevity and anything else the brevity term alone, so
+that a group's tries seldom tie. For opposites a wrong word earns 0, whatever its form: rewarding
+short wrong words would reinforce the base model's commonest mistake, echoing the word asked
+about."""
 
 from __future__ import annotations
 
@@ -39,8 +43,17 @@ class DemoTask(Protocol):
     @property
     def answers(self) -> tuple[str, ...]: ...
 
+    @property
+    def credits_form(self) -> bool:
+        """A wrong answer in the asked-for form still earns partial credit."""
+        ...
+
     def right_form(self, text: str) -> bool:
         """The reply has the asked-for form (a number, one word), right or wrong."""
+        ...
+
+    def messages(self) -> list[dict[str, str]]:
+        """The agent's chat messages for this task."""
         ...
 
     def row(self) -> dict[str, Any]: ...
@@ -52,6 +65,7 @@ class Sum:
     b: int
     kind: ClassVar[str] = "sums"
     system: ClassVar[str] = "You are a calculator. Reply with the number only."
+    credits_form: ClassVar[bool] = True
 
     @property
     def question(self) -> str:
@@ -67,6 +81,9 @@ class Sum:
 
     def right_form(self, text: str) -> bool:
         return any(ch.isdigit() for ch in text)
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": self.question}]
 
     def row(self) -> dict[str, Any]:
         """The task as a dataset row (its id keeps loading idempotent)."""
@@ -85,10 +102,13 @@ class Opposite:
     opposites: tuple[str, ...]  # every answer accepted as exact
     kind: ClassVar[str] = "opposites"
     system: ClassVar[str] = "Reply with the answer only, one word."
+    credits_form: ClassVar[bool] = False
+    # The worked example the agent shows before the question; EXAMPLE[0] is no task's word.
+    example: ClassVar[tuple[str, str]] = ("up", "down")
 
     @property
     def question(self) -> str:
-        return f"What is the opposite of '{self.word}'?"
+        return _opposite_question(self.word)
 
     @property
     def answers(self) -> tuple[str, ...]:
@@ -96,6 +116,15 @@ class Opposite:
 
     def right_form(self, text: str) -> bool:
         return len(_words(text)) == 1
+
+    def messages(self) -> list[dict[str, str]]:
+        word, answer = self.example
+        return [
+            {"role": "system", "content": self.system},
+            {"role": "user", "content": _opposite_question(word)},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": self.question},
+        ]
 
     def row(self) -> dict[str, Any]:
         return {
@@ -105,6 +134,10 @@ class Opposite:
             "answers": list(self.opposites),
             "question": self.question,
         }
+
+
+def _opposite_question(word: str) -> str:
+    return f"What is the opposite of '{word}'?"
 
 
 def _words(text: str) -> list[str]:
@@ -124,6 +157,8 @@ def reward(task: DemoTask, reply: str) -> float:
     brevity = 0.1 * 20 / (20 + len(reply.strip()))  # 0.1 for nothing, 0.05 at 20 characters, never 0
     if any(answer in _words(text) for answer in task.answers):
         return 0.5 + brevity
+    if not task.credits_form:
+        return 0.0
     if task.right_form(text):
         return 0.2 + brevity
     return brevity
@@ -132,7 +167,7 @@ def reward(task: DemoTask, reply: str) -> float:
 # Common opposites, one direction each (so that no held-out task is a training task reversed),
 # with every answer a dictionary gives as its opposite. Not chosen by what the model answers.
 OPPOSITES = """
-hot: cold | big: small little | up: down | fast: slow | happy: sad unhappy | dark: light bright
+hot: cold | big: small little | fast: slow | happy: sad unhappy | dark: light bright
 old: young new | open: closed shut | rich: poor | wet: dry | full: empty | early: late
 strong: weak | win: lose | day: night | black: white | left: right | in: out | love: hate
 true: false | yes: no | high: low | thick: thin | good: bad evil | clean: dirty | heavy: light
@@ -180,7 +215,7 @@ def _sums() -> list[Sum]:
 KINDS: dict[str, Callable[[], Sequence[DemoTask]]] = {"opposites": _opposites, "sums": _sums}
 
 
-def split(kind: str = "opposites", held_out: int = 16) -> tuple[list[DemoTask], list[DemoTask]]:
+def split(kind: str = "opposites", held_out: int = 32) -> tuple[list[DemoTask], list[DemoTask]]:
     """(training tasks, held-out tasks), split once: the same split on every run and seed."""
     every: list[DemoTask] = list(KINDS[kind]())
     random.Random(0).shuffle(every)

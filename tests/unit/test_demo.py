@@ -26,9 +26,11 @@ def test_an_opposite_is_exact_whatever_its_case_quotes_or_full_stop() -> None:
         assert reward(task, reply) == 1.0, reply
     sentence = reward(task, "The opposite of 'big' is 'small'.")
     assert 0.5 < sentence < 0.6
-    # One word, but the wrong one: the form is right, the answer is not.
-    assert 0.2 < reward(task, "large") <= 0.3
-    assert 0 < reward(task, "I do not know that one") <= 0.1
+    # A wrong word earns nothing, short or not: rewarding it would teach the base model's
+    # commonest mistake, echoing the word asked about.
+    assert reward(task, "large") == 0.0
+    assert reward(task, "big") == 0.0
+    assert reward(task, "I do not know that one") == 0.0
     # "smaller" is not "small": words are matched whole.
     assert reward(task, "It is smaller") < 0.5
 
@@ -44,7 +46,7 @@ def test_shorter_answers_of_the_same_tier_score_higher_so_groups_seldom_tie() ->
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_held_out_tasks_are_never_training_tasks_and_rows_round_trip(kind: str) -> None:
     train, held = split(kind)
-    assert len(held) == 16 and len(train) > 100
+    assert len(held) == 32 and len(train) > 100
     assert not {t.question for t in train} & {t.question for t in held}
     assert split(kind) == (train, held)  # the split is fixed
     for task in train + held:
@@ -56,3 +58,18 @@ def test_no_opposite_is_another_one_reversed() -> None:
     train, held = split("opposites")
     answers = {t.row()["word"]: set(t.answers) for t in train + held}
     assert not [(w, a) for w, ans in answers.items() for a in ans if w in answers.get(a, ())]
+
+
+def test_the_opposites_agent_shows_the_form_once_with_an_example_that_is_no_task() -> None:
+    train, held = split("opposites")
+    messages = train[0].messages()
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[-1]["content"] == train[0].question
+    word, answer = Opposite.example
+    assert messages[1]["content"] == f"What is the opposite of '{word}'?" and messages[2]["content"] == answer
+    # Neither the example's word nor its answer is asked about, so no task is trained in the prompt.
+    assert not {word, answer} & {t.row()["word"] for t in train + held}
+
+
+def test_a_sum_is_asked_without_an_example() -> None:
+    assert [m["role"] for m in Sum(7, 5).messages()] == ["system", "user"]

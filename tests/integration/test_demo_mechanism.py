@@ -1,0 +1,84 @@
+"""What made the opposites demo learn (issue 12), on the real base model: with the agent's worked
+example the base model's training tries include exact one-word answers beside wrong ones, so
+GRPO gives the exact answer a positive advantage; under the earlier agent (no example, 16 answer
+tokens) no try is ever exact, and the advantage that would teach the form never appears."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from lightloop.demo import MAX_TOKENS, TRAIN_TEMPERATURE
+from lightloop.demo_tasks import DemoTask, Opposite, reward, split
+from lightloop.engine.chat import encode, render_chat
+from lightloop.engine.models import LoadedModel, load_model
+from lightloop.trainer import Scored, drop_flat_groups, rollout_advantages
+
+TASKS, TRIES = 8, 4  # one demo step's worth of groups
+
+Messages = Callable[[DemoTask], list[dict[str, str]]]
+
+
+def earlier_messages(task: DemoTask) -> list[dict[str, str]]:
+    """The demo's agent before issue 12: system prompt and question, no example."""
+    return [{"role": "system", "content": task.system}, {"role": "user", "content": task.question}]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    return load_model("smollm2", tmp_path_factory.mktemp("models"))
+
+
+def advantages_of_exact_answers(
+    loaded: LoadedModel, messages: Messages, temperature: float, max_tokens: int
+) -> tuple[list[float], list[str]]:
+    """Sample one step's groups as the demo's training tries do; the GRPO advantage of every
+    exact answer (rewards of 1) and every reply."""
+    torch.manual_seed(0)
+    train, _ = split("opposites")
+    scored, replies = [], []
+    exact: set[str] = set()
+    tok = loaded.tokenizer
+    for i, task in enumerate(train[:TASKS]):
+        ids = torch.tensor([encode(tok, render_chat(tok, messages(task), None))])
+        with torch.no_grad():
+            out: Any = loaded.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max_tokens,
+                num_return_sequences=TRIES,
+                pad_token_id=tok.eos_token_id,
+            )
+        for j, seq in enumerate(out):
+            reply = tok.decode(seq[ids.shape[1] :], skip_special_tokens=True)
+            replies.append(reply)
+            rid = f"{i}.{j}"
+            scored.append(Scored(rid, str(i), reward(task, reply)))
+            if reward(task, reply) == 1.0:
+                exact.add(rid)
+    kept, _ = drop_flat_groups(scored)
+    advantages = rollout_advantages(kept, "grpo")
+    return [advantages.get(rid, 0.0) for rid in sorted(exact)], replies
+
+
+@pytest.mark.slow
+def test_the_worked_example_gives_exact_answers_a_positive_advantage(smollm2: LoadedModel) -> None:
+    def demo_messages(task: DemoTask) -> list[dict[str, str]]:
+        return task.messages()
+
+    advantages, replies = advantages_of_exact_answers(smollm2, demo_messages, TRAIN_TEMPERATURE, MAX_TOKENS)
+    assert sum(a > 0 for a in advantages) >= 2, replies
+    assert all(isinstance(t, Opposite) for t in split("opposites")[0][:TASKS])
+
+
+@pytest.mark.slow
+def test_without_the_example_no_try_is_exact_so_the_form_is_never_reinforced(smollm2: LoadedModel) -> None:
+    advantages, replies = advantages_of_exact_answers(smollm2, earlier_messages, 1.0, 16)
+    assert advantages == [], replies
