@@ -77,7 +77,7 @@ def summarise(chosen: list[DemoTask], answers: list[list[str]]) -> dict[str, Any
     tries = [(t, a) for t, group in zip(chosen, answers, strict=True) for a in group]
     exact = sum(reward(t, a) == 1.0 for t, a in tries)
     among = sum(0.5 < reward(t, a) < 1.0 for t, a in tries)
-    number = sum(0.2 < reward(t, a) <= 0.3 for t, a in tries)
+    number = sum(reward(t, a) < 0.5 and t.right_form(a.strip()) for t, a in tries)
     flat_now = flat_before = 0
     stds = []
     for t, group in zip(chosen, answers, strict=True):

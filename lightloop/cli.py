@@ -606,9 +606,10 @@ def run_agent(
     "--task",
     "task_kind",
     type=click.Choice(["opposites", "sums"]),
-    default="opposites",
-    show_default=True,
-    help="opposites: one-word opposites (learns in minutes); sums: the number only (stalls, README).",
+    default=None,
+    help="opposites (the default): one-word opposites; sums: the number only (stalls, README). "
+    "With --model tiny the default is sums: a random model never says a right word, and only the "
+    "lengths of its wrong numbers differ, which keeps its groups from going flat.",
 )
 @click.option(
     "--learning-rate", type=float, default=1e-3, show_default=True, help="The trainer's LoRA learning rate."
@@ -625,7 +626,7 @@ def demo(
     groups: int,
     tries: int,
     seed: int,
-    task_kind: str,
+    task_kind: str | None,
     learning_rate: float,
     plot_path: Path | None,
 ) -> None:
@@ -646,6 +647,7 @@ def demo(
     # SIGTERM must unwind like Ctrl-C, so that the stack this command started is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     model = model or settings.engine.model
+    task_kind = task_kind or ("sums" if model == "tiny" else "opposites")
     base = f"http://{settings.proxy.host}:{settings.proxy.port}"
     key, _ = master_key(settings)
     with contextlib.ExitStack() as stack_ctx:

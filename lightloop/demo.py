@@ -35,17 +35,11 @@ from lightloop.store import (
 )
 from lightloop.store.tasks import REWARD_CURVE_SQL
 
-MAX_TOKENS = 8  # a one-word answer takes 2-3 tokens; a sentence is cut off before its answer
-# The training tries' temperature: of 0.5, 0.7 and 1.0 the one with the most groups whose tries
-# differ (42% at 4 tries) and more right answers than at 1.0 (28% against 18%). One 15-minute run
-# each: 0.7 ended at 0.75 held-out, 1.0 at 0.66 (its steps train on more samples, so it took
-# fewer of them; README).
-TRAIN_TEMPERATURE = 0.7
 # Nothing happened for this long (no rollout finished, no step taken): the trainer or the
 # engine is not running; say so instead of waiting for ever.
 STALL_S = 900.0
 
-__all__ = ["CURVE_SQL", "Demo", "agent", "plot"]
+__all__ = ["CURVE_SQL", "Demo", "agent", "plot", "schedule"]
 
 CURVE_SQL = REWARD_CURVE_SQL
 
@@ -54,15 +48,24 @@ async def agent(row: dict[str, Any], llm: LLM) -> float:
     """The demo's agent: one chat call. Training tries sample (the GRPO group's spread);
     held-out tasks are answered greedily."""
     task = from_row(row)
-    temperature = 0.0 if llm.mode == "val" else TRAIN_TEMPERATURE
+    temperature = 0.0 if llm.mode == "val" else task.train_temperature
     async with llm.async_openai(max_retries=2) as client:
         completion = await client.chat.completions.create(
             model=llm.model,
             messages=task.messages(),  # type: ignore[arg-type]
-            max_tokens=MAX_TOKENS,
+            max_tokens=task.max_tokens,
             temperature=temperature,
         )
     return reward(task, completion.choices[0].message.content or "")
+
+
+def schedule(steps: int, groups: int, available: int) -> tuple[int, int]:
+    """(tasks, epochs) with tasks x epochs == steps x groups exactly and tasks a multiple of
+    `groups`, as many tasks as `available` allows."""
+    if groups > available:
+        raise LightloopError(f"{groups} groups per step, but only {available} training tasks")
+    per_epoch = max(d for d in range(1, steps + 1) if steps % d == 0 and d * groups <= available)
+    return per_epoch * groups, steps // per_epoch
 
 
 @dataclass
@@ -88,11 +91,11 @@ class Demo:
         self._stopped = False
 
     async def load(self, steps: int) -> tuple[int, int]:
-        """The dataset: just enough training tasks for `steps` steps (each task one group), so
-        that the queue drains when they are done; returns (tasks, epochs)."""
-        wanted = steps * self.groups
-        n = min(len(self.train_tasks), wanted)
-        epochs = math.ceil(wanted / n)
+        """The dataset: exactly `steps` steps' worth of groups (each task one group), so that the
+        queue drains when the trainer has taken them all; returns (tasks, epochs). With fewer
+        training tasks than that, a multiple of `groups` tasks is taken that many epochs over,
+        so that no group is left over that the trainer (waiting for `groups` at once) never takes."""
+        n, epochs = schedule(steps, self.groups, len(self.train_tasks))
         chosen = random.Random(self.seed).sample(self.train_tasks, n)
         conn = await connect(self.database_url)
         try:

@@ -2,7 +2,7 @@
 
 Two task sets. `opposites` (the default): "What is the opposite of 'hot'?", answered with one
 word. The agent shows the form once, as a worked example turn (the opposite of 'up' is "down"),
-as agents commonly do: without it SmolLM2-135M never answers with one word (0 of 768 tries,
+as agents commonly do: without it SmolLM2-135M never answers exactly (0 of 768 tries,
 README), and RL cannot reinforce what is never tried. With it the base model answers in one word
 but often with the wrong one (it echoes the question's word, or the example's): 13 of 32 held-out
 tasks are right, and what a few minutes of RL teach it is to give the opposite. `sums` ("What is
@@ -52,6 +52,16 @@ class DemoTask(Protocol):
         """The reply has the asked-for form (a number, one word), right or wrong."""
         ...
 
+    @property
+    def max_tokens(self) -> int:
+        """The answer's token budget."""
+        ...
+
+    @property
+    def train_temperature(self) -> float:
+        """The training tries' sampling temperature (held-out tasks are answered greedily)."""
+        ...
+
     def messages(self) -> list[dict[str, str]]:
         """The agent's chat messages for this task."""
         ...
@@ -66,6 +76,9 @@ class Sum:
     kind: ClassVar[str] = "sums"
     system: ClassVar[str] = "You are a calculator. Reply with the number only."
     credits_form: ClassVar[bool] = True
+    # As measured for the sums curve in the README: 8 tokens cut "17 + 13 = 30" short.
+    max_tokens: ClassVar[int] = 16
+    train_temperature: ClassVar[float] = 1.0
 
     @property
     def question(self) -> str:
@@ -103,7 +116,13 @@ class Opposite:
     kind: ClassVar[str] = "opposites"
     system: ClassVar[str] = "Reply with the answer only, one word."
     credits_form: ClassVar[bool] = False
-    # The worked example the agent shows before the question; EXAMPLE[0] is no task's word.
+    # A one-word answer takes 2-3 tokens; a sentence is cut off before its answer.
+    max_tokens: ClassVar[int] = 8
+    # Training tries: at 0.7, 40% exact and 50% of groups not flat (0.5: 46%, 33%; 1.0: 24%,
+    # 54%; docs/demo-baseline-opposites-smollm2.json). One 15-minute run each: 0.7 ended at 0.75
+    # held-out, 1.0 at 0.66 (its steps trained on more samples, so it took fewer; README).
+    train_temperature: ClassVar[float] = 0.7
+    # The worked example the agent shows before the question; neither word is in any task.
     example: ClassVar[tuple[str, str]] = ("up", "down")
 
     @property
@@ -224,6 +243,9 @@ def split(kind: str = "opposites", held_out: int = 32) -> tuple[list[DemoTask], 
 
 def from_row(row: dict[str, Any]) -> DemoTask:
     """The task a dataset row was made from (the agent gets the row)."""
-    if row.get("kind", "sums") == "sums":
+    kind = row.get("kind", "sums")
+    if kind == "sums":
         return Sum(int(row["a"]), int(row["b"]))
-    return Opposite(str(row["word"]), tuple(str(a) for a in row["answers"]))
+    if kind == "opposites":
+        return Opposite(str(row["word"]), tuple(str(a) for a in row["answers"]))
+    raise ValueError(f"not a demo task: kind {kind!r} (expected one of {sorted(KINDS)})")

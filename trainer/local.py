@@ -151,8 +151,10 @@ class LocalBackend:
             )
             # The KL to the base model is always measured (token-mean, low-variance estimator):
             # the one number that shows a policy drifting off towards collapse. It costs one
-            # forward pass without grad; it is a penalty only with kl_coef > 0.
-            kl = self._kl(batch, logprobs)
+            # forward pass without grad; it is a penalty only with kl_coef > 0 (else it is taken
+            # of the detached logprobs, so that no graph is built for it). It is the KL at the
+            # step's start: the first step reports 0.
+            kl = self._kl(batch, logprobs if self.config.kl_coef > 0 else old)
             if self.config.kl_coef > 0:
                 loss = loss + self.config.kl_coef * kl
             share = float(batch.mask.sum()) / total_tokens  # token-mean over the whole batch

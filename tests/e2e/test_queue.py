@@ -468,7 +468,7 @@ def test_the_demo_out_of_time_stops_its_dataset_and_leaves_no_work_behind(
     curve = asyncio.run(demo.run(steps=3, minutes=0))
     assert any(line.startswith("version 0: held-out reward") for line in lines), lines
     assert any(line.startswith("time is up") for line in lines), lines
-    assert [(r["policy_version"], r["val_rollouts"]) for r in curve] == [(0, 16)]
+    assert [(r["policy_version"], r["val_rollouts"]) for r in curve] == [(0, 32)]
     left = sql(
         db_url,
         f"SELECT count(*) AS n FROM rollouts WHERE dataset = '{demo.dataset}' "

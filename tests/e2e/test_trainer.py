@@ -341,9 +341,9 @@ def test_the_demo_wiring_check_runs_the_whole_loop(tmp_path: Path) -> None:
     assert "version 0: held-out reward" in out and "  v0: " in out
     # At least one version was published, its held-out round ran, and it served calls.
     served = re.findall(
-        r"version (\d+): held-out reward [\d.]+ over 16 tasks {2}\((\d+) calls served by v\1", out
+        r"version (\d+): held-out reward [\d.]+ over 32 tasks {2}\((\d+) calls served by v\1", out
     )
-    assert any(int(v) >= 1 and int(n) >= 16 for v, n in served), out[-3000:]
+    assert any(int(v) >= 1 and int(n) >= 32 for v, n in served), out[-3000:]
     assert re.search(r"  v[1-9]\d*: ", out), out[-3000:]
     assert plot.read_bytes().startswith(b"\x89PNG")
     assert "embedded Postgres stopped" in out
@@ -373,9 +373,9 @@ def test_the_demo_wiring_check_runs_the_whole_loop(tmp_path: Path) -> None:
     # which published a version.
     assert (row["steps"], row["published"], row["live"], row["untrained"], row["groups"]) == (3, 3, 3, 0, 12)
     # Held-out rounds: v0 and the final version at least (a version replaced before a runner
-    # asked for work gets none), each of all 16 tasks, all finished, and the demo reported each.
+    # asked for work gets none), each of all 32 tasks, all finished, and the demo reported each.
     rounds = row["rounds"]
-    assert rounds[0] == 0 and rounds[-1] == 3 and row["val_rollouts"] == 16 * len(rounds), row
+    assert rounds[0] == 0 and rounds[-1] == 3 and row["val_rollouts"] == 32 * len(rounds), row
     assert row["val_unfinished"] == 0
     assert sorted(int(v) for v, _ in served) == rounds
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from lightloop.demo import schedule
 from lightloop.demo_tasks import KINDS, Opposite, Sum, from_row, reward, split
+from lightloop.errors import LightloopError
 
 
 def test_the_exact_answer_gets_1_and_partial_credit_points_the_way() -> None:
@@ -32,7 +34,7 @@ def test_an_opposite_is_exact_whatever_its_case_quotes_or_full_stop() -> None:
     assert reward(task, "big") == 0.0
     assert reward(task, "I do not know that one") == 0.0
     # "smaller" is not "small": words are matched whole.
-    assert reward(task, "It is smaller") < 0.5
+    assert reward(task, "It is smaller") == 0.0
 
 
 def test_shorter_answers_of_the_same_tier_score_higher_so_groups_seldom_tie() -> None:
@@ -69,7 +71,31 @@ def test_the_opposites_agent_shows_the_form_once_with_an_example_that_is_no_task
     assert messages[1]["content"] == f"What is the opposite of '{word}'?" and messages[2]["content"] == answer
     # Neither the example's word nor its answer is asked about, so no task is trained in the prompt.
     assert not {word, answer} & {t.row()["word"] for t in train + held}
+    assert not {word, answer} & {a for t in train + held for a in t.answers}
 
 
 def test_a_sum_is_asked_without_an_example() -> None:
     assert [m["role"] for m in Sum(7, 5).messages()] == ["system", "user"]
+
+
+@pytest.mark.parametrize(
+    ("steps", "groups", "available", "expected"),
+    [(40, 8, 107, (80, 4)), (3, 4, 368, (12, 1)), (14, 8, 107, (56, 2)), (7, 8, 50, (8, 7))],
+)
+def test_the_dataset_holds_exactly_the_steps_groups_so_none_is_left_over(
+    steps: int, groups: int, available: int, expected: tuple[int, int]
+) -> None:
+    """A leftover group (fewer than the trainer waits for) would never be taken: the demo would
+    wait for a step that never comes."""
+    n, epochs = schedule(steps, groups, available)
+    assert (n, epochs) == expected and n * epochs == steps * groups and n % groups == 0 and n <= available
+
+
+def test_more_groups_per_step_than_tasks_is_a_clear_error() -> None:
+    with pytest.raises(LightloopError, match="only 5 training tasks"):
+        schedule(3, 8, 5)
+
+
+def test_a_row_of_another_kind_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="not a demo task"):
+        from_row({"kind": "capitals", "country": "France"})
