@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lightloop.demo_probe import earlier_messages, sample_replies
 from lightloop.demo_tasks import DemoTask, reward, split
-from lightloop.engine.chat import encode, render_chat
 from lightloop.engine.models import load_model
 
 
@@ -47,30 +47,13 @@ def earlier_reward(task: DemoTask, reply: str) -> float:
 def sample(
     loaded: Any, chosen: list[DemoTask], group: int, temperature: float, max_tokens: int, earlier: bool
 ) -> list[list[str]]:
-    tok = loaded.tokenizer
-    out: list[list[str]] = []
-    for task in chosen:
-        # The demo agent's messages; `earlier`: the agent before issue 12 (no worked example).
-        messages = (
-            [{"role": "system", "content": task.system}, {"role": "user", "content": task.question}]
-            if earlier
-            else task.messages()
+    # The demo agent's messages; `earlier`: the agent before issue 12 (no worked example).
+    return [
+        sample_replies(
+            loaded, earlier_messages(t) if earlier else t.messages(), group, temperature, max_tokens
         )
-        ids = torch.tensor([encode(tok, render_chat(tok, messages, None))])
-        with torch.no_grad():
-            generated = loaded.model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=True,
-                temperature=temperature,
-                top_p=1.0,
-                top_k=0,
-                max_new_tokens=max_tokens,
-                num_return_sequences=group,
-                pad_token_id=tok.eos_token_id,
-            )
-        out.append([tok.decode(g[ids.shape[1] :], skip_special_tokens=True) for g in generated])
-    return out
+        for t in chosen
+    ]
 
 
 def summarise(chosen: list[DemoTask], answers: list[list[str]]) -> dict[str, Any]:

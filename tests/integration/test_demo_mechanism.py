@@ -6,24 +6,18 @@ tokens) no try is ever exact, and the advantage that would teach the form never 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import torch
 
+from lightloop.demo_probe import earlier_messages, sample_replies
 from lightloop.demo_tasks import DemoTask, Opposite, reward, split
-from lightloop.engine.chat import encode, render_chat
 from lightloop.engine.models import LoadedModel, load_model
 from lightloop.trainer import Scored, drop_flat_groups, rollout_advantages
 
 TASKS, TRIES = 8, 4  # one demo step's worth of groups
 
 Messages = Callable[[DemoTask], list[dict[str, str]]]
-
-
-def earlier_messages(task: DemoTask) -> list[dict[str, str]]:
-    """The demo's agent before issue 12: system prompt and question, no example."""
-    return [{"role": "system", "content": task.system}, {"role": "user", "content": task.question}]
 
 
 @pytest.fixture(scope="module")
@@ -40,23 +34,8 @@ def advantages_of_exact_answers(
     train, _ = split("opposites")
     scored, replies = [], []
     exact: set[str] = set()
-    tok = loaded.tokenizer
     for i, task in enumerate(train[:TASKS]):
-        ids = torch.tensor([encode(tok, render_chat(tok, messages(task), None))])
-        with torch.no_grad():
-            out: Any = loaded.model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=max_tokens,
-                num_return_sequences=TRIES,
-                pad_token_id=tok.eos_token_id,
-            )
-        for j, seq in enumerate(out):
-            reply = tok.decode(seq[ids.shape[1] :], skip_special_tokens=True)
+        for j, reply in enumerate(sample_replies(loaded, messages(task), TRIES, temperature, max_tokens)):
             replies.append(reply)
             rid = f"{i}.{j}"
             scored.append(Scored(rid, str(i), reward(task, reply)))
