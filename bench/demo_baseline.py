@@ -6,12 +6,14 @@ of TASKS training tasks (as the demo's training rollouts do) and report:
 - the fraction of flat groups (every try the same reward: no advantage, nothing learned) under
   the demo's current reward and under the earlier one (0.5 / 0.1 / 0, no brevity term);
 - the mean reward standard deviation within a group;
-- a few sample answers.
+- a few sample answers;
+- on the held-out tasks: the greedy answer's exact rate and pass@16 at temperature 1.0.
 
 The model is sampled in-process with transformers (`generate`), the demo's system prompt and
 chat template. Prints one JSON object.
 
-Usage: python bench/demo_baseline.py [--task sums|opposites] [--earlier-prompt] [--tasks 48] [--group 4]
+Usage: python bench/demo_baseline.py [--task sums|opposites|opposite-choice] [--earlier-prompt]
+       [--tasks 48] [--group 4]
 """
 
 from __future__ import annotations
@@ -83,10 +85,31 @@ def summarise(chosen: list[DemoTask], answers: list[list[str]]) -> dict[str, Any
     }
 
 
+def held_out_reach(loaded: Any, held: list[DemoTask], tries: int, max_tokens: int) -> dict[str, Any]:
+    """What the base model can reach on the held-out tasks: its greedy answer (what the demo's
+    held-out rounds score) and pass@`tries` at temperature 1.0 (the share of tasks it answers
+    exactly at least once: what RL can surface without ever training on them)."""
+    greedy, reached, missed = 0, 0, []
+    for task in held:
+        (answer,) = sample_replies(loaded, task.messages(), 1, 0.0, max_tokens)
+        tries_ = sample_replies(loaded, task.messages(), tries, 1.0, max_tokens)
+        greedy += reward(task, answer) == 1.0
+        hit = any(reward(task, a) == 1.0 for a in tries_)
+        reached += hit
+        if not hit:
+            missed.append(task.row()["id"])
+    return {
+        "held_out_tasks": len(held),
+        "held_out_greedy_exact": round(greedy / len(held), 3),
+        f"held_out_pass_at_{tries}_t1": round(reached / len(held), 3),
+        "held_out_never_exact": missed,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--task", default="sums", choices=["sums", "opposites"])
+    parser.add_argument("--task", default="sums", choices=["sums", "opposites", "opposite-choice"])
     parser.add_argument("--tasks", type=int, default=48)
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--temperatures", default="0.7,1.0")
@@ -98,7 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     loaded = load_model(args.model, Path(args.home) / "models")
-    train, _ = split(args.task)
+    train, held = split(args.task)
     chosen = train[: args.tasks]
     rows = []
     for temperature in (float(x) for x in args.temperatures.split(",")):
@@ -109,6 +132,7 @@ def main() -> None:
             row["seconds"] = round(time.perf_counter() - t0, 1)
             print(json.dumps(row), file=sys.stderr)
             rows.append(row)
+    reach = {} if args.earlier_prompt else held_out_reach(loaded, held, 16, 8)
     print(
         json.dumps(
             {
@@ -119,6 +143,7 @@ def main() -> None:
                 "group": args.group,
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                 "results": rows,
+                **reach,
             },
             indent=1,
         )

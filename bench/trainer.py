@@ -2,6 +2,9 @@
 step of a model on CPU (tokens/s, forward + backward + optimiser) with the local and the verl
 backend, measured in one run.
 
+And one local step over GRPO groups on a 1,000-token prompt, with the tries' shared prompt run
+once (the default) and with every row run whole, side by side.
+
 Usage: python bench/trainer.py [--model smollm2|tiny] [--samples 8] [--length 256] [--home DIR]
 Prints one JSON object.
 """
@@ -17,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -84,6 +88,39 @@ def bench_update(model: str, home: Path, samples: int, length: int, backend_name
     }
 
 
+def bench_shared_prefix(
+    model: str, home: Path, groups: int, tries: int, prompt: int, answer: int
+) -> dict[str, Any]:
+    """One local step over GRPO groups whose tries share a `prompt`-token prompt, with the shared
+    prefix run once per micro-batch (the default) and with every row run whole, side by side."""
+    loaded = load_model(model, home / "models")
+    rng = random.Random(2)
+    batch = []
+    for g in range(groups):
+        ids = [rng.randrange(1000, 40_000) for _ in range(prompt)]
+        for k in range(tries):
+            response = [rng.randrange(1000, 40_000) for _ in range(answer)]
+            batch.append(Sample(f"g{g}-{k}", ids + response, prompt, [1] * answer, [-2.0] * answer))
+    advantages = [1.0 if i % 2 else -1.0 for i in range(len(batch))]
+    out: dict[str, Any] = {
+        "prefix_groups": groups,
+        "prefix_tries": tries,
+        "prefix_prompt_tokens": prompt,
+        "prefix_answer_tokens": answer,
+    }
+    for share in (False, True):
+        backend = LocalBackend(
+            loaded.model, loaded.tokenizer, LocalConfig(micro_batch_size=tries, share_prefix=share)
+        )
+        backend.step(batch[:tries], advantages[:tries])  # warm-up
+        t0 = time.perf_counter()
+        backend.step(batch, advantages)
+        out[f"prefix_step_s_{'shared' if share else 'whole'}"] = round(time.perf_counter() - t0, 2)
+        loaded.model = backend.model.unload()  # the next backend wraps the bare model again
+    out["prefix_speedup"] = round(out["prefix_step_s_whole"] / out["prefix_step_s_shared"], 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2")
@@ -102,6 +139,8 @@ def main() -> None:
             **bench_update(args.model, home, args.samples, args.length, "local"),
             # The same batch through VERL's actor worker (FSDP2, fp32, one process), same run.
             **bench_update(args.model, home, args.samples, args.length, "verl"),
+            # A realistic agent step: 2 groups of 4 tries on a 1,000-token prompt, 64-token answers.
+            **bench_shared_prefix(args.model, home, groups=2, tries=4, prompt=1000, answer=64),
         }
     result["verl_vs_local_step_time"] = round(result["update_verl_step_s"] / result["update_step_s"], 2)
     print(json.dumps(result))

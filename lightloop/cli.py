@@ -601,13 +601,20 @@ def run_agent(
 )
 @click.option("--groups", type=int, default=8, show_default=True, help="Tasks per step.")
 @click.option("--tries", type=int, default=4, show_default=True, help="Attempts per task (one GRPO group).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the task choice and order.")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the task choice and order and of the LoRA start.",
+)
 @click.option(
     "--task",
     "task_kind",
-    type=click.Choice(["opposites", "sums"]),
+    type=click.Choice(["opposite-choice", "opposites", "sums"]),
     default=None,
-    help="opposites (the default): one-word opposites; sums: the number only (stalls, README). "
+    help="opposite-choice (the default): the opposite of a word, chosen from three; opposites: "
+    "the opposite recalled (plateaus near 0.72, README); sums: the number only (stalls, README). "
     "With --model tiny the default is sums: a random model never says a right word, and only the "
     "lengths of its wrong numbers differ, which keeps its groups from going flat.",
 )
@@ -647,7 +654,7 @@ def demo(
     # SIGTERM must unwind like Ctrl-C, so that the stack this command started is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     model = model or settings.engine.model
-    task_kind = task_kind or ("sums" if model == "tiny" else "opposites")
+    task_kind = task_kind or ("sums" if model == "tiny" else "opposite-choice")
     base = f"http://{settings.proxy.host}:{settings.proxy.port}"
     key, _ = master_key(settings)
     with contextlib.ExitStack() as stack_ctx:
@@ -670,6 +677,10 @@ def demo(
                 "LIGHTLOOP_TRAINER__MIN_GROUPS": str(groups),
                 "LIGHTLOOP_TRAINER__POLL_INTERVAL_S": "0.5",
                 "LIGHTLOOP_TRAINER__LEARNING_RATE": str(learning_rate),
+                "LIGHTLOOP_TRAINER__SEED": str(seed),
+                # A held-out round is served the version it measures while the engines keep it;
+                # steps here are shorter than a round, so keep a few.
+                "LIGHTLOOP_TRAINER__KEEP_VERSIONS": "4",
             }
             stack = stack_ctx.enter_context(running_stack(settings, extra_env=env))
             base, key, url = stack.base_url, stack.key, stack.database_url
@@ -692,8 +703,17 @@ def demo(
             continue
         train = "" if row["train_reward"] is None else f"   training tries {float(row['train_reward']):.3f}"
         click.echo(f"  v{row['policy_version']}: {float(row['val_reward']):.3f} held-out{train}")
+    held = [(r["policy_version"], float(r["val_reward"])) for r in curve if r["val_rollouts"]]
+    if held:
+        best = max(held, key=lambda p: p[1])
+        click.echo(
+            f"baseline v{held[0][0]}: {held[0][1]:.3f} held-out; final v{held[-1][0]}: {held[-1][1]:.3f}; "
+            f"best v{best[0]}: {best[1]:.3f}"
+        )
     path = plot_path or settings.home / "demo.png"
-    plot(curve, path, f"lightloop demo: {model}, {groups}x{tries} rollouts per step")
+    plot(
+        curve, path, f"lightloop demo: {model}, {task_kind}, seed {seed}, {groups}x{tries} rollouts per step"
+    )
     click.echo(f"plot: {path}")
 
 

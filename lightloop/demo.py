@@ -1,7 +1,7 @@
-"""`lightloop demo`: the whole loop on CPU, on the task queue. A task set of demo_tasks
-(one-word opposites by default, or sums) is loaded as a dataset (training tasks, and held-out
-tasks as its val split); the runner hands them to an ordinary `openai` SDK agent that answers
-through the proxy (reward 1 for the exact answer);
+"""`lightloop demo`: the whole loop on CPU, on the task queue. A task set of demo_tasks (the
+opposite of a word chosen from three by default; opposites recalled; or sums) is loaded as a
+dataset (training tasks, and held-out tasks as its val split); the runner hands them to an
+ordinary `openai` SDK agent that answers through the proxy (reward 1 for the exact answer);
 the trainer learns from the GRPO groups; the queue runs the held-out tasks against every new
 version; and the learning curve is read back from `reward_by_version` and plotted.
 
@@ -79,7 +79,7 @@ class Demo:
     held_out: int = 32  # tasks never trained on; 32 so that one task moves the mean by 0.03
     parallel: int = 16  # the runner's concurrency: the engine decodes up to 16 together
     seed: int = 0
-    task: str = "opposites"  # a key of demo_tasks.KINDS
+    task: str = "opposite-choice"  # a key of demo_tasks.KINDS
     log: Callable[[str], None] = print
     dataset: str = field(default_factory=lambda: f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}")
 

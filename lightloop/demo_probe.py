@@ -21,17 +21,20 @@ def earlier_messages(task: DemoTask) -> list[dict[str, str]]:
 def sample_replies(
     loaded: Any, messages: list[dict[str, str]], tries: int, temperature: float, max_tokens: int
 ) -> list[str]:
-    """`tries` sampled replies to one chat (plain temperature sampling: no top-k, no top-p)."""
+    """`tries` sampled replies to one chat (plain temperature sampling: no top-k, no top-p;
+    temperature 0: the greedy reply, as the demo's held-out tasks are answered)."""
     tok = loaded.tokenizer
     ids = torch.tensor([encode(tok, render_chat(tok, messages, None))])  # [1, P]
+    sampling: dict[str, Any] = (
+        {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        if temperature > 0
+        else {"do_sample": False}
+    )
     with torch.no_grad():
         out = loaded.model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
+            **sampling,
             max_new_tokens=max_tokens,
             num_return_sequences=tries,
             pad_token_id=tok.eos_token_id,

@@ -45,6 +45,13 @@ class WriterSettings(BaseModel):
     retry_interval_s: float = Field(
         1.0, gt=0, description="Pause between reconnect attempts while Postgres is down."
     )
+    flush_timeout_s: float = Field(
+        # Above the writer's statement (30 s) and connect (10 s) timeouts: a server that vanished
+        # without a reset is waited out and the batch spooled before a route gives up.
+        60.0,
+        gt=0,
+        description="Longest a route (finish, rewards, OTLP) waits for the writer before a 503.",
+    )
 
 
 class EngineSettings(BaseModel):

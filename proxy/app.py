@@ -88,7 +88,12 @@ class ProxyApp:
             settings.proxy.max_rollouts_in_flight,
             settings.proxy.rollout_idle_s,
         )
-        self.versions = LiveVersions(settings.policy, database_url, settings.writer.retry_interval_s)
+        self.versions = LiveVersions(
+            settings.policy,
+            database_url,
+            settings.writer.retry_interval_s,
+            keep=settings.trainer.keep_versions,
+        )
         self.upstreams = Upstreams(settings.proxy.upstream_timeout_s, settings.proxy.upstream_retries)
         self.lane = PolicyLane(
             {p.name: p for p in settings.policy}, self.versions, self.upstreams, self.recorder

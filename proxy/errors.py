@@ -70,3 +70,11 @@ class DatabaseDown(ProxyError):
 
     status = 503
     type = "database_unavailable"
+
+
+class RecordingUnavailable(ProxyError):
+    """The batch writer did not confirm the rows in time (it is failing and being restarted): 503,
+    retry; `/health` says why."""
+
+    status = 503
+    type = "recording_unavailable"

@@ -61,7 +61,7 @@ class PolicyLane:
     ) -> int:
         """Answer one call; the HTTP status sent."""
         policy = self.policies[body["model"]]
-        served, version = self.versions.served(policy.name)
+        served, version = self.versions.served(policy.name, attribution.rollout_id)
         call = self.recorder.open(
             attribution,
             operation=operation,
@@ -85,6 +85,14 @@ class PolicyLane:
         api_key = policy.api_key.get_secret_value() if policy.api_key else None
         try:
             attempted = await self.upstreams.post(replicas, path, orjson.dumps(forwarded), api_key)
+            live = self.versions.live(policy.name)
+            if attempted.response.status == 404 and version != live:
+                # The pinned version was unloaded between the check and the call (a version
+                # went live meanwhile): the live one answers, and the call records it.
+                attempted.response.release()
+                call.served_model = forwarded["model"] = self.versions.name_of(policy.name, live)
+                call.policy_version = live
+                attempted = await self.upstreams.post(replicas, path, orjson.dumps(forwarded), api_key)
         except ProxyError as exc:
             self.recorder.close(call, None, error=(exc.type, str(exc), _error_json(exc.type, str(exc))))
             raise

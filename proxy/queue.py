@@ -58,7 +58,7 @@ class TaskQueue:
     def live(self, policy: str) -> int:
         if policy not in self.versions.policies:
             return 0
-        return self.versions.served(policy)[1]
+        return self.versions.live(policy)
 
     def max_groups(self, policy: str) -> int | None:
         """The staleness rule: a group handed out now is trained by one of the next
@@ -106,6 +106,10 @@ class TaskQueue:
             await respond(send, 204, b"", extra_headers=[(b"x-lightloop-queue", state)])
             return 204
         self.recorder.handed_out(got.rollout_id)
+        if got.split == "val" and got.policy_version is not None and got.policy in self.versions.policies:
+            # A held-out round measures the version it was made for, even when a newer one goes
+            # live while it runs.
+            self.versions.pin(got.rollout_id, got.policy, got.policy_version)
         await respond_json(
             send,
             200,

@@ -11,14 +11,21 @@ import asyncpg
 
 from lightloop.proxy import otlp
 from lightloop.proxy.attribution import check_id
-from lightloop.proxy.errors import BadRequest, Conflict, DatabaseDown, NotFound, Unprocessable
+from lightloop.proxy.errors import (
+    BadRequest,
+    Conflict,
+    DatabaseDown,
+    NotFound,
+    RecordingUnavailable,
+    Unprocessable,
+)
 from lightloop.proxy.http import Send, respond, respond_json
 from lightloop.proxy.metrics import CONTENT_TYPE, Metrics
 from lightloop.proxy.recorder import Recorder
 from lightloop.proxy.versions import LiveVersions
 from lightloop.store import Conflict as StoreConflict
 from lightloop.store import NotFound as StoreNotFound
-from lightloop.store import add_reward, finish_rollout
+from lightloop.store import WriterUnavailable, add_reward, finish_rollout
 from lightloop.store.database import is_unavailable
 
 SOURCE = "api"
@@ -69,6 +76,14 @@ async def with_db(pool: Pool, action: Callable[[asyncpg.Connection], Awaitable[A
         raise
 
 
+async def flushed(recorder: Recorder) -> None:
+    """Every row submitted so far is in Postgres or the spool; 503 when the writer cannot say so."""
+    try:
+        await recorder.writer.flush()
+    except WriterUnavailable as exc:
+        raise RecordingUnavailable(f"{exc}; retry the request") from None
+
+
 async def post_reward(
     body: bytes,
     path_rollout: str | None,
@@ -93,7 +108,7 @@ async def post_reward(
         check_id(rollout_id, "rollout id")
         response_id = None
     if recorder.knows(rollout_id, response_id):
-        await recorder.writer.flush()  # its calls may still be on their way to Postgres
+        await flushed(recorder)  # its calls may still be on their way to Postgres
     record = await with_db(
         pool,
         lambda conn: add_reward(
@@ -135,7 +150,7 @@ async def post_finish(
     # A runner's report of an agent that raised: kept in rollouts.metadata.
     metadata = {k: str(data[k])[:20_000] for k in ("error", "traceback") if data.get(k) is not None}
     if recorder.knows(rollout_id, None):
-        await recorder.writer.flush()
+        await flushed(recorder)
     try:
         changed = await with_db(
             pool,
@@ -162,9 +177,13 @@ async def post_traces(
     body: bytes, content_type: bytes | None, encoding: bytes | None, recorder: Recorder, send: Send
 ) -> int:
     rows, protobuf = otlp.decode(otlp.decompress(body, encoding), content_type)
-    for row in rows:
-        # Backpressure rather than drops: an OTLP exporter retries a slow answer, not a lost span.
-        await recorder.writer.put("spans", row)
+    try:
+        for row in rows:
+            # Backpressure rather than drops: an OTLP exporter retries a slow answer, not a lost
+            # span (bounded: a writer that cannot take them is a 503, which it retries too).
+            await recorder.writer.put("spans", row)
+    except WriterUnavailable as exc:
+        raise RecordingUnavailable(f"{exc}; retry the request") from None
     media, answer = otlp.encode_response(protobuf)
     await respond(send, 200, answer, media)
     return 200
@@ -173,7 +192,7 @@ async def post_traces(
 async def get_health(recorder: Recorder, versions: LiveVersions, queue: dict[str, Any], send: Send) -> int:
     writer = recorder.writer
     database = "up" if versions.connected.is_set() else "unreachable"
-    healthy = database == "up" and queue.get("reaper") == "ok"
+    healthy = database == "up" and queue.get("reaper") == "ok" and writer.degraded is None
     await respond_json(
         send,
         200,
@@ -184,6 +203,8 @@ async def get_health(recorder: Recorder, versions: LiveVersions, queue: dict[str
                 "queue_rows": writer.queue_depth,
                 "spool_bytes": writer.spool.pending_bytes(),
                 "rows_dropped": writer.stats.rows_dropped,
+                "restarts": writer.stats.restarts,
+                "degraded": writer.degraded,
             },
             "policies": {name: versions.served(name)[1] for name in versions.policies},
             "queue": queue,

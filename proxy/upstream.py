@@ -58,7 +58,8 @@ class Upstreams:
         self, replicas: list[str], path: str, body: bytes, api_key: str | None = None
     ) -> Attempted:
         """POST to the first replica that answers below 500, trying up to `retries` more times
-        (moving on to the next replica each time). The caller reads and releases the answer."""
+        (moving on to the next replica each time). The caller reads and releases the answer.
+        No answer at all is UpstreamFailed (502); only 5xx answers, UpstreamUnavailable (503)."""
         headers = dict(_FORWARDED_HEADERS)
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
@@ -73,12 +74,16 @@ class Upstreams:
                 last_error = f"{base}: {type(exc).__name__}: {exc}".rstrip(": ")
                 log.warning("engine %s unreachable (%s), attempt %d", base, exc, attempt + 1)
                 continue
-            if response.status < 500 or attempt == self.retries:
-                if response.status >= 500:
-                    last_status = response.status
+            if response.status < 500:
                 return Attempted(response, base)
+            # A 5xx on every try is the proxy's own 503, with the engine's words in its message,
+            # not the engine's answer passed on (README, "Proxy").
             last_status = response.status
-            last_error = f"{base} answered {response.status}"
+            try:
+                said = (await response.text())[:300]
+            except (TimeoutError, aiohttp.ClientError, UnicodeDecodeError):
+                said = ""
+            last_error = f"{base} answered {response.status}" + (f": {said}" if said else "")
             response.release()
         if last_status is not None:
             raise UpstreamUnavailable(f"the engine failed: {last_error}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 
 from lightloop.settings import PolicyModelSettings
 from lightloop.store import PolicyChange, PolicyListener, adapter_name, connect, live_version
@@ -18,20 +19,56 @@ log = logging.getLogger(__name__)
 
 
 class LiveVersions:
-    def __init__(self, policies: list[PolicyModelSettings], url: str, retry_interval_s: float) -> None:
+    def __init__(
+        self,
+        policies: list[PolicyModelSettings],
+        url: str,
+        retry_interval_s: float,
+        keep: int = 2,
+        memory: int = 10_000,
+    ) -> None:
         self.policies = {p.name: p for p in policies}
         self.url = url
         self.retry_interval_s = retry_interval_s
+        # The trainer keeps the newest `keep` versions loaded on the engines (trainer.keep_versions).
+        self.keep = keep
+        self._memory = memory
         self._versions = dict.fromkeys(self.policies, 0)
+        # Rollout id -> (policy, version): a val round's rollouts are served the version they
+        # measure, not whichever is live when each of their calls comes (bounded, oldest dropped).
+        self._pins: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
-    def served(self, policy: str) -> tuple[str, int]:
-        """(the model name to ask the engines for, the version it is)."""
+    def pin(self, rollout_id: str, policy: str, version: int) -> None:
+        """Serve `rollout_id`'s calls to `policy` with `version` while the engines hold it."""
+        self._pins[rollout_id] = (policy, version)
+        self._pins.move_to_end(rollout_id)
+        while len(self._pins) > self._memory:
+            self._pins.popitem(last=False)
+
+    def served(self, policy: str, rollout_id: str | None = None) -> tuple[str, int]:
+        """(the model name to ask the engines for, the version it is): the live version, or the
+        rollout's pinned one while it is among the `keep` newest (older ones are unloaded)."""
         version = self._versions[policy]
+        pinned = self._pins.get(rollout_id) if rollout_id is not None else None
+        # The base model (0) is never unloaded; an adapter is, once `keep` newer ones are live.
+        if (
+            pinned is not None
+            and pinned[0] == policy
+            and (pinned[1] == 0 or version - self.keep < pinned[1] <= version)
+        ):
+            version = pinned[1]
+        return self.name_of(policy, version), version
+
+    def live(self, policy: str) -> int:
+        return self._versions[policy]
+
+    def name_of(self, policy: str, version: int) -> str:
+        """The engines' name of `version` (0: the base model)."""
         if version == 0:
-            return self.policies[policy].base_model, 0
-        return adapter_name(policy, version), version
+            return self.policies[policy].base_model
+        return adapter_name(policy, version)
 
     def set(self, policy: str, version: int) -> None:
         if policy in self._versions and self._versions[policy] != version:

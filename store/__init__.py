@@ -22,6 +22,7 @@ from lightloop.store.errors import (
     QueryError,
     SchemaError,
     StoreError,
+    WriterUnavailable,
 )
 from lightloop.store.migrate import check_current, current_revision, head_revision, upgrade
 from lightloop.store.policies import (
@@ -87,6 +88,7 @@ __all__ = [
     "TrainingProgress",
     "ValRound",
     "WriterStats",
+    "WriterUnavailable",
     "adapter_name",
     "add_reward",
     "check_current",

@@ -20,6 +20,13 @@ CONNECT_TIMEOUT_S = 10.0
 # SQLSTATE classes that mean "the server or the link is gone", as opposed to "this statement is
 # wrong": 08 connection exception, 53 insufficient resources, 57 operator intervention.
 _UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57")
+# SQLSTATE classes about the row itself: 22 data exception (a value its column cannot hold), 23
+# integrity constraint violation, 54 program limit exceeded (a value too large for its index or
+# row). Every other refusal is about the database's state now, not the
+# row: read-only after a failover (25006), a table or privilege not there yet (42P01, 42501),
+# serialization failures and deadlocks (40001, 40P01), lock timeouts (55P03), internal errors
+# (XX000). Those rows are kept and retried, never set aside.
+_BAD_ROW_SQLSTATE_CLASSES = ("22", "23", "54")
 
 
 def dsn(url: str) -> str:
@@ -48,7 +55,7 @@ def host_port(url: str) -> tuple[str, int | str]:
 def is_unavailable(exc: BaseException) -> bool:
     """True when `exc` means Postgres cannot be reached now (retry later), not a bad statement."""
     if isinstance(exc, asyncpg.PostgresError):
-        return str(getattr(exc, "sqlstate", "") or "")[:2] in _UNAVAILABLE_SQLSTATE_CLASSES
+        return _sqlstate_class(exc) in _UNAVAILABLE_SQLSTATE_CLASSES
     if is_unencodable(exc):
         return False
     return isinstance(
@@ -72,8 +79,18 @@ def is_unencodable(exc: BaseException) -> bool:
 def is_bad_row(exc: BaseException) -> bool:
     """True when a row itself was refused, by Postgres or by the driver: keep it aside, go on."""
     if isinstance(exc, asyncpg.PostgresError):
-        return not is_unavailable(exc)
+        return _sqlstate_class(exc) in _BAD_ROW_SQLSTATE_CLASSES
     return is_unencodable(exc)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when Postgres refused a statement for a reason that is not the row's and may pass
+    (a read-only server, a missing table or privilege, a deadlock): keep the rows, retry later."""
+    return isinstance(exc, asyncpg.PostgresError) and not is_unavailable(exc) and not is_bad_row(exc)
+
+
+def _sqlstate_class(exc: asyncpg.PostgresError) -> str:
+    return str(getattr(exc, "sqlstate", "") or "")[:2]
 
 
 def translate(exc: BaseException, url: str) -> Exception:

@@ -16,6 +16,11 @@ class DatabaseUnavailable(StoreError):
         super().__init__(f"cannot connect to Postgres at {host}:{port}: {cause}")
 
 
+class WriterUnavailable(StoreError):
+    """The batch writer did not confirm rows within its bound (its task is failing and being
+    restarted): the caller answers 503 rather than wait for ever."""
+
+
 class QueryError(StoreError):
     """Postgres refused a statement; the message is Postgres's own."""
 

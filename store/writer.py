@@ -8,9 +8,16 @@ Postgres in batches. Callers never wait on Postgres.
 - Exactly once: every writable table has a primary key. A batch is first COPYed directly; if a
   key is already there (a replay of a batch whose commit was acknowledged too late), the batch is
   COPYed into a temporary table and inserted with ON CONFLICT DO NOTHING.
-- Poison rows: a batch Postgres or the driver refuses for a reason other than availability (a
-  value a column cannot hold) is retried row by row; refused rows are kept in
-  `spool/rejected.jsonl`.
+- Poison rows: a batch Postgres or the driver refuses because of a row (SQLSTATE classes 22, 23
+  and 54: a value a column cannot hold, a constraint, a value too large to index; or the
+  driver's own data errors) is retried row by row; refused rows are kept in
+  `spool/rejected.jsonl`. Any other refusal (a read-only server, a missing table or privilege,
+  a deadlock) is about the database, not the rows: the batch is spooled and retried like an
+  outage.
+- Supervised: an unexpected error in the writer task (a full disk under the spool, a bug) does
+  not end it. The batch in hand is kept, the task starts again after `retry_interval_s`, and
+  `degraded` says why until a batch goes through; `flush` and `put` wait at most
+  `flush_timeout_s`, then raise `WriterUnavailable` (a 503 at the proxy), never for ever.
 - Queue full: `submit` drops the row and counts it (`rows_dropped`, logged at most once per
   second), so that a stuck disk can never stall the agent the proxy is serving. Producers that
   prefer backpressure call `await put(...)`, which waits for room instead.
@@ -38,6 +45,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from lightloop.settings import WriterSettings
 from lightloop.store import database
+from lightloop.store.errors import WriterUnavailable
 from lightloop.store.schema import metadata
 from lightloop.store.spool import Spool
 
@@ -110,6 +118,7 @@ class WriterStats:
     rows_rejected: int = 0
     batches_written: int = 0
     batches_deduplicated: int = 0
+    restarts: int = 0  # the writer task failed and was started again
     errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -138,6 +147,11 @@ class BatchWriter:
         self._next_connect = 0.0
         self._last_drop_log = 0.0
         self._closing = False
+        # The batch taken off the queue and not yet written or spooled, with its flush waiters:
+        # kept across a failure of the task, so nothing taken is lost.
+        self._in_hand: tuple[Batch, list[asyncio.Future[None]]] | None = None
+        # Why the writer task last failed, until a batch goes through again.
+        self.degraded: str | None = None
 
     # -- producer side -----------------------------------------------------------------------
 
@@ -163,7 +177,10 @@ class BatchWriter:
         record = self._record(table, row)
         while self._rows_queued >= self.settings.queue_size:
             self._room.clear()
-            await self._room.wait()
+            try:
+                await asyncio.wait_for(self._room.wait(), self.settings.flush_timeout_s)
+            except TimeoutError:
+                raise self._unavailable("had no room") from None
         self._enqueue((table, record))
 
     def _enqueue(self, item: tuple[str, tuple[Any, ...]]) -> None:
@@ -204,14 +221,24 @@ class BatchWriter:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._items.append(_Flush(done))
         self._arrived.set()
-        await asyncio.shield(done)
+        try:
+            await asyncio.wait_for(asyncio.shield(done), self.settings.flush_timeout_s)
+        except TimeoutError:
+            raise self._unavailable("did not confirm the rows") from None
+
+    def _unavailable(self, what: str) -> WriterUnavailable:
+        why = f": {self.degraded}" if self.degraded else ""
+        return WriterUnavailable(f"the batch writer {what} within {self.settings.flush_timeout_s:g} s{why}")
 
     async def close(self) -> None:
         """Write or spool everything queued, then stop."""
         if self._task is None:
             return
         self._closing = True
-        await self.flush()
+        try:
+            await self.flush()
+        except WriterUnavailable as exc:
+            log.error("closing the writer with %d rows not written or spooled: %s", self._rows_queued, exc)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -225,12 +252,32 @@ class BatchWriter:
     # -- the writer task ---------------------------------------------------------------------
 
     async def _run(self) -> None:
+        """The writer task, supervised: an unexpected error is logged, kept in `degraded`, and
+        the loop starts again after `retry_interval_s` with the batch it had in hand."""
         while True:
-            batch, waiters = await self._collect()
+            try:
+                await self._loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.stats.restarts += 1
+                self._count_error(exc)
+                self.degraded = f"{type(exc).__name__}: {exc}"
+                log.exception("the writer task failed (%s); starting it again", self.degraded)
+                # Restart pacing, not synchronisation: the failure may be a full disk.
+                await asyncio.sleep(self.settings.retry_interval_s)
+
+    async def _loop(self) -> None:
+        while True:
+            if self._in_hand is None:
+                self._in_hand = await self._collect()
+            batch, waiters = self._in_hand
             if batch:
                 await self._write_or_spool(batch)
             elif self.spool.has_pending() and not self._closing:
                 await self._replay()
+            self._in_hand = None
+            self.degraded = None
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
@@ -321,7 +368,7 @@ class BatchWriter:
             self.stats.batches_written += 1
             return sum(len(r) for r in batch.values())
         except Exception as exc:
-            if database.is_unavailable(exc) or conn.is_closed():
+            if database.is_unavailable(exc) or database.is_transient(exc) or conn.is_closed():
                 self._lost_connection(exc)
                 return None
             if not database.is_bad_row(exc):
@@ -374,7 +421,7 @@ class BatchWriter:
                                 exc,
                             )
         except Exception as exc:
-            if database.is_unavailable(exc) or conn.is_closed():
+            if database.is_unavailable(exc) or database.is_transient(exc) or conn.is_closed():
                 self._lost_connection(exc)
                 return None
             raise
@@ -406,8 +453,16 @@ class BatchWriter:
             return None
 
     def _lost_connection(self, exc: BaseException) -> None:
+        """Postgres is gone, or refuses for now (read-only, a table or privilege missing): spool,
+        and try a fresh connection after `retry_interval_s` (after a failover it reaches the new
+        primary)."""
         self._count_error(exc)
-        log.warning("writer lost Postgres (%s: %s); spooling to %s", type(exc).__name__, exc, self.spool.dir)
+        log.warning(
+            "writer cannot write to Postgres now (%s: %s); spooling to %s",
+            type(exc).__name__,
+            exc,
+            self.spool.dir,
+        )
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.terminate()
@@ -444,9 +499,11 @@ def _encode(batch: Batch) -> bytes:
 
 
 def _encode_value(value: Any) -> Any:
+    """What JSON cannot hold: times as ISO text, anything else as its str(), as the database
+    path's JSON encoder does (`_dumps`), so that no value can stop the spool."""
     if isinstance(value, datetime):
         return value.isoformat()
-    raise TypeError(f"cannot spool a value of type {type(value).__name__}")
+    return str(value)
 
 
 def _decode(line: bytes) -> Batch:

@@ -30,68 +30,112 @@ class LocalConfig:
     tis_cap: float = 2.0
     kl_coef: float = 0.0
     micro_batch_size: int = 4
+    # Run a micro-batch's common prompt prefix once (a GRPO group's tries share their prompt).
+    share_prefix: bool = True
     max_grad_norm: float = 1.0
     seed: int = 0
 
 
 @dataclass
-class Padded:
-    """A micro-batch, right-padded.
+class MicroBatch:
+    """Up to `micro_batch_size` samples that share their first P tokens (P may be 0).
 
-    input_ids [B, L], attention [B, L]; response tensors [B, R]: mask, served, advantages;
-    starts[i] = index in input_ids of row i's first response token (its prompt length)."""
+    The shared prefix is run once, and its KV cache is repeated for every row: the tries of one
+    GRPO group share their whole prompt, so on an agent's long prompt and short answers most of the
+    forward and backward pass is done once per group instead of once per try.
 
-    input_ids: torch.Tensor
+    prefix [1, P]; rest [B, C] = input_ids[P:], right-padded; attention [B, P + C];
+    response tensors [B, R]: mask, served, advantages; temperature [B, 1, 1];
+    predictors [B, R]: the index in `rest` of the position whose logits predict each response
+    token (0 where padded)."""
+
+    prefix: torch.Tensor
+    rest: torch.Tensor
     attention: torch.Tensor
     mask: torch.Tensor
     served: torch.Tensor
     advantages: torch.Tensor
-    temperature: torch.Tensor  # [B, 1, 1]
-    starts: list[int]
-    lengths: list[int]
+    temperature: torch.Tensor
+    predictors: torch.Tensor
+    valid: torch.Tensor  # [B, R]: 1 for the row's response tokens, 0 for padding
+
+    @property
+    def prefix_len(self) -> int:
+        return int(self.prefix.shape[1])
 
 
-def pad(samples: Sequence[Sample], advantages: Sequence[float], pad_id: int) -> Padded:
+def shared_prefix(samples: Sequence[Sample]) -> int:
+    """The length of the samples' common prefix, at most the shortest prompt less one token: the
+    logits that predict the first response token then come from the rest, for every row."""
+    limit = min(s.prompt_len for s in samples) - 1
+    first = samples[0].input_ids
+    n = 0
+    while n < limit and all(s.input_ids[n] == first[n] for s in samples[1:]):
+        n += 1
+    return max(n, 0)
+
+
+def micro_batches(samples: Sequence[Sample], size: int) -> list[list[int]]:
+    """Sample indices in micro-batches of at most `size`, samples with equal prompts together
+    (sorted by token ids, so the longest common prefixes are neighbours). Pure."""
+    order = sorted(range(len(samples)), key=lambda i: samples[i].input_ids)
+    return [order[lo : lo + size] for lo in range(0, len(order), size)]
+
+
+def pad(
+    samples: Sequence[Sample], advantages: Sequence[float], pad_id: int, share: bool = True
+) -> MicroBatch:
     b = len(samples)
-    length = max(len(s.input_ids) for s in samples)
+    p = shared_prefix(samples) if share else 0
+    length = max(len(s.input_ids) for s in samples) - p
     width = max(s.response_len for s in samples)
-    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
-    attention = torch.zeros(b, length, dtype=torch.long)
+    rest = torch.full((b, length), pad_id, dtype=torch.long)
+    attention = torch.zeros(b, p + length, dtype=torch.long)
+    attention[:, :p] = 1
     mask = torch.zeros(b, width)
     served = torch.zeros(b, width)
     adv = torch.zeros(b, width)
+    predictors = torch.zeros(b, width, dtype=torch.long)
+    valid = torch.zeros(b, width)
     for i, (s, a) in enumerate(zip(samples, advantages, strict=True)):
         n, r = len(s.input_ids), s.response_len
-        input_ids[i, :n] = torch.tensor(s.input_ids)
-        attention[i, :n] = 1
+        rest[i, : n - p] = torch.tensor(s.input_ids[p:])
+        attention[i, p:n] = 1
         mask[i, :r] = torch.tensor(s.loss_mask, dtype=torch.float32)
         served[i, :r] = torch.tensor(s.logprobs)
         adv[i, :r] = a * mask[i, :r]
+        # Position t predicts token t + 1: response token j (absolute prompt_len + j) comes
+        # from absolute position prompt_len + j - 1, which is rest index that minus p.
+        predictors[i, :r] = torch.arange(r) + s.prompt_len - 1 - p
+        valid[i, :r] = 1
     temperature = torch.tensor([s.temperature for s in samples]).view(b, 1, 1)
-    return Padded(
-        input_ids,
-        attention,
-        mask,
-        served,
-        adv,
-        temperature,
-        [s.prompt_len for s in samples],
-        [len(s.input_ids) for s in samples],
-    )
+    prefix = torch.tensor([samples[0].input_ids[:p]], dtype=torch.long).view(1, p)
+    return MicroBatch(prefix, rest, attention, mask, served, adv, temperature, predictors, valid)
 
 
-def response_logprobs(model: Any, batch: Padded) -> torch.Tensor:
+def response_logprobs(model: Any, batch: MicroBatch) -> torch.Tensor:
     """log p(token) of every response token under `model`: [B, R] (0 where padded)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention).logits  # [B, L, V]
-    logits = logits[:, :-1].float() / batch.temperature  # position t predicts token t + 1
-    targets = batch.input_ids[:, 1:]  # [B, L-1]
-    token_logprobs = (
-        torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    )  # [B, L-1]
-    out = torch.zeros_like(batch.mask)
-    for i, (start, end) in enumerate(zip(batch.starts, batch.lengths, strict=True)):
-        out[i, : end - start] = token_logprobs[i, start - 1 : end - 1]
-    return out
+    b, c = batch.rest.shape
+    p = batch.prefix_len
+    kwargs: dict[str, Any] = {}
+    if p:
+        # The prefix once, with grad when the caller has it on (the LoRA weights on k and v shape
+        # the cached keys and values); logits_to_keep=1 skips the LM head on it.
+        prefix_out = model(input_ids=batch.prefix, use_cache=True, logits_to_keep=1)
+        cache = prefix_out.past_key_values
+        if b > 1:
+            cache.batch_repeat_interleave(b)
+        kwargs = {"past_key_values": cache, "use_cache": True}
+    positions = (torch.arange(c) + p).unsqueeze(0).expand(b, c)  # [B, C]
+    logits = model(
+        input_ids=batch.rest, attention_mask=batch.attention, position_ids=positions, **kwargs
+    ).logits  # [B, C, V]
+    # Only the positions that predict a response token go through log_softmax.
+    picked = logits.gather(1, batch.predictors.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # [B, R, V]
+    picked = picked.float() / batch.temperature
+    targets = batch.rest.gather(1, (batch.predictors + 1).clamp(max=c - 1))  # [B, R]
+    token_logprobs = torch.log_softmax(picked, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, R]
+    return token_logprobs * batch.valid  # [B, R]
 
 
 class LocalBackend:
@@ -133,9 +177,13 @@ class LocalBackend:
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         loss_total = 0.0
-        size = self.config.micro_batch_size
-        for lo in range(0, len(samples), size):
-            batch = pad(samples[lo : lo + size], advantages[lo : lo + size], self.pad_id)
+        for chunk in micro_batches(samples, self.config.micro_batch_size):
+            batch = pad(
+                [samples[i] for i in chunk],
+                [advantages[i] for i in chunk],
+                self.pad_id,
+                share=self.config.share_prefix,
+            )
             logprobs = response_logprobs(self.model, batch)  # [B, R], with grad
             # One optimiser step per batch: every micro-batch sees the weights of the step's
             # start, so pi_old is pi_theta itself (no second forward pass needed).
@@ -172,7 +220,7 @@ class LocalBackend:
         self.optimizer.step()
         return {"loss": loss_total, "grad_norm": float(norm), "tokens": float(total_tokens), **sums}
 
-    def _kl(self, batch: Padded, logprobs: torch.Tensor) -> torch.Tensor:
+    def _kl(self, batch: MicroBatch, logprobs: torch.Tensor) -> torch.Tensor:
         from verl.trainer.ppo import core_algos
 
         with torch.no_grad(), self.model.disable_adapter():

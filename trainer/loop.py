@@ -12,14 +12,15 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
@@ -28,6 +29,7 @@ from lightloop.store import (
     Claim,
     ClaimedRollout,
     ClaimLost,
+    DatabaseUnavailable,
     StepRecord,
     claim_groups,
     connect,
@@ -38,6 +40,7 @@ from lightloop.store import (
     record_step,
     release_claim,
 )
+from lightloop.store.database import is_transient, is_unavailable
 from lightloop.trainer.algorithms import Scored, drop_flat_groups, rollout_advantages
 from lightloop.trainer.errors import PublishError, TrainerError
 from lightloop.trainer.publish import Publisher
@@ -46,6 +49,26 @@ from lightloop.trainer.rebuild import RebuildStats, Sample, rebuild, turns_from_
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 5.0
+BACKOFF_CAP_S = 30.0
+
+T = TypeVar("T")
+# What Postgres raises when it is unreachable or refusing, before or after translation; which of
+# these is an outage (it may pass) rather than a bug is `is_outage`.
+OUTAGE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, DatabaseUnavailable)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Postgres is down or refuses for now (read-only, a deadlock): it may pass. Anything else
+    (a statement Postgres rejects every time) is logged at ERROR each time it happens."""
+    return isinstance(exc, DatabaseUnavailable) or is_unavailable(exc) or is_transient(exc)
+
+
+def backoff_s(attempt: int, base_s: float) -> float:
+    """The pause before retry `attempt` (1, 2, ...): doubling from `base_s` up to 30 s, with jitter
+    over its upper half ("equal jitter"), so that trainers that lost Postgres together do not
+    return together."""
+    ceiling: float = min(BACKOFF_CAP_S, base_s * 2.0 ** (attempt - 1))
+    return ceiling * random.uniform(0.5, 1.0)
 
 
 class Backend(Protocol):
@@ -147,7 +170,23 @@ class Trainer:
         """Train until `stop` is set (or `max_steps` steps were recorded); steps recorded."""
         beating = asyncio.create_task(self._beat(stop)) if self.heartbeat else None
         try:
-            version = await self.resume()
+            attempt = 0
+            while True:
+                try:
+                    version = await self.resume()
+                    break
+                except OUTAGE as exc:
+                    attempt += 1
+                    if attempt == 1:
+                        log.warning(
+                            "cannot resume yet (%s: %s); retrying until Postgres answers",
+                            type(exc).__name__,
+                            exc,
+                        )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), backoff_s(attempt, self.settings.poll_interval_s))
+                    if stop.is_set():
+                        return 0
             log.info("trainer %s: policy %s from version %d", self.name, self.policy, version)
             return await self._loop(stop, max_steps)
         finally:
@@ -169,12 +208,27 @@ class Trainer:
 
     async def _loop(self, stop: asyncio.Event, max_steps: int | None) -> int:
         steps = 0
+        outage = 0  # consecutive failed steps: Postgres down or refusing
         while not stop.is_set() and (max_steps is None or steps < max_steps):
             try:
                 outcome = await self.step_once()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("step failed (%s: %s); retrying", type(exc).__name__, exc)
-                outcome = None
+            except OUTAGE as exc:
+                # An outage ends no trainer: its claim lapses by itself (nothing is consumed
+                # before its step is recorded), and it retries with backoff and jitter, saying so
+                # once per outage. An error that is no outage is said every time.
+                outage += 1
+                level = logging.WARNING if outage == 1 and is_outage(exc) else logging.DEBUG
+                if not is_outage(exc):
+                    level = logging.ERROR
+                log.log(
+                    level, "step failed (%s: %s); retrying until Postgres answers", type(exc).__name__, exc
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff_s(outage, self.settings.poll_interval_s))
+                continue
+            if outage:
+                log.warning("Postgres answers again after %d failed tries; training resumes", outage)
+                outage = 0
             if outcome is None:
                 # Nothing ready: wait for more finished rollouts (or for stop).
                 with contextlib.suppress(TimeoutError):
@@ -182,6 +236,50 @@ class Trainer:
                 continue
             steps += 1
         return steps
+
+    async def _renewing(self, claim: Claim, work: Awaitable[T]) -> T:
+        """Await `work` while renewing the claim's lease every third of it, on a connection of its
+        own (the step's connection may be busy in `work`): the update and the publish both take
+        long, and a lease lost after a version went live would train its rollouts twice.
+
+        Renewal is best effort and never stops `work`: an update thread cannot be cancelled (a
+        second update would then run on the same weights), and a publish cut in half leaves a
+        staged version loaded on the engines. A failed renewal is retried at the next tick; a
+        lost claim stops the renewing, and `record_step` then refuses the step. A step past
+        `max_step_s` is presumed hung and its lease left to lapse."""
+        s = self.settings
+        task = asyncio.ensure_future(work)
+        renew: asyncpg.Connection | None = None
+        lost = False
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=s.lease_s / 3)
+                if done:
+                    return task.result()
+                assert self._step_started is not None
+                if lost:
+                    continue
+                if time.monotonic() - self._step_started > s.max_step_s:
+                    log.error("the step has run for more than %.0f s; not renewing the claim", s.max_step_s)
+                    lost = True
+                    continue
+                try:
+                    renew = renew if renew is not None and not renew.is_closed() else None
+                    renew = renew or await connect(self.database_url)
+                    await extend_claim(renew, claim, s.lease_s)
+                except ClaimLost as exc:
+                    log.error("the claim was lost during the step: %s", exc)
+                    lost = True
+                except OUTAGE as exc:
+                    log.warning("could not renew the claim (%s: %s); trying again", type(exc).__name__, exc)
+        finally:
+            if not task.done():
+                # Cancelled from outside (the trainer stops): let the work end first, so that no
+                # update runs on beside the next one.
+                await asyncio.wait({task})
+            if renew is not None:
+                with contextlib.suppress(Exception):
+                    await renew.close()
 
     async def step_once(self) -> StepOutcome | None:
         s = self.settings
@@ -233,24 +331,16 @@ class Trainer:
         n_tokens = 0
         if samples:
             # The update runs in a thread so that the lease can be renewed meanwhile.
-            update = asyncio.create_task(asyncio.to_thread(self.backend.step, samples, sample_advantages))
-            while True:
-                done, _ = await asyncio.wait({update}, timeout=s.lease_s / 3)
-                if done:
-                    break
-                assert self._step_started is not None
-                if time.monotonic() - self._step_started > s.max_step_s:
-                    # Presumed hung: let the lease lapse so another trainer (or this one,
-                    # restarted by its health check) can take the rollouts.
-                    log.error("the update has run for more than %.0f s; not renewing the claim", s.max_step_s)
-                    continue
-                await extend_claim(conn, claim, s.lease_s)
-            step_metrics = update.result()
+            step_metrics = await self._renewing(
+                claim, asyncio.to_thread(self.backend.step, samples, sample_advantages)
+            )
             loss = step_metrics.pop("loss")
             n_tokens = int(step_metrics.pop("tokens"))
             metrics.update(step_metrics)
             try:
-                published = await self.publisher.publish(conn, self.backend.save_adapter)
+                published = await self._renewing(
+                    claim, self.publisher.publish(conn, self.backend.save_adapter)
+                )
                 version_out = published.version
             except PublishError as exc:
                 # The weights stay in the trainer and go out with the next successful publish.

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from lightloop.store import set_live, stage_version
+from lightloop.store import load_tasks, set_live, stage_version
 from lightloop.store.database import dsn
 from tests.e2e.conftest import Proxy, eventually, start_proxy
 from tests.support.stub_engine import Action, StubEngine, free_port, running_stub
@@ -310,6 +310,77 @@ def test_the_live_policy_version_is_served_and_recorded(
     assert row["policy_version"] == 1 and row["response_id"] == completion.id
 
 
+def test_a_held_out_rollout_is_served_the_version_its_round_measures(
+    tmp_path: Path, stub: StubEngine, module_db: str
+) -> None:
+    """A val round made for v1 keeps being answered by v1 when v2 goes live meanwhile (its
+    reward is v1's), until v1 is no longer among the versions the engines keep; a pinned
+    version the engine no longer has (404) is answered by the live one and recorded as such."""
+    proxy = start_proxy(
+        tmp_path / "home",
+        module_db,
+        {"policy": [{"name": "pinned", "base_model": "pinned-base", "upstreams": [stub.url]}]},
+        extra_env={"LIGHTLOOP_TRAINER__KEEP_VERSIONS": "2"},
+    )
+
+    def go_live(version: int) -> None:
+        async def publish(conn: asyncpg.Connection) -> None:
+            staged = await stage_version(
+                conn, "pinned", base_model="pinned-base", uri=f"file:///tmp/p{version}"
+            )
+            await set_live(conn, "pinned", staged.version)
+
+        db_call(module_db, publish)
+        eventually(
+            lambda: (
+                httpx.get(f"{proxy.url}/health", headers=proxy.headers).json()["policies"]["pinned"]
+                == version
+            ),
+            what=f"the proxy to learn version {version}",
+        )
+
+    def ask(base_url: str) -> str:
+        client = openai.OpenAI(base_url=base_url, api_key=proxy.key, max_retries=0)
+        client.chat.completions.create(model="pinned", messages=HI, max_tokens=2)
+        return str(stub.requests[-1]["model"])
+
+    try:
+
+        async def load(conn: asyncpg.Connection) -> None:
+            for split in ("train", "val"):
+                tasks = [{"id": f"{split}{i}", "q": i} for i in range(3)]
+                await load_tasks(conn, "pins", split, tasks, group_size=1, policy="pinned")
+
+        db_call(module_db, load)
+        go_live(1)
+        nxt = lambda: httpx.post(  # noqa: E731
+            f"{proxy.url}/v1/tasks/next", json={"dataset": "pins", "split": "val"}, headers=proxy.headers
+        ).json()
+        first, second, third = nxt(), nxt(), nxt()
+        assert {h["policy_version"] for h in (first, second, third)} == {1}
+        assert ask(first["base_url"]) == "pinned-v1"
+        go_live(2)
+        # v2 is live; the round for v1 is still answered by v1, ordinary traffic by v2.
+        assert ask(first["base_url"]) == "pinned-v1"
+        assert ask(second["base_url"]) == "pinned-v1"
+        assert ask(f"{proxy.url}/rollout/free-1/v1") == "pinned-v2"
+        # The engine lost v1 before the proxy learnt of it: the live version answers instead.
+        stub.script.append(Action(status=404))
+        assert ask(third["base_url"]) == "pinned-v2"
+        assert stub.requests[-2]["model"] == "pinned-v1"
+        go_live(3)
+        # Two versions kept (2 and 3): v1 is unloaded, so its round's last calls get v3.
+        assert ask(second["base_url"]) == "pinned-v3"
+        for handout in (first, second, third):
+            finish(proxy, handout["rollout_id"])
+        versions = [
+            [r["policy_version"] for r in calls(module_db, h["rollout_id"])] for h in (first, second, third)
+        ]
+        assert versions == [[1, 1], [1, 3], [2]], versions
+    finally:
+        proxy.stop()
+
+
 def test_rollouts_stick_to_one_replica(tmp_path: Path, module_db: str) -> None:
     with running_stub() as a, running_stub() as b:
         config = {"policy": [{"name": "p", "base_model": "m", "upstreams": [a.url, b.url]}]}
@@ -579,10 +650,12 @@ def test_5xx_is_retried_before_any_byte_and_then_passed_on(
     seen = len(stub.requests)
     completion = client.chat.completions.create(model="stub", messages=HI)
     assert len(stub.requests) - seen == 3 and completion.choices[0].message.content
-    stub.script.extend([Action(status=503)] * 3)
+    # Every try fails with 500: the proxy answers its own 503 (not the engine's status passed on).
+    stub.script.extend([Action(status=500)] * 3)
     with pytest.raises(openai.APIStatusError) as caught:
         client.chat.completions.create(model="stub", messages=HI)
     assert caught.value.status_code == 503
+    assert caught.value.body["type"] == "upstream_unavailable", caught.value.body  # type: ignore[index]
     finish(proxy, "retry-1")
     rows = calls(module_db, "retry-1")
     assert [r["finish_reason"] for r in rows] == ["length", "error"]

@@ -4,11 +4,13 @@ a stub engine that refuses or stalls adapter loads."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +233,69 @@ def test_an_engine_that_refuses_the_adapter_rolls_the_publish_back(
     assert tuple(step) == (0, 0)
 
 
+def test_a_slow_publish_keeps_the_claim_and_the_step_is_recorded(
+    tmp_path: Path, engine_home: Path, db_url: str
+) -> None:
+    """The lease is renewed while the engines load the adapter, not only during the update: a
+    lease lost after the version went live would hand its rollouts to another step."""
+    asyncio.run(_seed(db_url))
+    expired_while_publishing = []
+    with running_stub() as stub, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        stub.lora_delay_s = 4.0  # four leases long
+        trainer = trainer_for(db_url, engine_home, [stub.url], tmp_path / "checkpoints", lease_s=1.0)
+        step = pool.submit(asyncio.run, trainer.step_once())
+        assert stub.lora_requested.wait(120), "the trainer never published"
+        # Two leases into the engine's load: a claim not renewed meanwhile has lapsed, and
+        # another trainer could take its rollouts.
+        time.sleep(2.0)
+        expired_while_publishing = sql(
+            db_url,
+            "SELECT id FROM rollouts WHERE claimed_by IS NOT NULL AND claim_expires_at < now() "
+            "AND consumed_by_step IS NULL",
+        )
+        outcome = step.result(timeout=120)
+    assert expired_while_publishing == [], "the lease lapsed while the engines loaded the adapter"
+    assert outcome is not None and outcome.version == 1
+    assert outcome.step is not None, "the claim was lost while publishing"
+    assert sql(db_url, "SELECT count(*) FROM rollouts WHERE consumed_by_step IS NULL")[0][0] == 0
+
+
+def test_the_trainer_waits_out_a_postgres_outage_and_then_trains(
+    tmp_path: Path, engine: str, engine_home: Path, db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Postgres unreachable at the start and between steps: the trainer retries (saying so once)
+    instead of ending, and trains as soon as it answers again."""
+    asyncio.run(_seed(db_url))
+    trainer = trainer_for(
+        "postgresql://postgres@127.0.0.1:1/x",
+        engine_home,
+        [engine],
+        tmp_path / "checkpoints",
+        poll_interval_s=0.05,
+    )
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        task = asyncio.create_task(trainer.run(stop, max_steps=1))
+        for _ in range(400):  # bounded: until it has failed a few times
+            if caplog.text.count("cannot resume yet") == 1 and task.done() is False:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # several more retries meanwhile (they log nothing more)
+        assert not task.done(), "the trainer ended on the outage"
+        trainer.database_url = db_url  # Postgres is back
+        return await asyncio.wait_for(task, 180)
+
+    with caplog.at_level("INFO", logger="lightloop.trainer.loop"):
+        steps = asyncio.run(run())
+    try:
+        assert steps == 1
+        assert caplog.text.count("cannot resume yet") == 1, caplog.text
+        assert sql(db_url, "SELECT count(*) FROM training_steps")[0][0] == 1
+    finally:
+        httpx.post(f"{engine}/v1/unload_lora_adapter", json={"lora_name": "policy-v1"})
+
+
 def test_publish_refuses_when_no_engine_answers(tmp_path: Path, engine_home: Path, db_url: str) -> None:
     publisher = Publisher("policy", "tiny", tmp_path, [HttpEngine("http://127.0.0.1:9")], keep=2)
 
@@ -345,6 +410,9 @@ def test_the_demo_wiring_check_runs_the_whole_loop(tmp_path: Path) -> None:
     )
     assert any(int(v) >= 1 and int(n) >= 32 for v, n in served), out[-3000:]
     assert re.search(r"  v[1-9]\d*: ", out), out[-3000:]
+    assert re.search(r"baseline v0: [\d.]+ held-out; final v[1-9]\d*: [\d.]+; best v\d+: [\d.]+", out), out[
+        -3000:
+    ]
     assert plot.read_bytes().startswith(b"\x89PNG")
     assert "embedded Postgres stopped" in out
     dataset = re.search(r"dataset (demo-[\d-]+):", out)
@@ -362,7 +430,10 @@ def test_the_demo_wiring_check_runs_the_whole_loop(tmp_path: Path) -> None:
                   WHERE dataset = '{name}') AS rounds,
                (SELECT count(*) FROM rollouts WHERE dataset = '{name}' AND mode = 'val'
                   AND status <> 'succeeded') AS val_unfinished,
-               (SELECT count(*) FROM rollouts WHERE dataset = '{name}' AND mode = 'val') AS val_rollouts
+               (SELECT count(*) FROM rollouts WHERE dataset = '{name}' AND mode = 'val') AS val_rollouts,
+               (SELECT count(*) FROM llm_calls c JOIN rollouts r ON r.id = c.rollout_id
+                  WHERE r.dataset = '{name}' AND r.mode = 'val'
+                  AND c.policy_version IS DISTINCT FROM r.policy_version) AS val_calls_of_another_version
     """
     counted = subprocess.run(
         [LIGHTLOOP, "sql", "--json", query], env=env, capture_output=True, text=True, timeout=60, check=False
@@ -377,6 +448,8 @@ def test_the_demo_wiring_check_runs_the_whole_loop(tmp_path: Path) -> None:
     rounds = row["rounds"]
     assert rounds[0] == 0 and rounds[-1] == 3 and row["val_rollouts"] == 32 * len(rounds), row
     assert row["val_unfinished"] == 0
+    # Each round was answered by the version it measures, every call of it (pinned).
+    assert row["val_calls_of_another_version"] == 0, row
     assert sorted(int(v) for v, _ in served) == rounds
 
 

@@ -26,12 +26,12 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
 
 
 def advantages_of_exact_answers(
-    loaded: LoadedModel, messages: Messages, temperature: float, max_tokens: int
+    loaded: LoadedModel, messages: Messages, temperature: float, max_tokens: int, kind: str = "opposites"
 ) -> tuple[list[float], list[str]]:
     """Sample one step's groups as the demo's training tries do; the GRPO advantage of every
     exact answer (rewards of 1) and every reply."""
     torch.manual_seed(0)
-    train, _ = split("opposites")
+    train, _ = split(kind)
     scored, replies = [], []
     exact: set[str] = set()
     for i, task in enumerate(train[:TASKS]):
@@ -47,12 +47,13 @@ def advantages_of_exact_answers(
 
 
 @pytest.mark.slow
-def test_the_worked_example_gives_exact_answers_a_positive_advantage(smollm2: LoadedModel) -> None:
+@pytest.mark.parametrize("kind", ["opposite-choice", "opposites"])
+def test_the_worked_example_gives_exact_answers_a_positive_advantage(smollm2: LoadedModel, kind: str) -> None:
     def demo_messages(task: DemoTask) -> list[dict[str, str]]:
         return task.messages()
 
     advantages, replies = advantages_of_exact_answers(
-        smollm2, demo_messages, Opposite.train_temperature, Opposite.max_tokens
+        smollm2, demo_messages, Opposite.train_temperature, Opposite.max_tokens, kind
     )
     assert sum(a > 0 for a in advantages) >= 2, replies
 

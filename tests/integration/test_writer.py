@@ -3,8 +3,10 @@ kept, a full queue is counted, and nothing is lost across a database outage or a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import shutil
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -12,9 +14,10 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from sqlalchemy.engine import make_url
 
 from lightloop.settings import WriterSettings
-from lightloop.store import BatchWriter
+from lightloop.store import BatchWriter, WriterUnavailable
 
 
 def span(i: int, rollout: str | None = None, **extra: object) -> dict[str, object]:
@@ -173,3 +176,82 @@ async def test_a_value_the_driver_cannot_encode_is_kept_aside_not_retried_foreve
     assert await conn.fetchval("SELECT count(*) FROM spans") == 2
     assert writer.stats.rows_rejected == 1
     assert not writer.spool.has_pending()
+
+
+async def spooled_then_landed(w: BatchWriter, conn: asyncpg.Connection, table: str, n: int) -> None:
+    """The writer replays its spool by itself once Postgres takes the rows again (bounded poll)."""
+    for _ in range(500):
+        await w.flush()
+        if not w.spool.has_pending() and await conn.fetchval(f"SELECT count(*) FROM {table}") == n:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{table} never got its {n} rows: {w.stats}")
+
+
+async def test_a_missing_table_is_the_database_s_state_not_the_row_s(
+    db_url: str, tmp_path: Path, conn: asyncpg.Connection
+) -> None:
+    """42P01 (a migration not applied yet) keeps the rows and retries; only data errors reject."""
+    w = BatchWriter(db_url, tmp_path / "spool", WriterSettings(flush_interval_ms=10, retry_interval_s=0.05))
+    await w.start()
+    w.submit("spans", span(0))
+    await w.flush()
+    await conn.execute("ALTER TABLE spans RENAME TO spans_away")
+    w.submit("spans", span(1))
+    await w.flush()
+    assert w.spool.has_pending() and w.stats.rows_rejected == 0, w.stats
+    await conn.execute("ALTER TABLE spans_away RENAME TO spans")
+    await spooled_then_landed(w, conn, "spans", 2)
+    await w.close()
+    assert w.stats.rows_rejected == 0 and "UndefinedTableError" in w.stats.errors, w.stats
+
+
+async def test_a_missing_privilege_keeps_the_rows_until_it_is_granted(
+    db_url: str, tmp_path: Path, conn: asyncpg.Connection
+) -> None:
+    role = f"lightloop_w_{uuid.uuid4().hex[:8]}"
+    await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
+    try:
+        await conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
+        await conn.execute(f"REVOKE INSERT ON spans FROM {role}")
+        url = make_url(db_url).set(username=role, password="pw").render_as_string(hide_password=False)
+        w = BatchWriter(url, tmp_path / "spool", WriterSettings(flush_interval_ms=10, retry_interval_s=0.05))
+        await w.start()
+        w.submit("spans", span(1))
+        await w.flush()
+        assert w.spool.has_pending() and w.stats.rows_rejected == 0, w.stats
+        assert "InsufficientPrivilegeError" in w.stats.errors, w.stats
+        await conn.execute(f"GRANT INSERT ON spans TO {role}")
+        await spooled_then_landed(w, conn, "spans", 1)
+        await w.close()
+        assert w.stats.rows_rejected == 0
+    finally:
+        await conn.execute(f"REASSIGN OWNED BY {role} TO CURRENT_USER")
+        await conn.execute(f"DROP OWNED BY {role}")
+        await conn.execute(f"DROP ROLE {role}")
+
+
+async def test_a_failing_writer_task_is_started_again_and_loses_nothing(tmp_path: Path) -> None:
+    """Postgres is down and the spool cannot be written (its folder is gone, as on a broken
+    disk): the writer task fails, says why, is started again, and keeps the batch it had;
+    flush() gives up within its bound instead of waiting for ever."""
+    spool = tmp_path / "spool"
+    w = BatchWriter(
+        "postgresql://postgres@127.0.0.1:1/x",
+        spool,
+        WriterSettings(flush_interval_ms=10, retry_interval_s=0.05, flush_timeout_s=0.5),
+    )
+    await w.start()
+    shutil.rmtree(spool)
+    spool.write_text("not a folder")
+    for i in range(3):
+        w.submit("spans", span(i))
+    with pytest.raises(WriterUnavailable, match=r"NotADirectoryError|FileExistsError"):
+        await w.flush()
+    assert w.degraded is not None and w.stats.restarts >= 1
+    spool.unlink()
+    spool.mkdir()
+    await w.flush()
+    assert w.degraded is None
+    assert w.stats.rows_spooled == 3 and w.spool.has_pending()
+    await w.close()

@@ -40,6 +40,7 @@ class StubEngine:
     traces: list[bytes] = field(default_factory=list)  # OTLP/HTTP bodies received (a collector)
     # Runtime LoRA: the status load_lora_adapter answers, or "hold" to never answer.
     lora_status: int | str = 200
+    lora_delay_s: float = 0.0  # how long load_lora_adapter takes to answer (a slow engine)
     lora_requested: threading.Event = field(default_factory=threading.Event)
     adapters: dict[str, str] = field(default_factory=dict)
     port: int = 0
@@ -214,6 +215,8 @@ class StubEngine:
         self.lora_requested.set()
         if self.lora_status == "hold":
             await asyncio.Event().wait()
+        if self.lora_delay_s:
+            await asyncio.sleep(self.lora_delay_s)  # the fault injected: a slow engine
         if self.lora_status != 200:
             return web.json_response(
                 {"error": {"message": "stub refuses adapters"}}, status=int(self.lora_status)

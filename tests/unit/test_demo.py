@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lightloop.demo import schedule
-from lightloop.demo_tasks import KINDS, Opposite, Sum, from_row, reward, split
+from lightloop.demo_tasks import KINDS, Opposite, OppositeChoice, Sum, from_row, reward, split
 from lightloop.errors import LightloopError
 
 
@@ -35,6 +35,41 @@ def test_an_opposite_is_exact_whatever_its_case_quotes_or_full_stop() -> None:
     assert reward(task, "I do not know that one") == 0.0
     # "smaller" is not "small": words are matched whole.
     assert reward(task, "It is smaller") == 0.0
+
+
+def test_a_hedge_earns_nothing_and_a_restated_question_is_no_hedge() -> None:
+    task = Opposite("hot", ("cold",))
+    assert reward(task, "Cold?") == 1.0  # final punctuation does not change the word
+    assert reward(task, "hot or cold") == 0.0
+    assert reward(task, "cold, not hot") == 0.0
+    assert 0.5 < reward(task, "The opposite of 'hot' is cold.") < 0.6
+    assert reward(task, "The opposite of cold") == 0.0  # that is 'hot' again
+    choice = OppositeChoice("hot", ("cold",), ("loud", "hot", "cold"))
+    assert reward(choice, "cold") == 1.0
+    assert reward(choice, "loud") == 0.0 and reward(choice, "hot") == 0.0
+    assert reward(choice, "cold or loud") == 0.0
+    assert 0.5 < reward(choice, "It is cold") < 0.6
+
+
+def test_each_choice_offers_one_opposite_the_word_itself_and_one_unrelated_word() -> None:
+    train, held = split("opposite-choice")
+    open_train, open_held = split("opposites")
+    # The same words are held out as in the open form.
+    assert [t.row()["word"] for t in held] == [t.row()["word"] for t in open_held]
+    entries = [{t.row()["word"], *t.answers} for t in open_train + open_held]
+    positions = set()
+    for task in train + held:
+        assert isinstance(task, OppositeChoice)
+        word, options = task.word, task.options
+        assert len(options) == 3 and word in options
+        assert sum(o in task.answers for o in options) == 1
+        (other,) = [o for o in options if o != word and o not in task.answers]
+        # No offered wrong word is a fair answer: it shares no entry with the word or its answers.
+        assert not [e for e in entries if other in e and e & {word, *task.answers}], (word, other)
+        positions.add(next(i for i, o in enumerate(options) if o in task.answers))
+        assert task.question == f"What is the opposite of '{word}'? Choose from: {', '.join(options)}."
+    assert positions == {0, 1, 2}  # the right one is not always in the same place
+    assert split("opposite-choice") == (train, held)  # the options are fixed per task
 
 
 def test_shorter_answers_of_the_same_tier_score_higher_so_groups_seldom_tie() -> None:

@@ -257,3 +257,34 @@ def test_recording_off_submits_nothing_and_the_in_flight_cap_frees_idle_rollouts
     forgetful = Recorder(writer, 10, max_in_flight=1, idle_s=-1)  # every rollout already idle
     open_call(forgetful, "a")
     open_call(forgetful, "b")
+
+
+def test_a_pinned_rollout_gets_its_version_while_the_engines_keep_it() -> None:
+    from lightloop.proxy.versions import LiveVersions
+    from lightloop.settings import PolicyModelSettings
+
+    versions = LiveVersions(
+        [PolicyModelSettings(name="p", base_model="base")], "postgresql://unused", 1.0, keep=2, memory=2
+    )
+    versions.pin("r0", "p", 0)
+    versions.set("p", 1)
+    assert versions.served("p", "r0") == ("base", 0)  # the base model's round, v1 live
+    assert versions.served("p", "free") == ("p-v1", 1)
+    versions.pin("r1", "p", 1)
+    versions.set("p", 2)
+    assert versions.served("p", "r1") == ("p-v1", 1)
+    assert versions.served("p") == ("p-v2", 2)
+    versions.set("p", 3)
+    # Only the newest two versions stay loaded: v1 is gone, so the live version answers; the
+    # base model is never unloaded, so the v0 round keeps it.
+    assert versions.served("p", "r1") == ("p-v3", 3)
+    assert versions.served("p", "r0") == ("base", 0)
+    # A pin is per policy, and pins are bounded (the oldest is forgotten).
+    versions.pin("r2", "other", 2)
+    assert versions.served("p", "r2") == ("p-v3", 3)
+    versions.pin("r3", "p", 3)
+    versions.pin("r4", "p", 2)
+    assert versions.served("p", "r4") == ("p-v2", 2)
+    versions.pin("r5", "p", 3)
+    versions.pin("r6", "p", 3)
+    assert versions.served("p", "r4") == ("p-v3", 3)  # forgotten: r5 and r6 are the two kept
