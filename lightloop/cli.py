@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+import pydantic
 from tabulate import tabulate
 
 from lightloop.errors import LightloopError
@@ -236,10 +237,25 @@ def engine(ctx: click.Context, /, **flags: Any) -> None:
     from lightloop.engine.server import serve
 
     settings = _settings(ctx)
-    given = {k: v for k, v in flags.items() if v is not None}
-    if given:
-        settings = settings.model_copy(update={"engine": settings.engine.model_copy(update=given)})
+    settings = _override(settings, "engine", flags)
     serve(settings)
+
+
+def _override(settings: Settings, section: str, flags: dict[str, Any]) -> Settings:
+    """`settings` with the flags given (not None) in `section`, validated as the settings are:
+    `--port 70000` is refused like LIGHTLOOP_PROXY__PORT=70000 would be."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not given:
+        return settings
+    current = getattr(settings, section)
+    try:
+        updated = type(current).model_validate({**dict(current), **given})
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors()
+        )
+        raise click.UsageError(problems) from None
+    return settings.model_copy(update={section: updated})
 
 
 # -- proxy ---------------------------------------------------------------------------------------
@@ -256,9 +272,7 @@ def proxy(ctx: click.Context, /, **flags: Any) -> None:
     from lightloop.proxy.server import serve
 
     settings = _settings(ctx)
-    given = {k: v for k, v in flags.items() if v is not None}
-    if given:
-        settings = settings.model_copy(update={"proxy": settings.proxy.model_copy(update=given)})
+    settings = _override(settings, "proxy", flags)
     url = _database_url(settings)
     _migrate_if_reachable(url)
     serve(settings, url)

@@ -105,6 +105,18 @@ def test_invalid_settings_and_config_files_are_reported(tmp_path: Path) -> None:
     assert "Traceback" not in bad.stderr + missing.stderr + result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [(("proxy", "--port", "70000"), "--port"), (("engine", "--max-batch-size", "0"), "--max-batch-size")],
+)
+def test_flags_are_validated_like_the_settings_they_override(
+    tmp_path: Path, args: tuple[str, ...], flag: str
+) -> None:
+    result = run(*args, env={"LIGHTLOOP_HOME": str(tmp_path / "home")})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert flag in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_the_yaml_file_configures_the_database(db_url: str, tmp_path: Path) -> None:
     config = tmp_path / "lightloop.yaml"
     config.write_text(f"database_url: {db_url}\nmodel_list: []\n")
