@@ -186,7 +186,9 @@ class ProxyApp:
 
     async def _serve_traces(self, r: Request, send: Send) -> int:
         content_type, encoding = header(r.scope, b"content-type"), header(r.scope, b"content-encoding")
-        return await routes.post_traces(r.body, content_type, encoding, self.recorder, send)
+        return await routes.post_traces(
+            r.body, content_type, encoding, self.recorder, send, self.settings.proxy.max_body_bytes
+        )
 
     async def _serve_metrics(self, r: Request, send: Send) -> int:
         return await routes.get_metrics(self.metrics, send)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gzip
 import zlib
 from datetime import UTC, datetime
 from typing import Any
@@ -18,7 +17,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from lightloop.proxy.errors import BadRequest
+from lightloop.proxy.errors import BadRequest, PayloadTooLarge
 from lightloop.proxy.http import parse_json_object
 
 PROTOBUF = b"application/x-protobuf"
@@ -27,17 +26,32 @@ _KINDS = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCE
 _STATUS = {0: "UNSET", 1: "OK", 2: "ERROR"}
 
 
-def decompress(body: bytes, encoding: bytes | None) -> bytes:
+# zlib's window bits: 16 + MAX_WBITS reads a gzip member, MAX_WBITS a zlib stream (HTTP's deflate).
+_WBITS = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
+
+
+def decompress(body: bytes, encoding: bytes | None, limit: int | None = None) -> bytes:
+    """The body without its Content-Encoding, at most `limit` bytes once decompressed: the raw
+    body's limit holds for what it expands to (a gzip bomb is a 413, not a process killed for
+    its memory)."""
     if not encoding or encoding.lower() == b"identity":
         return body
+    wbits = _WBITS.get(encoding.lower())
+    if wbits is None:
+        raise BadRequest(f"unsupported Content-Encoding {encoding.decode(errors='replace')!r} (use gzip)")
+    inflate = zlib.decompressobj(wbits)
     try:
-        if encoding.lower() == b"gzip":
-            return gzip.decompress(body)
-        if encoding.lower() == b"deflate":
-            return zlib.decompress(body)
-    except (OSError, EOFError, zlib.error) as exc:
+        # max_length stops inflating one byte past the limit, whatever the ratio.
+        out = inflate.decompress(body, 0 if limit is None else limit + 1)
+    except zlib.error as exc:
         raise BadRequest(f"the body is not valid {encoding.decode(errors='replace')}: {exc}") from None
-    raise BadRequest(f"unsupported Content-Encoding {encoding.decode(errors='replace')!r} (use gzip)")
+    if limit is not None and len(out) > limit:
+        raise PayloadTooLarge(
+            f"the {encoding.decode(errors='replace')} body expands past the limit of {limit} bytes"
+        )
+    if not inflate.eof:
+        raise BadRequest(f"the body is not valid {encoding.decode(errors='replace')}: it is cut short")
+    return out
 
 
 def decode(body: bytes, content_type: bytes | None) -> tuple[list[dict[str, Any]], bool]:

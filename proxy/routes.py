@@ -174,9 +174,14 @@ async def post_finish(
 
 
 async def post_traces(
-    body: bytes, content_type: bytes | None, encoding: bytes | None, recorder: Recorder, send: Send
+    body: bytes,
+    content_type: bytes | None,
+    encoding: bytes | None,
+    recorder: Recorder,
+    send: Send,
+    max_body_bytes: int | None = None,
 ) -> int:
-    rows, protobuf = otlp.decode(otlp.decompress(body, encoding), content_type)
+    rows, protobuf = otlp.decode(otlp.decompress(body, encoding, max_body_bytes), content_type)
     try:
         for row in rows:
             # Backpressure rather than drops: an OTLP exporter retries a slow answer, not a lost

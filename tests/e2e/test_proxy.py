@@ -546,6 +546,11 @@ def test_otlp_json_gzip_and_bad_bodies(proxy: Proxy, module_db: str) -> None:
         bad = httpx.post(f"{proxy.url}/v1/traces", content=content, headers=h)
         assert bad.status_code == 400, (content, bad.text)
         assert bad.json()["error"]["type"] == "invalid_request_error"
+    # A gzip bomb: 50 KB that expand past the 10 MB body limit is a 413, and the proxy lives on.
+    h = {**proxy.headers, "content-type": "application/json", "content-encoding": "gzip"}
+    bomb = httpx.post(f"{proxy.url}/v1/traces", content=gzip.compress(b"\0" * 50_000_000), headers=h)
+    assert bomb.status_code == 413, bomb.text
+    assert httpx.get(f"{proxy.url}/health", headers=proxy.headers).status_code == 200
 
 
 # -- bad input and faults ----------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import zlib
 from pathlib import Path
 
 import pytest
@@ -288,3 +289,19 @@ def test_a_pinned_rollout_gets_its_version_while_the_engines_keep_it() -> None:
     versions.pin("r5", "p", 3)
     versions.pin("r6", "p", 3)
     assert versions.served("p", "r4") == ("p-v3", 3)  # forgotten: r5 and r6 are the two kept
+
+
+def test_a_compressed_otlp_body_is_bounded_by_what_it_expands_to() -> None:
+    from lightloop.proxy.errors import PayloadTooLarge
+
+    bomb = gzip.compress(b"\0" * 50_000_000)  # 50 MB of zeros in about 50 KB
+    assert len(bomb) < 100_000
+    with pytest.raises(PayloadTooLarge, match="expands past the limit of 10485760 bytes"):
+        otlp.decompress(bomb, b"gzip", 10 * 1024 * 1024)
+    small = b'{"resourceSpans": []}'
+    assert otlp.decompress(gzip.compress(small), b"gzip", 1024) == small
+    assert otlp.decompress(zlib.compress(small), b"deflate", 1024) == small
+    with pytest.raises(BadRequest, match="cut short"):
+        otlp.decompress(gzip.compress(small)[:-8], b"gzip", 1024)
+    with pytest.raises(BadRequest, match="not valid gzip"):
+        otlp.decompress(b"not gzip", b"gzip", 1024)
