@@ -152,12 +152,7 @@ class Opposite:
 
     def messages(self) -> list[dict[str, str]]:
         word, answer = self.example
-        return [
-            {"role": "system", "content": self.system},
-            {"role": "user", "content": _opposite_question(word)},
-            {"role": "assistant", "content": answer},
-            {"role": "user", "content": self.question},
-        ]
+        return _worked_example(self.system, _opposite_question(word), answer, self.question)
 
     def row(self) -> dict[str, Any]:
         return {
@@ -204,12 +199,7 @@ class OppositeChoice:
 
     def messages(self) -> list[dict[str, str]]:
         word, answer, options = self.example
-        return [
-            {"role": "system", "content": self.system},
-            {"role": "user", "content": _choice_question(word, options)},
-            {"role": "assistant", "content": answer},
-            {"role": "user", "content": self.question},
-        ]
+        return _worked_example(self.system, _choice_question(word, options), answer, self.question)
 
     def row(self) -> dict[str, Any]:
         return {
@@ -220,6 +210,16 @@ class OppositeChoice:
             "options": list(self.options),
             "question": self.question,
         }
+
+
+def _worked_example(system: str, example: str, answer: str, question: str) -> list[dict[str, str]]:
+    """The agent's chat: its system prompt, one worked example turn, then the task's question."""
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": example},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": question},
+    ]
 
 
 def _choice_question(word: str, options: Sequence[str]) -> str:
