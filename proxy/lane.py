@@ -85,8 +85,7 @@ class PolicyLane:
         api_key = policy.api_key.get_secret_value() if policy.api_key else None
         try:
             attempted = await self.upstreams.post(replicas, path, orjson.dumps(forwarded), api_key)
-            live = self.versions.live(policy.name)
-            if attempted.response.status == 404 and version != live:
+            if attempted.response.status == 404 and version != (live := self.versions.live(policy.name)):
                 # The pinned version was unloaded between the check and the call (a version
                 # went live meanwhile): the live one answers, and the call records it.
                 attempted.response.release()
