@@ -50,7 +50,24 @@ class WriterSettings(BaseModel):
         # without a reset is waited out and the batch spooled before a route gives up.
         60.0,
         gt=0,
-        description="Longest a route (finish, rewards, OTLP) waits for the writer before a 503.",
+        description=(
+            "Longest a route (finish, rewards, OTLP) waits for the writer, or for other proxy "
+            "processes' writers to write a rollout it names, before a 503."
+        ),
+    )
+    mark_interval_s: float = Field(
+        0.25,
+        ge=0,
+        description=(
+            "How often the writer records in Postgres that everything it accepted is written "
+            "(writer_marks); claims wait for every proxy process's mark. 0 turns marks off "
+            "(one proxy process only)."
+        ),
+    )
+    stale_after_s: float = Field(
+        30.0,
+        gt=0,
+        description="A writer whose mark is this old is gone (killed) and no longer holds claims back.",
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Awaitable, Callable
@@ -25,7 +26,13 @@ from lightloop.proxy.recorder import Recorder
 from lightloop.proxy.versions import LiveVersions
 from lightloop.store import Conflict as StoreConflict
 from lightloop.store import NotFound as StoreNotFound
-from lightloop.store import WriterUnavailable, add_reward, finish_rollout
+from lightloop.store import (
+    WriterUnavailable,
+    add_reward,
+    finish_rollout,
+    promise_through_finish,
+    wait_for_writers,
+)
 from lightloop.store.database import is_unavailable
 
 SOURCE = "api"
@@ -76,6 +83,24 @@ async def with_db(pool: Pool, action: Callable[[asyncpg.Connection], Awaitable[A
         raise
 
 
+async def with_written(
+    pool: Pool, action: Callable[[asyncpg.Connection], Awaitable[Any]], wait_s: float
+) -> Any:
+    """`with_db`, for an action that names a rollout or response: one that is not in Postgres may
+    still be in another proxy process's writer (its calls went there, this finish came here). So
+    before the 404, wait until every process's writer has written what it accepted before now
+    (store/marks.py) and try once more; a writer that stays behind for `wait_s` is a 503."""
+    try:
+        return await with_db(pool, action)
+    except NotFound:
+        if not await with_db(pool, lambda conn: wait_for_writers(conn, wait_s)):
+            raise RecordingUnavailable(
+                f"another proxy process has not written its rows within {wait_s:g} s, and the "
+                "rollout or response may be among them; retry the request"
+            ) from None
+    return await with_db(pool, action)
+
+
 async def flushed(recorder: Recorder) -> None:
     """Every row submitted so far is in Postgres or the spool; 503 when the writer cannot say so."""
     try:
@@ -109,7 +134,7 @@ async def post_reward(
         response_id = None
     if recorder.knows(rollout_id, response_id):
         await flushed(recorder)  # its calls may still be on their way to Postgres
-    record = await with_db(
+    record = await with_written(
         pool,
         lambda conn: add_reward(
             conn,
@@ -120,6 +145,7 @@ async def post_reward(
             source=SOURCE,
             attempt=attempt,
         ),
+        recorder.writer.settings.flush_timeout_s,
     )
     await respond_json(
         send,
@@ -149,10 +175,13 @@ async def post_finish(
         raise BadRequest("attempt must be a positive integer")
     # A runner's report of an agent that raised: kept in rollouts.metadata.
     metadata = {k: str(data[k])[:20_000] for k in ("error", "traceback") if data.get(k) is not None}
-    if recorder.knows(rollout_id, None):
+    writer = recorder.writer
+    accepted = writer.stats.rows_submitted
+    known = recorder.knows(rollout_id, None)
+    if known:
         await flushed(recorder)
     try:
-        changed = await with_db(
+        changed = await with_written(
             pool,
             lambda conn: finish_rollout(
                 conn,
@@ -164,9 +193,14 @@ async def post_finish(
                 failed_reward=failed_reward,
                 metadata=metadata or None,
             ),
+            recorder.writer.settings.flush_timeout_s,
         )
     finally:
         recorder.finished(rollout_id)
+    if known and writer.marks.can_promise(accepted, writer.stats.rows_submitted):
+        # Checked after the finish committed: a row arriving from here on came after finished_at.
+        with contextlib.suppress(DatabaseDown, OSError, asyncpg.PostgresError):  # the next round will
+            await with_db(pool, lambda conn: promise_through_finish(conn, writer.marks.writer_id, rollout_id))
     await respond_json(
         send, 200, {"rollout_id": rollout_id, "status": status, "reward": reward, "changed": changed}
     )
@@ -210,6 +244,10 @@ async def get_health(recorder: Recorder, versions: LiveVersions, queue: dict[str
                 "rows_dropped": writer.stats.rows_dropped,
                 "restarts": writer.stats.restarts,
                 "degraded": writer.degraded,
+                # The writer's promise in writer_marks: every row before it is in Postgres.
+                "written_through": None
+                if writer.marks.marked_through is None
+                else writer.marks.marked_through.isoformat(),
             },
             "policies": {name: versions.served(name)[1] for name in versions.policies},
             "queue": queue,

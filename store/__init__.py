@@ -24,6 +24,7 @@ from lightloop.store.errors import (
     StoreError,
     WriterUnavailable,
 )
+from lightloop.store.marks import MarkKeeper, durable_through, promise_through_finish, wait_for_writers
 from lightloop.store.migrate import check_current, current_revision, head_revision, upgrade
 from lightloop.store.policies import (
     CHANNEL,
@@ -73,6 +74,7 @@ __all__ = [
     "Empty",
     "Handout",
     "LoadResult",
+    "MarkKeeper",
     "NotFound",
     "PolicyChange",
     "PolicyListener",
@@ -99,6 +101,7 @@ __all__ = [
     "current_revision",
     "dataset_progress",
     "dsn",
+    "durable_through",
     "ensure_val_round",
     "expire_leases",
     "extend_claim",
@@ -112,6 +115,7 @@ __all__ = [
     "load_tasks",
     "metadata",
     "next_rollout",
+    "promise_through_finish",
     "record_step",
     "release_claim",
     "release_expired",
@@ -126,4 +130,5 @@ __all__ = [
     "training_progress",
     "translated",
     "upgrade",
+    "wait_for_writers",
 ]

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from lightloop.store.errors import ClaimLost
+from lightloop.store.marks import MARKS_SQL
 
 # One statement claims, so there is no window between choosing rollouts and taking them.
 # FOR UPDATE SKIP LOCKED lets several trainers (or workers of one) run it at once: each locks what
@@ -25,14 +26,20 @@ from lightloop.store.errors import ClaimLost
 # rollouts (`members`); no other claimer can want those without the head. Locked rows are
 # re-checked against their newest version, so a group another trainer claimed and committed a
 # moment ago fails the claim condition and is skipped.
-_CLAIM_SQL = """
-WITH ready AS MATERIALIZED (
+#
+# A group is ready only once every live batch writer has written what it accepted before the
+# group's last finish (store/marks.py): its calls may have gone through another proxy process
+# than its finish, and be in that process's memory still.
+_CLAIM_SQL = f"""
+WITH written AS MATERIALIZED ({MARKS_SQL}),
+ready AS MATERIALIZED (
     SELECT coalesce(group_id, id) AS g, min(id) AS head, max(finished_at) AS last_finished
     FROM rollouts
     WHERE consumed_by_step IS NULL AND mode = $4
     GROUP BY 1
     HAVING bool_and(status IN ('succeeded', 'failed') AND reward IS NOT NULL)
        AND bool_and(claimed_by IS NULL OR claim_expires_at < now())
+       AND coalesce(max(finished_at), '-infinity') <= (SELECT * FROM written)
        -- Complete: as many finished as the group declared (the queue's group_size, or
        -- X-Lightloop-Group-Size); a rollout without a group is a group of one; a group of
        -- unknown size has settled (its newest member finished $5 seconds ago).

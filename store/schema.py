@@ -301,4 +301,21 @@ class TrainingStep(Base):
     finished_at: Mapped[datetime | None] = mapped_column(TZ)
 
 
+class WriterMark(Base):
+    """A batch writer's promise (store/marks.py): every row it accepted before `durable_through`
+    is in Postgres. Claims and lookups of rows another process may still hold read it."""
+
+    __tablename__ = "writer_marks"
+    writer_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    host: Mapped[str | None] = mapped_column(Text)
+    pid: Mapped[int | None] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(TZ, server_default=NOW)
+    # Database time (clock_timestamp()), never the writer's own clock: finishes are stamped with
+    # the same clock, so the comparison holds across hosts whose clocks disagree.
+    durable_through: Mapped[datetime | None] = mapped_column(TZ)
+    seen_at: Mapped[datetime] = mapped_column(TZ, server_default=NOW)
+    # A writer not seen for this long is gone (killed): it no longer holds anything back.
+    stale_after_s: Mapped[float] = mapped_column(Double)
+
+
 metadata = Base.metadata

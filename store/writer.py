@@ -18,6 +18,10 @@ Postgres in batches. Callers never wait on Postgres.
   not end it. The batch in hand is kept, the task starts again after `retry_interval_s`, and
   `degraded` says why until a batch goes through; `flush` and `put` wait at most
   `flush_timeout_s`, then raise `WriterUnavailable` (a 503 at the proxy), never for ever.
+- Marks: every `mark_interval_s` the writer flushes and then records in `writer_marks` that
+  every row it accepted before the previous mark's database time is written (store/marks.py),
+  so that another process can wait for rows this one still holds. A spooled row holds the mark
+  back until it is replayed.
 - Queue full: `submit` drops the row and counts it (`rows_dropped`, logged at most once per
   second), so that a stuck disk can never stall the agent the proxy is serving. Producers that
   prefer backpressure call `await put(...)`, which waits for room instead.
@@ -44,7 +48,7 @@ from sqlalchemy import DateTime, Table
 from sqlalchemy.dialects.postgresql import JSONB
 
 from lightloop.settings import WriterSettings
-from lightloop.store import database
+from lightloop.store import database, marks
 from lightloop.store.errors import WriterUnavailable
 from lightloop.store.schema import metadata
 from lightloop.store.spool import Spool
@@ -152,6 +156,15 @@ class BatchWriter:
         self._in_hand: tuple[Batch, list[asyncio.Future[None]]] | None = None
         # Why the writer task last failed, until a batch goes through again.
         self.degraded: str | None = None
+        # This writer's row in writer_marks (store/marks.py).
+        self.marks = marks.MarkKeeper(
+            url,
+            flush=self.flush,
+            pending=self.spool.has_pending,
+            interval_s=self.settings.mark_interval_s,
+            stale_after_s=self.settings.stale_after_s,
+        )
+        self._mark_task: asyncio.Task[None] | None = None
 
     # -- producer side -----------------------------------------------------------------------
 
@@ -214,6 +227,8 @@ class BatchWriter:
     async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="lightloop-batch-writer")
+        if self._mark_task is None and self.settings.mark_interval_s > 0:
+            self._mark_task = asyncio.create_task(self.marks.run(), name="lightloop-writer-marks")
 
     async def flush(self) -> None:
         """Return once every row submitted before the call is committed or spooled on disk."""
@@ -235,10 +250,16 @@ class BatchWriter:
         if self._task is None:
             return
         self._closing = True
+        if self._mark_task is not None:
+            self._mark_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._mark_task
+            self._mark_task = None
         try:
             await self.flush()
         except WriterUnavailable as exc:
             log.error("closing the writer with %d rows not written or spooled: %s", self._rows_queued, exc)
+        await self.marks.remove()
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task

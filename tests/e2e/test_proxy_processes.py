@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import asyncpg
+import httpx
 import openai
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
+from lightloop.store import claim_groups
+from lightloop.store.database import dsn
 from tests.e2e.conftest import eventually, start_proxy
 from tests.e2e.test_proxy import HI, sql
 from tests.support.stub_engine import running_stub
@@ -106,3 +110,70 @@ def test_the_cap_on_rollouts_in_flight_refuses_new_ones_until_one_finishes(
             assert call("cap-3").status_code == 200
         finally:
             proxy.stop()
+
+
+def test_calls_on_one_process_and_the_finish_on_another_are_all_trained(tmp_path: Path, db_url: str) -> None:
+    """Issue 13, item 1: a rollout's calls went to one proxy process, whose writer still holds
+    them, and its finish and reward to another. The finish and the reward are kept (not a 404),
+    and the trainer's claim takes the rollout only with every call."""
+    with running_stub() as stub:
+        config = {"policy": [{"name": "p", "base_model": "m", "upstreams": [stub.url]}]}
+        # The slow process keeps rows in memory for 4 s, and marks what it wrote every 4 s.
+        slow_writer = {
+            "LIGHTLOOP_WRITER__FLUSH_INTERVAL_MS": "4000",
+            "LIGHTLOOP_WRITER__MARK_INTERVAL_S": "4",
+        }
+        slow = start_proxy(tmp_path / "slow", db_url, config, extra_env=slow_writer)
+        fast = start_proxy(tmp_path / "fast", db_url, config)
+        try:
+
+            def call(rollout: str) -> str:
+                client = openai.OpenAI(
+                    base_url=f"{slow.url}/rollout/{rollout}/v1", api_key=slow.key, max_retries=0
+                )
+                return client.chat.completions.create(model="p", messages=HI).id
+
+            def post(path: str, body: dict[str, object]) -> httpx.Response:
+                return httpx.post(f"{fast.url}{path}", json=body, headers=fast.headers, timeout=60)
+
+            # "older": its first call is in Postgres, its second only in the slow writer's memory.
+            call("older")
+            eventually(
+                lambda: sql(db_url, "SELECT 1 FROM llm_calls WHERE rollout_id = 'older'"), what="call 1"
+            )
+            call("older")
+            finished = post("/v1/rollouts/older/finish", {"reward": 0.5})
+            assert finished.status_code == 200, finished.text
+            # "newer": not a row of it is in Postgres when its reward and finish arrive.
+            response_id = call("newer")
+            rewarded = post("/v1/rewards", {"response_id": response_id, "value": 1.0})
+            assert rewarded.status_code == 200, rewarded.text
+            assert rewarded.json()["rollout_id"] == "newer"
+            finished = post("/v1/rollouts/newer/finish", {})
+            assert finished.status_code == 200, finished.text
+
+            async def claim_both() -> dict[str, int]:
+                conn = await asyncpg.connect(dsn(db_url))
+                got: dict[str, int] = {}
+                try:
+                    while len(got) < 2:  # the test's timeout bounds this
+                        claim = await claim_groups(conn, "test", max_groups=10, lease_s=60, settle_s=0)
+                        for rollout in claim.rollouts if claim else []:
+                            got[rollout.id] = len(rollout.calls)
+                        await asyncio.sleep(0.05)
+                finally:
+                    await conn.close()
+                return got
+
+            assert asyncio.run(asyncio.wait_for(claim_both(), 60)) == {"older": 2, "newer": 1}
+            assert sql(db_url, "SELECT reward FROM rollouts WHERE id = 'newer'")[0]["reward"] == 1.0
+            # Each process shows its promise in /health, and has its row in writer_marks.
+            health = [
+                httpx.get(f"{p.url}/health", headers=p.headers, timeout=10).json() for p in (slow, fast)
+            ]
+            slow_mark, fast_mark = (h["writer"]["written_through"] for h in health)
+            assert slow_mark is not None and fast_mark is not None
+            assert len(sql(db_url, "SELECT 1 FROM writer_marks")) == 2
+        finally:
+            slow.stop()
+            fast.stop()
