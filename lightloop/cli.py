@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -252,7 +253,8 @@ def _override(settings: Settings, section: str, flags: dict[str, Any]) -> Settin
         updated = type(current).model_validate({**dict(current), **given})
     except pydantic.ValidationError as exc:
         problems = "; ".join(
-            f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors()
+            f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in exc.errors()
         )
         raise click.UsageError(problems) from None
     return settings.model_copy(update={section: updated})
@@ -265,10 +267,23 @@ def _override(settings: Settings, section: str, flags: dict[str, Any]) -> Settin
 @click.option("--host", default=None, help="[env var: LIGHTLOOP_PROXY__HOST]")
 @click.option("--port", type=int, default=None, help="[env var: LIGHTLOOP_PROXY__PORT]")
 @click.option("--workers", type=int, default=None, help="Processes. [env var: LIGHTLOOP_PROXY__WORKERS]")
+@click.option(
+    "--ssl-certfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Serve HTTPS with this PEM certificate. [env var: LIGHTLOOP_PROXY__SSL_CERTFILE]",
+)
+@click.option(
+    "--ssl-keyfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The certificate's PEM private key. [env var: LIGHTLOOP_PROXY__SSL_KEYFILE]",
+)
 @click.pass_context
 def proxy(ctx: click.Context, /, **flags: Any) -> None:
     """Serve the OpenAI-compatible proxy (LiteLLM's proxy app with lightloop's policy lane),
-    recording every call into Postgres. Point agents' OPENAI_BASE_URL at http://HOST:PORT/v1."""
+    recording every call into Postgres. Point agents' OPENAI_BASE_URL at http://HOST:PORT/v1
+    (https:// with --ssl-certfile and --ssl-keyfile)."""
     from lightloop.proxy.server import serve
 
     settings = _settings(ctx)
@@ -348,20 +363,39 @@ def up(ctx: click.Context, engine: bool, with_trainer: bool) -> None:
     with running_stack(settings, engine=engine, trainer=with_trainer) as stack:
         click.echo(f"lightloop is up (schema {stack.revision})")
         click.echo(f"  OPENAI_BASE_URL={stack.base_url}/v1")
-        kept = f"   (new; kept in {settings.home / 'master.key'})" if stack.key_created else ""
-        click.echo(f"  OPENAI_API_KEY={stack.key}{kept}")
+        click.echo(f"  OPENAI_API_KEY={_key_shown(settings, stack.key, stack.key_created)}")
         click.echo(
             f"  models:    {', '.join(p.name for p in settings.policy)} (trainable), and LiteLLM's model_list"
         )
         if with_trainer:
             click.echo(f"  trainer:   {settings.trainer.algorithm}; see training_steps and policy_versions")
-        url = stack.database_url
-        click.echo(f"  database:  {url}")
-        click.echo(f"  query it:  lightloop sql \"SELECT * FROM llm_calls LIMIT 5\"   (or psql '{url}')")
+        click.echo(f"  database:  {_without_password(stack.database_url)}   (in full: lightloop db url)")
+        click.echo(
+            '  query it:  lightloop sql "SELECT * FROM llm_calls LIMIT 5"   (or psql "$(lightloop db url)")'
+        )
         click.echo("Press Ctrl-C to stop.", nl=True)
         sys.stdout.flush()
         while not stop.wait(1.0):
             stack.check_children()
+
+
+def _key_shown(settings: Settings, key: str, created: bool) -> str:
+    """The key, printed once: when it was just made. Later starts print how to read it, so
+    that it does not land in every terminal log and CI output."""
+    kept = settings.home / "master.key"
+    if created:
+        return f"{key}   (new; kept in {kept}, printed only now)"
+    if settings.master_key is not None and os.environ.get("LITELLM_MASTER_KEY"):
+        return "$LITELLM_MASTER_KEY"
+    if kept.is_file():
+        return f"$(cat {kept})"
+    return "(the master_key of lightloop.yaml)"
+
+
+def _without_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 # -- tasks -----------------------------------------------------------------------------------------

@@ -134,6 +134,24 @@ class ProxySettings(BaseModel):
     session_memory: int = Field(
         100_000, ge=1, description="Conversations remembered per proxy process for inferred sessions."
     )
+    ssl_certfile: Path | None = Field(
+        None, description="PEM certificate (chain) to serve HTTPS with; needs ssl_keyfile too."
+    )
+    ssl_keyfile: Path | None = Field(None, description="PEM private key of ssl_certfile.")
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> ProxySettings:
+        given = [f for f in (self.ssl_certfile, self.ssl_keyfile) if f is not None]
+        if len(given) == 1:
+            raise ValueError("ssl_certfile and ssl_keyfile go together: give both, or neither")
+        for f in given:
+            if not f.is_file():
+                raise ValueError(f"{f} is not a file")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_certfile is not None else "http"
 
 
 class QueueSettings(BaseModel):

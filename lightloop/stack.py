@@ -50,12 +50,30 @@ def wait_ready(
                 f"the {what} exited during startup (status {process.returncode}); see its log above"
             )
         try:
-            if httpx.get(url, headers=headers, timeout=2).status_code == 200:
+            # Our own child, by the address we gave it: its certificate may name another host.
+            if httpx.get(url, headers=headers, timeout=2, verify=False).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     raise LightloopError(f"the {what} did not become ready at {url} within {timeout_s:g} s")
+
+
+# Variables that hold secrets, never handed to a child that does not need them.
+SECRET_ENV = ("LITELLM_MASTER_KEY", "LIGHTLOOP_DATABASE_URL")
+
+
+def children_env(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of the proxy and trainer children. No secret is added to it: they find
+    the embedded database's URL and the kept master key under LIGHTLOOP_HOME (files only this
+    user can read), or in the same environment and lightloop.yaml this process read. Only a
+    database URL given as `--database-url` has no other way to reach them."""
+    env = {**os.environ, **(extra or {}), "LIGHTLOOP_HOME": str(settings.home)}
+    if settings.config is not None:
+        env["LIGHTLOOP_CONFIG"] = str(settings.config)
+    if settings.database_url and env.get("LIGHTLOOP_DATABASE_URL") != settings.database_url:
+        env["LIGHTLOOP_DATABASE_URL"] = settings.database_url
+    return env
 
 
 @contextmanager
@@ -79,15 +97,13 @@ def running_stack(
     try:
         revision = asyncio.run(upgrade(url))
         key, created = master_key(settings)
-        env = {**os.environ, **(extra_env or {})}
-        env.update(
-            {"LIGHTLOOP_DATABASE_URL": url, "LITELLM_MASTER_KEY": key, "LIGHTLOOP_HOME": str(settings.home)}
-        )
-        if settings.config is not None:
-            env["LIGHTLOOP_CONFIG"] = str(settings.config)
-        stack = Stack(f"http://{settings.proxy.host}:{settings.proxy.port}", key, created, url, revision)
+        env = children_env(settings, extra_env)
+        scheme = settings.proxy.scheme
+        stack = Stack(f"{scheme}://{settings.proxy.host}:{settings.proxy.port}", key, created, url, revision)
         if engine:
-            stack.children.append(_child(["engine"], env))
+            # The engine needs neither the proxy's key nor the database.
+            engine_env = {k: v for k, v in env.items() if k not in SECRET_ENV}
+            stack.children.append(_child(["engine"], engine_env))
             engine_url = f"http://{settings.engine.host}:{settings.engine.port}/health"
             wait_ready(engine_url, stack.children[-1], "engine", 600, None)
         stack.children.append(_child(["proxy"], env))

@@ -3,6 +3,8 @@ with one or more worker processes."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import fcntl
 import json
 import logging
@@ -20,9 +22,10 @@ from lightloop.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Handed to worker processes, which uvicorn starts afresh: they rebuild everything from these.
-WORKER_SETTINGS_ENV = "LIGHTLOOP_PROXY_WORKER_SETTINGS"
-WORKER_DATABASE_ENV = "LIGHTLOOP_PROXY_WORKER_DATABASE_URL"
+# Handed to worker processes, which uvicorn starts afresh: the path of a file (mode 0600) with
+# their settings, database URL and master key. Secrets never go into the environment, where
+# every child process and /proc/PID/environ would see them.
+WORKER_FILE_ENV = "LIGHTLOOP_PROXY_WORKER_FILE"
 
 
 def master_key(settings: Settings) -> tuple[str, bool]:
@@ -57,30 +60,55 @@ def litellm_config(settings: Settings) -> dict[str, Any]:
 
 
 def prepare(settings: Settings, database_url: str) -> tuple[str, bool]:
-    """Everything a worker process needs, written where it looks: LiteLLM reads its config path
-    and master key from the environment; lightloop's workers read their settings from it."""
+    """Everything a worker process needs, in two files only this user can read: LiteLLM's config
+    (with the master key in `general_settings`, so LiteLLM needs no LITELLM_MASTER_KEY) and
+    lightloop's worker file. The environment holds only their paths. Both are removed when this
+    process exits."""
     key, created = master_key(settings)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = settings.run_dir / "litellm-config.yaml"
-    config_path.write_text(yaml.safe_dump(litellm_config(settings), sort_keys=False))
+    # Per process: two proxies under one home (other ports) must not overwrite each other's.
+    config_path = settings.run_dir / f"litellm-config-{os.getpid()}.yaml"
+    config = litellm_config(settings)
+    config["general_settings"] = {**(config.get("general_settings") or {}), "master_key": key}
+    write_private(config_path, yaml.safe_dump(config, sort_keys=False))
+    worker_path = settings.run_dir / f"proxy-worker-{os.getpid()}.json"
+    payload = {"settings": _settings_data(settings), "database_url": database_url, "master_key": key}
+    write_private(worker_path, json.dumps(payload, default=_secret))
+    atexit.register(_remove, config_path, worker_path)
     os.environ["CONFIG_FILE_PATH"] = str(config_path.resolve())
-    os.environ["LITELLM_MASTER_KEY"] = key
     # LiteLLM fetches a model cost map from the network at import unless told not to.
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    os.environ[WORKER_SETTINGS_ENV] = _settings_json(settings)
-    os.environ[WORKER_DATABASE_ENV] = database_url
+    os.environ[WORKER_FILE_ENV] = str(worker_path.resolve())
     return key, created
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `path` readable by this user only (0600 from creation, not chmod'ed afterwards)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _remove(*paths: Path) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def create_app() -> ProxyApp:
     """uvicorn's app factory, run in each worker process after `prepare` in the parent."""
-    settings = Settings.model_validate_json(os.environ[WORKER_SETTINGS_ENV])
+    worker = json.loads(Path(os.environ[WORKER_FILE_ENV]).read_text())
+    settings = Settings.model_validate(worker["settings"])
     from litellm.proxy.proxy_server import app as litellm_app
 
     return ProxyApp(
         settings,
-        os.environ[WORKER_DATABASE_ENV],
-        os.environ["LITELLM_MASTER_KEY"],
+        worker["database_url"],
+        worker["master_key"],
         litellm_app,
         claim_spool_dir(settings.spool_dir / "proxy"),
     )
@@ -90,6 +118,7 @@ def serve(settings: Settings, database_url: str) -> None:
     import uvicorn
 
     prepare(settings, database_url)
+    tls = settings.proxy
     uvicorn.run(
         "lightloop.proxy.server:create_app",
         factory=True,
@@ -102,6 +131,8 @@ def serve(settings: Settings, database_url: str) -> None:
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=10,
+        ssl_certfile=None if tls.ssl_certfile is None else str(tls.ssl_certfile),
+        ssl_keyfile=None if tls.ssl_keyfile is None else str(tls.ssl_keyfile),
     )
 
 
@@ -127,9 +158,11 @@ def claim_spool_dir(base: Path, slots: int = 256) -> Path:
 _held_locks: list[int] = []
 
 
-def _settings_json(settings: Settings) -> str:
+def _settings_data(settings: Settings) -> dict[str, Any]:
     # model_dump_json would mask secrets ("**********"); workers need the real values.
-    return json.dumps(
-        settings.model_dump(),
-        default=lambda o: o.get_secret_value() if isinstance(o, SecretStr) else str(o),
-    )
+    data: dict[str, Any] = settings.model_dump()
+    return data
+
+
+def _secret(value: Any) -> Any:
+    return value.get_secret_value() if isinstance(value, SecretStr) else str(value)

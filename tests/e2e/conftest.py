@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import subprocess
 import time
 import uuid
@@ -23,14 +24,18 @@ MASTER_KEY = "sk-test-" + "0123456789abcdef" * 4
 
 
 def wait_healthy(
-    base: str, proc: subprocess.Popen[bytes], timeout_s: float = 180, headers: dict[str, str] | None = None
+    base: str,
+    proc: subprocess.Popen[bytes],
+    timeout_s: float = 180,
+    headers: dict[str, str] | None = None,
+    verify: ssl.SSLContext | bool = True,
 ) -> None:
     """Wait for a child process to start serving (it loads models, LiteLLM, ...)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"{base}: the process exited during start-up"
         try:
-            if httpx.get(f"{base}/health", timeout=1, headers=headers).status_code == 200:
+            if httpx.get(f"{base}/health", timeout=1, headers=headers, verify=verify).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -158,9 +163,19 @@ def start_proxy(
             stderr=subprocess.STDOUT,
             cwd=home,
         )
-    proxy = Proxy(f"http://127.0.0.1:{port}", proc, home, log)
+    # With --ssl-certfile: HTTPS, and the (self-signed) certificate is the CA to trust.
+    cert = (
+        (args or [])[(args or []).index("--ssl-certfile") + 1] if "--ssl-certfile" in (args or []) else None
+    )
+    proxy = Proxy(f"{'https' if cert else 'http'}://127.0.0.1:{port}", proc, home, log)
     try:
-        wait_healthy(proxy.url, proc, 120, proxy.headers)
+        wait_healthy(
+            proxy.url,
+            proc,
+            120,
+            proxy.headers,
+            verify=ssl.create_default_context(cafile=cert) if cert else True,
+        )
     except AssertionError:
         proxy.stop()
         raise AssertionError(f"the proxy did not start:\n{proxy.log_text()[-5000:]}") from None

@@ -107,7 +107,15 @@ def test_invalid_settings_and_config_files_are_reported(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("args", "flag"),
-    [(("proxy", "--port", "70000"), "--port"), (("engine", "--max-batch-size", "0"), "--max-batch-size")],
+    [
+        (("proxy", "--port", "70000"), "--port"),
+        (("engine", "--max-batch-size", "0"), "--max-batch-size"),
+        (("proxy", "--ssl-certfile", "/etc/hostname"), "ssl_keyfile go together"),
+        (
+            ("proxy", "--ssl-certfile", "/nowhere.pem", "--ssl-keyfile", "/nowhere.key"),
+            "/nowhere.pem is not a file",
+        ),
+    ],
 )
 def test_flags_are_validated_like_the_settings_they_override(
     tmp_path: Path, args: tuple[str, ...], flag: str

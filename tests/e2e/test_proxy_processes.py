@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
+import stat
+import subprocess
 from pathlib import Path
 
 import asyncpg
 import httpx
 import openai
+import psutil
+import pytest
+import yaml
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+from sqlalchemy.engine import make_url
 
 from lightloop.store import claim_groups
 from lightloop.store.database import dsn
-from tests.e2e.conftest import eventually, start_proxy
+from tests.conftest import LIGHTLOOP
+from tests.e2e.conftest import MASTER_KEY, Proxy, clean_env, eventually, start_proxy, wait_healthy
 from tests.e2e.test_proxy import HI, sql
-from tests.support.stub_engine import running_stub
+from tests.support.stub_engine import free_port, running_stub
+from tests.support.tls import self_signed
 
 
 def test_several_workers_serve_and_record_every_call(tmp_path: Path, db_url: str) -> None:
@@ -177,3 +186,81 @@ def test_calls_on_one_process_and_the_finish_on_another_are_all_trained(tmp_path
         finally:
             slow.stop()
             fast.stop()
+
+
+def test_https_with_a_self_signed_certificate_serves_the_openai_sdk(tmp_path: Path, db_url: str) -> None:
+    cert, key = self_signed(tmp_path / "tls")
+    with running_stub() as stub:
+        config = {"policy": [{"name": "p", "base_model": "m", "upstreams": [stub.url]}]}
+        args = ["--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+        proxy = start_proxy(tmp_path / "home", db_url, config, args=args)
+        try:
+            assert proxy.url.startswith("https://")
+            with httpx.Client(verify=ssl.create_default_context(cafile=cert)) as http:
+                client = openai.OpenAI(
+                    base_url=f"{proxy.url}/rollout/tls-1/v1",
+                    api_key=proxy.key,
+                    max_retries=0,
+                    http_client=http,
+                )
+                completion = client.chat.completions.create(model="p", messages=HI)
+            rows = eventually(
+                lambda: sql(db_url, "SELECT response_id FROM llm_calls WHERE rollout_id = 'tls-1'"),
+                what="call",
+            )
+            assert rows[0]["response_id"] == completion.id
+            # A client that does not trust the certificate is refused, and plain HTTP gets nothing.
+            untrusting = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=proxy.key, max_retries=0)
+            with pytest.raises(openai.APIConnectionError):
+                untrusting.chat.completions.create(model="p", messages=HI)
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(
+                    proxy.url.replace("https://", "http://") + "/health", headers=proxy.headers, timeout=5
+                )
+        finally:
+            proxy.stop()
+
+
+def test_worker_processes_find_no_secret_in_their_environment(tmp_path: Path, db_url: str) -> None:
+    """Issue 13, item 12: with the key and the database URL in lightloop.yaml, neither reaches an
+    environment; workers read them from a file only this user can read, removed at exit."""
+    with running_stub() as stub:
+        home = tmp_path / "home"
+        home.mkdir()
+        config_path = home / "lightloop.yaml"
+        config = {
+            "policy": [{"name": "p", "base_model": "m", "upstreams": [stub.url]}],
+            "master_key": MASTER_KEY,
+            "database_url": db_url,
+        }
+        config_path.write_text(yaml.safe_dump(config))
+        port = free_port()
+        env = {**clean_env(), "LIGHTLOOP_HOME": str(home)}
+        log = home / "proxy.log"
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(
+                [LIGHTLOOP, "--config", str(config_path), "proxy", "--port", str(port), "--workers", "2"],
+                env=env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                cwd=home,
+            )
+        proxy = Proxy(f"http://127.0.0.1:{port}", proc, home, log)
+        try:
+            wait_healthy(proxy.url, proc, 120, proxy.headers)
+            client = openai.OpenAI(
+                base_url=f"{proxy.url}/rollout/env-1/v1", api_key=MASTER_KEY, max_retries=0
+            )
+            client.chat.completions.create(model="p", messages=HI)
+            password = make_url(db_url).password or db_url
+            processes = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            assert len(processes) >= 3  # uvicorn's supervisor and two workers
+            for process in processes:
+                values = "\n".join(f"{k}={v}" for k, v in process.environ().items())
+                assert MASTER_KEY not in values and password not in values, process.cmdline()
+            private = sorted((home / "run").glob("*-[0-9]*.*"))
+            assert {p.name.split("-")[0] for p in private} == {"litellm", "proxy"}, private
+            assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in private)
+        finally:
+            proxy.stop()
+        assert not list((home / "run").glob("*-[0-9]*.*")), "the secret files outlived the proxy"

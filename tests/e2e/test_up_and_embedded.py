@@ -17,7 +17,9 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
+from sqlalchemy.engine import make_url
 
 from tests.conftest import LIGHTLOOP
 from tests.e2e.test_cli import run
@@ -83,11 +85,26 @@ def test_up_starts_everything_prints_what_agents_need_and_stops_cleanly(home: Pa
     )
     try:
         lines = read_until(proc, "Press Ctrl-C", timeout_s=300)
-        url = next(line.split("database:", 1)[1].strip() for line in lines if "database:" in line)
-        assert url.startswith("postgresql://postgres:") and "@127.0.0.1:" in url
-        assert run("db", "url", env=env).stdout.strip() == url
+        shown = value_after(lines, "database:")
+        url = run("db", "url", env=env).stdout.strip()
+        password = make_url(url).password
+        # Printed without its password; `lightloop db url` gives it in full.
+        assert shown == make_url(url).render_as_string(hide_password=True)
+        assert url.startswith("postgresql://postgres:") and "@127.0.0.1:" in url and password
+        assert not [line for line in lines if password in line]
         base_url = value_after(lines, "OPENAI_BASE_URL=")
         key = value_after(lines, "OPENAI_API_KEY=")
+        # No secret went into a child's environment: the engine has neither, the proxy and the
+        # trainer read the kept key and the embedded database's password from files.
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 3
+        for child in children:
+            try:
+                values = "\n".join(f"{k}={v}" for k, v in child.environ().items())
+                cmdline = child.cmdline()
+            except psutil.NoSuchProcess:
+                continue  # a short-lived helper (pg_ctl) that has finished
+            assert key not in values and password not in values, cmdline
         assert base_url == f"http://127.0.0.1:{env['LIGHTLOOP_PROXY__PORT']}/v1"
         # A generated key: strong, kept under the home for the next start.
         assert key.startswith("sk-") and len(key) >= 40
@@ -125,7 +142,10 @@ def test_up_starts_everything_prints_what_agents_need_and_stops_cleanly(home: Pa
     )
     try:
         lines = read_until(proc, "Press Ctrl-C", timeout_s=300)
-        assert value_after(lines, "OPENAI_API_KEY=") == key
+        # The key is printed once, when it is made; later, how to read it.
+        assert value_after(lines, "OPENAI_API_KEY=") == "$(cat"
+        assert f"OPENAI_API_KEY=$(cat {home / 'master.key'})" in "\n".join(lines)
+        assert not [line for line in lines if key in line]
         assert "kept" in run("sql", "SELECT id FROM rollouts", env=env).stdout
     finally:
         proc.terminate()
@@ -145,7 +165,8 @@ def test_up_leaves_running_a_server_it_did_not_start(home: Path) -> None:
     )
     lines = read_until(proc, "Press Ctrl-C", timeout_s=300)
     # A key from the environment is used as given, and not written to disk.
-    assert value_after(lines, "OPENAI_API_KEY=") == "sk-" + "ab" * 32
+    assert value_after(lines, "OPENAI_API_KEY=") == "$LITELLM_MASTER_KEY"
+    assert not [line for line in lines if "ab" * 32 in line]
     assert not (home / "master.key").exists()
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
