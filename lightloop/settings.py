@@ -134,6 +134,14 @@ class ProxySettings(BaseModel):
     session_memory: int = Field(
         100_000, ge=1, description="Conversations remembered per proxy process for inferred sessions."
     )
+    versions_reread_s: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "How often the proxy re-reads the live policy versions besides LISTEN, which a "
+            "half-open connection silences without an error."
+        ),
+    )
     ssl_certfile: Path | None = Field(
         None, description="PEM certificate (chain) to serve HTTPS with; needs ssl_keyfile too."
     )

@@ -93,6 +93,7 @@ class ProxyApp:
             database_url,
             settings.writer.retry_interval_s,
             keep=settings.trainer.keep_versions,
+            reread_s=settings.proxy.versions_reread_s,
         )
         self.upstreams = Upstreams(settings.proxy.upstream_timeout_s, settings.proxy.upstream_retries)
         self.lane = PolicyLane(

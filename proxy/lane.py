@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from lightloop.proxy.adapters import AdapterRestorer
 from lightloop.proxy.attribution import Attribution
 from lightloop.proxy.capture import Call, from_response, from_stream
 from lightloop.proxy.errors import ProxyError
@@ -47,6 +48,7 @@ class PolicyLane:
     def __post_init__(self) -> None:
         # Normalised once, not per call.
         self._bases = {name: [upstream_base(u) for u in p.upstreams] for name, p in self.policies.items()}
+        self.restorer = AdapterRestorer(self.upstreams, self.versions.uri_of)
 
     async def serve(
         self,
@@ -92,6 +94,16 @@ class PolicyLane:
                 call.served_model = forwarded["model"] = self.versions.name_of(policy.name, live)
                 call.policy_version = live
                 attempted = await self.upstreams.post(replicas, path, orjson.dumps(forwarded), api_key)
+            if (
+                attempted.response.status == 404
+                and call.policy_version
+                and await self.restorer.restore(
+                    attempted.url, forwarded["model"], policy.name, call.policy_version, api_key
+                )
+            ):
+                # The engine restarted without the adapter: it has it again, ask that engine again.
+                attempted.response.release()
+                attempted = await self.upstreams.post([attempted.url], path, orjson.dumps(forwarded), api_key)
         except ProxyError as exc:
             self.recorder.close(call, None, error=(exc.type, str(exc), _error_json(exc.type, str(exc))))
             raise

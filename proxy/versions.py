@@ -3,7 +3,9 @@ current by LISTEN/NOTIFY, so the alias switches the instant the trainer makes a 
 
 While Postgres is unreachable the proxy keeps serving the version it knew (the base model if it
 never knew one) and reconnects in the background; on reconnect it re-reads every live version,
-since notifications sent meanwhile are lost."""
+since notifications sent meanwhile are lost. It also re-reads them every `reread_s` while
+listening: a connection that went half-open (a NAT or a failover dropped it without a reset)
+delivers nothing and reports no error."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import logging
 from collections import OrderedDict
 
 from lightloop.settings import PolicyModelSettings
-from lightloop.store import PolicyChange, PolicyListener, adapter_name, connect, live_version
+from lightloop.store import PolicyChange, PolicyListener, adapter_name, connect, get_version, live_version
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,7 @@ class LiveVersions:
         retry_interval_s: float,
         keep: int = 2,
         memory: int = 10_000,
+        reread_s: float = 30.0,
     ) -> None:
         self.policies = {p.name: p for p in policies}
         self.url = url
@@ -37,6 +40,7 @@ class LiveVersions:
         # Rollout id -> (policy, version): a val round's rollouts are served the version they
         # measure, not whichever is live when each of their calls comes (bounded, oldest dropped).
         self._pins: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        self.reread_s = reread_s
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
@@ -84,6 +88,16 @@ class LiveVersions:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    async def uri_of(self, policy: str, version: int) -> str | None:
+        """Where a version's adapter lies (policy_versions.uri), to load it again on an engine
+        that lost it."""
+        conn = await connect(self.url)
+        try:
+            found = await get_version(conn, policy, version)
+        finally:
+            await conn.close()
+        return None if found is None or found.status == "failed" else found.uri
+
     async def _reload(self) -> None:
         conn = await connect(self.url)
         try:
@@ -113,7 +127,11 @@ class LiveVersions:
                 await listener.start()
                 await self._reload()
                 self.connected.set()
-                await listener.closed.wait()
+                while not listener.closed.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(listener.closed.wait(), self.reread_s)
+                    if not listener.closed.is_set():
+                        await self._reload()  # a failure here reconnects the listener too
                 log.warning("lost the policy-version listener; reconnecting")
             except asyncio.CancelledError:
                 await listener.close()

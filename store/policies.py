@@ -160,6 +160,13 @@ async def live_version(conn: asyncpg.Connection, policy: str) -> PolicyVersion |
     return None if row is None else PolicyVersion.from_record(row)
 
 
+async def get_version(conn: asyncpg.Connection, policy: str, version: int) -> PolicyVersion | None:
+    row = await conn.fetchrow(
+        f"SELECT {_COLUMNS} FROM policy_versions WHERE policy = $1 AND version = $2", policy, version
+    )
+    return None if row is None else PolicyVersion.from_record(row)
+
+
 async def list_versions(conn: asyncpg.Connection, policy: str) -> list[PolicyVersion]:
     rows = await conn.fetch(
         f"SELECT {_COLUMNS} FROM policy_versions WHERE policy = $1 ORDER BY version", policy

@@ -114,6 +114,16 @@ def test_one_step_publishes_a_version_the_engine_and_proxy_then_serve(
             f"{proxy.url}/v1/rollouts/after/finish", json={"status": "succeeded"}, headers=proxy.headers
         )
         assert sql(db_url, "SELECT policy_version FROM llm_calls WHERE rollout_id = 'after'")[0][0] == 1
+        # The engine loses the adapter (as a restarted engine comes back without it): the proxy
+        # loads it again from policy_versions.uri, and the agent never sees the engine's 404.
+        unloaded = httpx.post(f"{engine}/v1/unload_lora_adapter", json={"lora_name": "policy-v1"})
+        assert unloaded.status_code == 200, unloaded.text
+        again = client.chat.completions.create(
+            model="policy", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        assert again.model == "policy-v1"
+        assert "policy-v1" in {m["id"] for m in httpx.get(f"{engine}/v1/models").json()["data"]}
+        assert "loaded it again" in proxy.log_text()
         # Nothing left to claim: the next step waits.
         assert asyncio.run(trainer.step_once()) is None
     finally:

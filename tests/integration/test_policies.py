@@ -73,3 +73,29 @@ async def test_listeners_hear_every_change(db_url: str, conn: asyncpg.Connection
         await listener.close()
     assert [(c.version, c.status) for c in got] == [(1, "staged"), (1, "live"), (2, "staged"), (2, "failed")]
     assert all(c.policy == "policy" for c in got)
+
+
+async def test_the_proxy_rereads_live_versions_without_a_notification(
+    conn: asyncpg.Connection, db_url: str
+) -> None:
+    """A LISTEN connection gone half-open delivers nothing; the periodic re-read still finds the
+    live version (here made live by SQL, which sends no NOTIFY at all)."""
+    from lightloop.proxy.versions import LiveVersions
+    from lightloop.settings import PolicyModelSettings
+
+    versions = LiveVersions([PolicyModelSettings(name="policy", base_model="b")], db_url, 0.1, reread_s=0.1)
+    await versions.start()
+    try:
+        await asyncio.wait_for(versions.connected.wait(), 30)
+        assert versions.live("policy") == 0
+        await stage_version(conn, "policy", base_model="b", uri="file:///c/v1")
+        await conn.execute("UPDATE policy_versions SET status = 'live', live_at = now()")
+
+        for _ in range(500):  # polling the object under test, up to 10 s
+            if versions.live("policy") == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert versions.live("policy") == 1
+        assert await versions.uri_of("policy", 1) == "file:///c/v1"
+    finally:
+        await versions.close()
