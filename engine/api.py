@@ -5,6 +5,7 @@ runtime LoRA loading). Errors become OpenAI-shaped JSON in `_error_response` onl
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -21,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lightloop.engine.batcher import Batcher, Choice, Event, Failed, Finished, Token
 from lightloop.engine.chat import Detokenizer, encode, parse_tool_calls, render_chat
-from lightloop.engine.errors import BadRequest, EngineError, NotFound
+from lightloop.engine.errors import BadRequest, EngineError, Forbidden, NotFound
 from lightloop.engine.lora import Adapter, LoraRuntime, read_adapter
 from lightloop.engine.models import LoadedModel
 from lightloop.engine.sampling import SamplingParams, find_stop
@@ -89,12 +90,45 @@ class _ChoiceState:
 
 
 class EngineServer:
-    def __init__(self, loaded: LoadedModel, batcher: Batcher, lora: LoraRuntime, served_name: str) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        batcher: Batcher,
+        lora: LoraRuntime,
+        served_name: str,
+        *,
+        api_key: str | None = None,
+        lora_root: Path | None = None,
+        runtime_lora: bool = False,
+    ) -> None:
         self.loaded = loaded
         self.batcher = batcher
         self.lora = lora
         self.served_name = served_name
         self.created = int(time.time())
+        self.api_key = api_key.encode() if api_key else None
+        self.lora_root = lora_root
+        self.runtime_lora = runtime_lora
+
+    def authorized(self, header: str | None) -> bool:
+        """vLLM's --api-key: `Authorization: Bearer KEY` on every /v1 route."""
+        if self.api_key is None:
+            return True
+        given = (header or "").removeprefix("Bearer ").strip().encode()
+        return hmac.compare_digest(given, self.api_key)
+
+    def adapter_path(self, raw: str) -> Path:
+        """The adapter folder a load names, if it may be loaded: under `lora_root` after
+        following links, so that no link leads out of it."""
+        try:
+            # Not strict: a path outside the root is refused the same whether or not it exists,
+            # so the answer tells nothing about the file system outside it.
+            resolved = Path(raw).expanduser().resolve()
+        except (OSError, RuntimeError):
+            raise BadRequest(f"LoRA adapter path {raw!r} cannot be resolved") from None
+        if self.lora_root is not None and not resolved.is_relative_to(self.lora_root):
+            raise BadRequest(f"LoRA adapter path {raw!r} is outside the engine's --lora-root")
+        return resolved
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -238,6 +272,14 @@ async def _disconnected(request: Request) -> None:
             return
 
 
+def _runtime_lora(server: EngineServer) -> None:
+    if not server.runtime_lora:
+        raise Forbidden(
+            "runtime LoRA updating is off: start the engine with --allow-runtime-lora-updating "
+            "(vLLM: VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)"
+        )
+
+
 def create_app(server: EngineServer) -> FastAPI:
     app = FastAPI(title="lightloop engine", docs_url=None, redoc_url=None)
 
@@ -293,19 +335,28 @@ def create_app(server: EngineServer) -> FastAPI:
         ]
         return {"object": "list", "data": data}
 
+    @app.middleware("http")
+    async def _api_key(request: Request, call_next: Any) -> Response:
+        # Like vLLM: the /v1 routes need the key; /health and /metrics stay open for probes.
+        if request.url.path.startswith("/v1") and not server.authorized(request.headers.get("authorization")):
+            return _error_response(401, "Unauthorized: this engine requires its API key", "Unauthorized")
+        response: Response = await call_next(request)
+        return response
+
     @app.post("/v1/load_lora_adapter")
     async def load_lora(request: Request) -> Response:
+        _runtime_lora(server)
         body: LoadLora = await _body(request, LoadLora)
         if server.lora.get(body.lora_name) is not None:
             raise BadRequest(f"The lora adapter '{body.lora_name}' has already been loaded.")
-        adapter = await asyncio.to_thread(
-            read_adapter, body.lora_name, Path(body.lora_path), server.loaded.model
-        )
+        path = server.adapter_path(body.lora_path)
+        adapter = await asyncio.to_thread(read_adapter, body.lora_name, path, server.loaded.model)
         server.lora.add(adapter)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora(request: Request) -> Response:
+        _runtime_lora(server)
         body: UnloadLora = await _body(request, UnloadLora)
         server.lora.remove(body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

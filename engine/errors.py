@@ -14,6 +14,11 @@ class BadRequest(EngineError):
     type = "BadRequestError"
 
 
+class Forbidden(EngineError):
+    status = 403
+    type = "PermissionDeniedError"
+
+
 class NotFound(EngineError):
     status = 404
     type = "NotFoundError"

@@ -40,6 +40,13 @@ def read_adapter(name: str, path: Path, model: nn.Module) -> Adapter:
         raise BadRequest(f"LoRA adapter path {str(path)!r} does not exist or is not a folder")
     if not (path / "adapter_config.json").is_file():
         raise BadRequest(f"{str(path)!r} is not a PEFT adapter: it has no adapter_config.json")
+    if not (path / "adapter_model.safetensors").is_file():
+        # peft would fall back to adapter_model.bin, read with torch.load: a pickle, which can
+        # run code. Only safetensors are read.
+        raise BadRequest(
+            f"{str(path)!r} has no adapter_model.safetensors: only safetensors adapters are loaded "
+            "(a .bin is a pickle, which can run code when read)"
+        )
     try:
         config: Any = PeftConfig.from_pretrained(str(path))
         raw = load_peft_weights(str(path), device="cpu")

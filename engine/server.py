@@ -24,7 +24,16 @@ def build(settings: Settings) -> tuple[EngineServer, Batcher]:
     lora = LoraRuntime(loaded.model)
     batcher = Batcher(loaded, lora, max_batch_size=engine.max_batch_size)
     served = engine.served_model_name or engine.model
-    return EngineServer(loaded, batcher, lora, served), batcher
+    server = EngineServer(
+        loaded,
+        batcher,
+        lora,
+        served,
+        api_key=engine.api_key.get_secret_value() if engine.api_key else None,
+        lora_root=(engine.lora_root or settings.checkpoints).resolve(),
+        runtime_lora=engine.allow_runtime_lora_updating,
+    )
+    return server, batcher
 
 
 def serve(settings: Settings) -> None:

@@ -231,6 +231,23 @@ def _json_default(value: Any) -> Any:
 @click.option("--served-model-name", default=None, help="[env var: LIGHTLOOP_ENGINE__SERVED_MODEL_NAME]")
 @click.option("--max-model-len", type=int, default=None, help="[env var: LIGHTLOOP_ENGINE__MAX_MODEL_LEN]")
 @click.option("--max-batch-size", type=int, default=None, help="[env var: LIGHTLOOP_ENGINE__MAX_BATCH_SIZE]")
+@click.option(
+    "--api-key",
+    default=None,
+    help="Key every /v1 route requires (vLLM's). [env var: LIGHTLOOP_ENGINE__API_KEY]",
+)
+@click.option(
+    "--lora-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Load adapters only from under this folder. [env var: LIGHTLOOP_ENGINE__LORA_ROOT]",
+)
+@click.option(
+    "--allow-runtime-lora-updating",
+    is_flag=True,
+    default=None,
+    help="Serve load/unload_lora_adapter. [env var: LIGHTLOOP_ENGINE__ALLOW_RUNTIME_LORA_UPDATING]",
+)
 @click.pass_context
 def engine(ctx: click.Context, /, **flags: Any) -> None:
     """Serve a model on CPU with the vLLM API subset lightloop uses (chat, completions,

@@ -85,6 +85,23 @@ class EngineSettings(BaseModel):
     max_model_len: int = Field(2048, ge=16, description="Longest prompt plus completion, in tokens.")
     max_batch_size: int = Field(16, ge=1, description="Sequences decoded together in one step.")
     threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch (default: all cores).")
+    api_key: SecretStr | None = Field(
+        None,
+        description=(
+            "Key every /v1 route requires (vLLM's --api-key); give the policies' api_key the same. "
+            "/health and /metrics stay open."
+        ),
+    )
+    lora_root: Path | None = Field(
+        None, description="Only adapters under this folder are loaded (default: LIGHTLOOP_HOME/checkpoints)."
+    )
+    allow_runtime_lora_updating: bool = Field(
+        False,
+        description=(
+            "Serve load_lora_adapter/unload_lora_adapter (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING); "
+            "the trainer needs it, `lightloop up` turns it on for its engine."
+        ),
+    )
 
 
 class PolicyModelSettings(BaseModel):

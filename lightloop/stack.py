@@ -103,6 +103,8 @@ def running_stack(
         if engine:
             # The engine needs neither the proxy's key nor the database.
             engine_env = {k: v for k, v in env.items() if k not in SECRET_ENV}
+            # The trainer beside it loads each new version on it.
+            engine_env["LIGHTLOOP_ENGINE__ALLOW_RUNTIME_LORA_UPDATING"] = "true"
             stack.children.append(_child(["engine"], engine_env))
             engine_url = f"http://{settings.engine.host}:{settings.engine.port}/health"
             wait_ready(engine_url, stack.children[-1], "engine", 600, None)

@@ -68,7 +68,7 @@ def clean_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def engine(engine_home: Path) -> Iterator[str]:
+def engine(engine_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     env = clean_env()
     env["LIGHTLOOP_HOME"] = str(engine_home)
@@ -85,6 +85,10 @@ def engine(engine_home: Path) -> Iterator[str]:
             "512",
             "--max-batch-size",
             "8",
+            # Tests publish adapters under their own tmp_path: all lie under the base temp folder.
+            "--lora-root",
+            str(tmp_path_factory.getbasetemp()),
+            "--allow-runtime-lora-updating",
         ],
         env=env,
         stdout=log,

@@ -6,6 +6,9 @@ import asyncio
 import copy
 import json
 import math
+import shutil
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import safetensors.torch
 import torch
+
+from tests.conftest import LIGHTLOOP
+from tests.e2e.conftest import clean_env, wait_healthy
+from tests.support.stub_engine import free_port
 
 MESSAGES = [{"role": "user", "content": "What is 17 + 25?"}]
 
@@ -220,7 +228,7 @@ def test_models_and_health(engine: str) -> None:
             "max_batch_size of 8",
         ),
         ("/v1/unload_lora_adapter", {"lora_name": "ghost"}, 404, "cannot be found"),
-        ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/no/such/dir"}, 400, "does not exist"),
+        ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/no/such/dir"}, 400, "outside"),
         ("/v1/nothing", {}, 404, "Not Found"),
     ],
 )
@@ -399,3 +407,76 @@ async def test_a_disconnect_mid_stream_frees_its_slot(engine: str) -> None:
         # Cancelled, not finished: far fewer decode steps than the 400 tokens asked for.
         steps = await decode_steps(http) - before
         assert 0 < steps < 300, steps
+
+
+def test_adapters_load_only_from_under_the_lora_root_and_only_as_safetensors(
+    engine: str, tiny: Any, tmp_path: Path
+) -> None:
+    def load(path: Path | str) -> httpx.Response:
+        return httpx.post(
+            f"{engine}/v1/load_lora_adapter", json={"lora_name": "probe", "lora_path": str(path)}
+        )
+
+    # Outside the root (the test engine's root is pytest's base temp folder): refused, and the
+    # answer does not say whether the path exists.
+    outside = Path(tempfile.mkdtemp(prefix="lightloop-outside-"))
+    try:
+        make_adapter(tiny, outside / "v1", seed=3)
+        for path in (outside / "v1", "/etc", "/no/such/dir/../../etc"):
+            r = load(path)
+            assert r.status_code == 400 and "outside the engine's --lora-root" in r.text, r.text
+        # A link inside the root that leads out of it is outside too.
+        (tmp_path / "link").symlink_to(outside / "v1")
+        r = load(tmp_path / "link")
+        assert r.status_code == 400 and "outside the engine's --lora-root" in r.json()["error"]["message"]
+    finally:
+        shutil.rmtree(outside)
+    # A pickled adapter (adapter_model.bin) is never read.
+    pickled = make_adapter(tiny, tmp_path / "pickled", seed=4)
+    weights = safetensors.torch.load_file(str(pickled / "adapter_model.safetensors"))
+    torch.save(weights, pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+    r = load(pickled)
+    assert r.status_code == 400 and "only safetensors" in r.json()["error"]["message"]
+    assert "probe" not in {m["id"] for m in httpx.get(f"{engine}/v1/models").json()["data"]}
+
+
+def test_an_engine_with_an_api_key_and_no_runtime_lora(tmp_path: Path, engine_home: Path, tiny: Any) -> None:
+    """vLLM's behaviour: --api-key guards every /v1 route (401 without it), /health stays open;
+    without --allow-runtime-lora-updating no one can load or unload an adapter."""
+    port = free_port()
+    env = {**clean_env(), "LIGHTLOOP_HOME": str(engine_home)}
+    key = "engine-" + "k" * 32
+    adapter = make_adapter(tiny, tmp_path / "root" / "v1", seed=5)
+    args = ["engine", "--model", "tiny", "--port", str(port), "--max-model-len", "256", "--api-key", key]
+    with open(tmp_path / "engine.log", "wb") as log:
+        proc = subprocess.Popen(
+            [LIGHTLOOP, *args, "--lora-root", str(tmp_path / "root")],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc)  # /health needs no key
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+        assert httpx.get(f"{base}/v1/models", headers={"authorization": "Bearer wrong"}).status_code == 401
+        keyed = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+        assert keyed.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).chat.completions.create(
+                model="tiny", messages=MESSAGES, max_tokens=2
+            )
+        auth = {"authorization": f"Bearer {key}"}
+        loaded = httpx.post(
+            f"{base}/v1/load_lora_adapter",
+            json={"lora_name": "p-v1", "lora_path": str(adapter)},
+            headers=auth,
+        )
+        assert loaded.status_code == 403 and "--allow-runtime-lora-updating" in loaded.text
+        unloaded = httpx.post(f"{base}/v1/unload_lora_adapter", json={"lora_name": "p-v1"}, headers=auth)
+        assert unloaded.status_code == 403
+        assert httpx.get(f"{base}/metrics").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
