@@ -305,6 +305,9 @@ def proxy(ctx: click.Context, /, **flags: Any) -> None:
 
     settings = _settings(ctx)
     settings = _override(settings, "proxy", flags)
+    for tls_file in (settings.proxy.ssl_certfile, settings.proxy.ssl_keyfile):
+        if tls_file is not None and not tls_file.is_file():
+            raise click.UsageError(f"{tls_file} is not a file")
     url = _database_url(settings)
     _migrate_if_reachable(url)
     serve(settings, url)
@@ -402,11 +405,11 @@ def _key_shown(settings: Settings, key: str, created: bool) -> str:
     kept = settings.home / "master.key"
     if created:
         return f"{key}   (new; kept in {kept}, printed only now)"
-    if settings.master_key is not None and os.environ.get("LITELLM_MASTER_KEY"):
-        return "$LITELLM_MASTER_KEY"
-    if kept.is_file():
-        return f"$(cat {kept})"
-    return "(the master_key of lightloop.yaml)"
+    if settings.master_key is not None and settings.master_key.get_secret_value():
+        if os.environ.get("LITELLM_MASTER_KEY"):
+            return "$LITELLM_MASTER_KEY"
+        return "(the master_key of lightloop.yaml)"
+    return f"$(cat {kept})"
 
 
 def _without_password(url: str) -> str:

@@ -65,10 +65,23 @@ class WriterSettings(BaseModel):
         ),
     )
     stale_after_s: float = Field(
-        30.0,
+        # Above flush_timeout_s: a writer waiting out a stuck flush is alive, not gone.
+        90.0,
         gt=0,
-        description="A writer whose mark is this old is gone (killed) and no longer holds claims back.",
+        description=(
+            "A writer not heard from for this long is gone (killed) and no longer holds claims back; "
+            "more than flush_timeout_s + mark_interval_s."
+        ),
     )
+
+    @model_validator(mode="after")
+    def _stale_after_a_stuck_flush(self) -> WriterSettings:
+        if self.mark_interval_s > 0 and self.stale_after_s <= self.flush_timeout_s + self.mark_interval_s:
+            raise ValueError(
+                "stale_after_s must be more than flush_timeout_s + mark_interval_s: a writer waiting "
+                "out a stuck flush would be taken for gone and its rows trained without"
+            )
+        return self
 
 
 class EngineSettings(BaseModel):
@@ -166,12 +179,10 @@ class ProxySettings(BaseModel):
 
     @model_validator(mode="after")
     def _tls_files(self) -> ProxySettings:
-        given = [f for f in (self.ssl_certfile, self.ssl_keyfile) if f is not None]
-        if len(given) == 1:
+        # Whether the files exist is checked by `lightloop proxy` only: other processes reading
+        # the same lightloop.yaml (a trainer pod) need not have them mounted.
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together: give both, or neither")
-        for f in given:
-            if not f.is_file():
-                raise ValueError(f"{f} is not a file")
         return self
 
     @property

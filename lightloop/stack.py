@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import httpx
+import yaml
 
 from lightloop.errors import LightloopError
 from lightloop.settings import Settings
@@ -71,9 +72,22 @@ def children_env(settings: Settings, extra: Mapping[str, str] | None = None) -> 
     env = {**os.environ, **(extra or {}), "LIGHTLOOP_HOME": str(settings.home)}
     if settings.config is not None:
         env["LIGHTLOOP_CONFIG"] = str(settings.config)
-    if settings.database_url and env.get("LIGHTLOOP_DATABASE_URL") != settings.database_url:
+    if (
+        settings.database_url
+        and env.get("LIGHTLOOP_DATABASE_URL") != settings.database_url
+        and _configured_url(settings) != settings.database_url
+    ):
         env["LIGHTLOOP_DATABASE_URL"] = settings.database_url
     return env
+
+
+def _configured_url(settings: Settings) -> str | None:
+    """The database URL lightloop.yaml holds, which the children read themselves."""
+    if settings.config is None or not settings.config.is_file():
+        return None
+    data = yaml.safe_load(settings.config.read_text()) or {}
+    url = data.get("database_url") if isinstance(data, dict) else None
+    return url if isinstance(url, str) else None
 
 
 @contextmanager

@@ -17,7 +17,6 @@ import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import unquote, urlparse
 
-import aiohttp
 import orjson
 
 from lightloop.proxy.upstream import Upstreams
@@ -73,7 +72,7 @@ class AdapterRestorer:
             ) as answer:
                 text = await answer.text()
                 ok = answer.status == 200 or (answer.status == 400 and "already" in text)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except Exception as exc:  # any failure to load leaves the engine's 404 as the answer
             ok, text = False, f"{type(exc).__name__}: {exc}"
         if not ok:
             log.warning("engine %s lost adapter %s and refused it again: %s", engine, name, text[:300])

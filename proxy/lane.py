@@ -145,11 +145,17 @@ class PolicyLane:
     ) -> int:
         await send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS})
         chunks: list[bytes] = []
+        # The newest piece is held back until the call's rows are handed to the writer: it ends
+        # the stream (`data: [DONE]`), and an agent that finishes its rollout the moment it
+        # reads it must find the call accepted (the writer marks, store/marks.py, rely on it).
+        held: list[bytes] = []
 
         async def pump() -> None:
             async for piece in response.content.iter_any():
                 chunks.append(piece)
-                await send({"type": "http.response.body", "body": piece, "more_body": True})
+                if held:
+                    await send({"type": "http.response.body", "body": held.pop(), "more_body": True})
+                held.append(piece)
 
         pumping = asyncio.create_task(pump())
         # The agent hanging up shows as http.disconnect on receive(); the stream is then cut so
@@ -173,10 +179,13 @@ class PolicyLane:
                 error = ("upstream_error", message, _error_json("upstream_error", message))
             else:
                 response.release()
-            with contextlib.suppress(Exception):
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
         outcome = from_stream(operation, b"".join(chunks))
         self.recorder.close(call, outcome, aborted=aborted or error is not None, error=error)
+        if not aborted:
+            with contextlib.suppress(Exception):
+                for piece in held:
+                    await send({"type": "http.response.body", "body": piece, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         return 499 if aborted else 200
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,9 +31,10 @@ from lightloop.store import NotFound as StoreNotFound
 from lightloop.store import (
     WriterUnavailable,
     add_reward,
+    database_time,
     finish_rollout,
     promise_through_finish,
-    wait_for_writers,
+    written_since,
 )
 from lightloop.store.database import is_unavailable
 
@@ -93,12 +96,20 @@ async def with_written(
     try:
         return await with_db(pool, action)
     except NotFound:
-        if not await with_db(pool, lambda conn: wait_for_writers(conn, wait_s)):
-            raise RecordingUnavailable(
-                f"another proxy process has not written its rows within {wait_s:g} s, and the "
-                "rollout or response may be among them; retry the request"
-            ) from None
-    return await with_db(pool, action)
+        # A connection per poll, not one held for the wait: a few such requests must not take
+        # the pool from every other route.
+        since = await with_db(pool, database_time)
+        deadline = time.monotonic() + wait_s
+        while not await with_db(pool, lambda conn: written_since(conn, since)):
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.05)  # pacing a bounded poll, not synchronisation
+        else:
+            return await with_db(pool, action)
+        raise RecordingUnavailable(
+            f"another proxy process has not written its rows within {wait_s:g} s, and the "
+            "rollout or response may be among them; retry the request"
+        ) from None
 
 
 async def flushed(recorder: Recorder) -> None:
@@ -199,7 +210,7 @@ async def post_finish(
         recorder.finished(rollout_id)
     if known and writer.marks.can_promise(accepted, writer.stats.rows_submitted):
         # Checked after the finish committed: a row arriving from here on came after finished_at.
-        with contextlib.suppress(DatabaseDown, OSError, asyncpg.PostgresError):  # the next round will
+        with contextlib.suppress(Exception):  # best effort after the commit: the next round will
             await with_db(pool, lambda conn: promise_through_finish(conn, writer.marks.writer_id, rollout_id))
     await respond_json(
         send, 200, {"rollout_id": rollout_id, "status": status, "reward": reward, "changed": changed}

@@ -41,6 +41,8 @@ class LiveVersions:
         # measure, not whichever is live when each of their calls comes (bounded, oldest dropped).
         self._pins: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self.reread_s = reread_s
+        # Counts changes applied, so that a re-read that raced a notification does not undo it.
+        self._changes = 0
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
@@ -75,6 +77,7 @@ class LiveVersions:
         return adapter_name(policy, version)
 
     def set(self, policy: str, version: int) -> None:
+        self._changes += 1
         if policy in self._versions and self._versions[policy] != version:
             log.info("policy %s: now serving version %d", policy, version)
             self._versions[policy] = version
@@ -96,16 +99,20 @@ class LiveVersions:
             found = await get_version(conn, policy, version)
         finally:
             await conn.close()
-        return None if found is None or found.status == "failed" else found.uri
+        # Only the live version: a retired one the trainer unloaded must stay unloaded.
+        return None if found is None or found.status != "live" else found.uri
 
     async def _reload(self) -> None:
-        conn = await connect(self.url)
+        before = self._changes
+        conn = await connect(self.url, command_timeout=30)
         try:
-            for name in self.policies:
-                live = await live_version(conn, name)
-                self.set(name, live.version if live is not None else 0)
+            found = {name: await live_version(conn, name) for name in self.policies}
         finally:
             await conn.close()
+        if self._changes != before:
+            return  # a notification came meanwhile: it is newer than what was read
+        for name, live in found.items():
+            self.set(name, live.version if live is not None else 0)
 
     def _on_change(self, change: PolicyChange) -> None:
         if change.policy not in self.policies:

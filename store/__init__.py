@@ -24,7 +24,14 @@ from lightloop.store.errors import (
     StoreError,
     WriterUnavailable,
 )
-from lightloop.store.marks import MarkKeeper, durable_through, promise_through_finish, wait_for_writers
+from lightloop.store.marks import (
+    MarkKeeper,
+    database_time,
+    durable_through,
+    promise_through_finish,
+    wait_for_writers,
+    written_since,
+)
 from lightloop.store.migrate import check_current, current_revision, head_revision, upgrade
 from lightloop.store.policies import (
     CHANNEL,
@@ -100,6 +107,7 @@ __all__ = [
     "create_engine",
     "create_pool",
     "current_revision",
+    "database_time",
     "dataset_progress",
     "dsn",
     "durable_through",
@@ -133,4 +141,5 @@ __all__ = [
     "translated",
     "upgrade",
     "wait_for_writers",
+    "written_since",
 ]

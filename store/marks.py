@@ -132,6 +132,17 @@ async def durable_through(conn: asyncpg.Connection) -> datetime | None:
     return mark
 
 
+async def written_since(conn: asyncpg.Connection, since: datetime) -> bool:
+    """Whether every live writer has written what it accepted before `since` (database time)."""
+    passed: bool = await conn.fetchval(_PASSED_SQL, since)
+    return passed
+
+
+async def database_time(conn: asyncpg.Connection) -> datetime:
+    now: datetime = await conn.fetchval("SELECT clock_timestamp()")
+    return now
+
+
 async def wait_until_written(
     conn: asyncpg.Connection, since: datetime, timeout_s: float, poll_s: float = 0.05
 ) -> bool:
@@ -140,7 +151,7 @@ async def wait_until_written(
     `writer.mark_interval_s`, and the wait is bounded, so LISTEN would buy little here."""
     deadline = time.monotonic() + timeout_s
     while True:
-        if await conn.fetchval(_PASSED_SQL, since):
+        if await written_since(conn, since):
             return True
         if time.monotonic() >= deadline:
             return False

@@ -99,8 +99,9 @@ async def test_a_batch_writer_marks_only_what_it_has_written(
     writer = BatchWriter(db_url, tmp_path / "spool", settings)
     await writer.start()
     try:
-        stamp = await conn.fetchval("SELECT clock_timestamp()")
         writer.submit("rollouts", {"id": "held"})
+        # Read after the row was accepted: a mark at or past it promises the row.
+        stamp = await conn.fetchval("SELECT clock_timestamp()")
         # The marker flushes before it promises: the row is in Postgres before the mark passes it.
         await eventually(lambda: _passed(conn, stamp))
         assert await _passed(conn, stamp)
@@ -124,8 +125,8 @@ async def test_spooled_rows_hold_the_mark_until_they_are_replayed(
         # The table refuses for now (a privilege or a table missing is the database's state):
         # the rows are spooled, and the mark must stop short of them.
         await conn.execute("ALTER TABLE rollouts RENAME TO rollouts_away")
-        stamp = await conn.fetchval("SELECT clock_timestamp()")
         writer.submit("rollouts", {"id": "spooled"})
+        stamp = await conn.fetchval("SELECT clock_timestamp()")
         await eventually(lambda: writer.stats.rows_spooled > 0)
         assert writer.stats.rows_spooled > 0
         # Rounds go on (seen_at moves) while the promise stays behind the spooled row.
