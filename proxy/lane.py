@@ -145,17 +145,18 @@ class PolicyLane:
     ) -> int:
         await send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS})
         chunks: list[bytes] = []
-        # The newest piece is held back until the call's rows are handed to the writer: it ends
-        # the stream (`data: [DONE]`), and an agent that finishes its rollout the moment it
-        # reads it must find the call accepted (the writer marks, store/marks.py, rely on it).
-        held: list[bytes] = []
+        # The stream's end (`data: [DONE]`) is held back until the call's rows are handed to the
+        # writer: an agent that finishes its rollout the moment it reads it must find the call
+        # accepted (the writer marks, store/marks.py, rely on it). Every other byte goes on at
+        # once, so tokens reach the agent as they come.
+        held: list[bytes] = [b""]
 
         async def pump() -> None:
             async for piece in response.content.iter_any():
                 chunks.append(piece)
-                if held:
-                    await send({"type": "http.response.body", "body": held.pop(), "more_body": True})
-                held.append(piece)
+                out, held[0] = _split_done(held[0] + piece)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
 
         pumping = asyncio.create_task(pump())
         # The agent hanging up shows as http.disconnect on receive(); the stream is then cut so
@@ -183,10 +184,21 @@ class PolicyLane:
         self.recorder.close(call, outcome, aborted=aborted or error is not None, error=error)
         if not aborted:
             with contextlib.suppress(Exception):
-                for piece in held:
-                    await send({"type": "http.response.body", "body": piece, "more_body": True})
+                if held[0]:
+                    await send({"type": "http.response.body", "body": held[0], "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         return 499 if aborted else 200
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+def _split_done(buffer: bytes) -> tuple[bytes, bytes]:
+    """(what may go to the agent now, the end of `buffer` that is or may become `data: [DONE]`)."""
+    for k in range(min(len(_DONE), len(buffer)), 0, -1):
+        if buffer.endswith(_DONE[:k]):
+            return buffer[:-k], buffer[-k:]
+    return buffer, b""
 
 
 def _error_json(type_: str, message: str) -> dict[str, Any]:

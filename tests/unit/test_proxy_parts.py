@@ -305,3 +305,14 @@ def test_a_compressed_otlp_body_is_bounded_by_what_it_expands_to() -> None:
         otlp.decompress(gzip.compress(small)[:-8], b"gzip", 1024)
     with pytest.raises(BadRequest, match="not valid gzip"):
         otlp.decompress(b"not gzip", b"gzip", 1024)
+
+
+def test_only_the_end_of_a_stream_is_held_back() -> None:
+    from lightloop.proxy.lane import _split_done
+
+    chunk = b'data: {"choices": []}\n\n'
+    assert _split_done(chunk) == (chunk, b"")
+    assert _split_done(chunk + b"data: [DONE]\n\n") == (chunk, b"data: [DONE]\n\n")
+    # [DONE] cut over two pieces: its start waits for the rest.
+    assert _split_done(chunk + b"data: [DO") == (chunk, b"data: [DO")
+    assert _split_done(b"data: [DO" + b"NE]\n\n") == (b"", b"data: [DONE]\n\n")
