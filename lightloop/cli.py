@@ -20,6 +20,7 @@ import click
 import pydantic
 from tabulate import tabulate
 
+from lightloop.cli_keys import keys
 from lightloop.errors import LightloopError
 from lightloop.settings import Settings, describe_settings, load_settings
 
@@ -783,6 +784,9 @@ def demo(
         curve, path, f"lightloop demo: {model}, {task_kind}, seed {seed}, {groups}x{tries} rollouts per step"
     )
     click.echo(f"plot: {path}")
+
+
+cli.add_command(keys)
 
 
 def main() -> NoReturn:

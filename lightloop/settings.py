@@ -38,6 +38,14 @@ class WriterSettings(BaseModel):
     queue_size: int = Field(
         100_000, ge=1, description="Rows held in memory before new ones are dropped (and counted)."
     )
+    queue_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description=(
+            "Bytes (roughly) the queued rows may hold before new ones are dropped (and counted); a "
+            "batch holds at most a quarter of it."
+        ),
+    )
     batch_size: int = Field(5_000, ge=1, description="Rows per COPY batch.")
     flush_interval_ms: int = Field(
         200, ge=1, description="Longest a row waits in memory before its batch is written."
@@ -170,6 +178,21 @@ class ProxySettings(BaseModel):
         description=(
             "How often the proxy re-reads the live policy versions besides LISTEN, which a "
             "half-open connection silences without an error."
+        ),
+    )
+    key_cache_s: float = Field(
+        5.0,
+        ge=0,
+        description=(
+            "How long a proxy process trusts its lookup of a scoped key: a revoked key stops "
+            "working in every process within this time."
+        ),
+    )
+    litellm_admin: bool = Field(
+        False,
+        description=(
+            "Serve LiteLLM's admin UI and management routes (keys, users, teams, models, spend) on "
+            "the proxy's port, to admin keys; off, they answer 404."
         ),
     )
     ssl_certfile: Path | None = Field(

@@ -21,10 +21,11 @@ import asyncpg
 
 from lightloop.proxy import routes
 from lightloop.proxy.attribution import HEADER_ROLLOUT, Attribution, resolve
-from lightloop.proxy.auth import check_key
-from lightloop.proxy.errors import BadRequest, MethodNotAllowed, ProxyError
+from lightloop.proxy.auth import request_key
+from lightloop.proxy.errors import BadRequest, MethodNotAllowed, NotFound, ProxyError, Unauthorized
 from lightloop.proxy.export import SpanExport
 from lightloop.proxy.http import (
+    JSON,
     ASGIApp,
     ClientGone,
     Message,
@@ -36,8 +37,10 @@ from lightloop.proxy.http import (
     parse_json_object,
     read_body,
 )
+from lightloop.proxy.keys import Caller, Keys, require
 from lightloop.proxy.lane import PolicyLane
 from lightloop.proxy.litellm_lane import RecordingLogger, current_attribution
+from lightloop.proxy.litellm_routes import model_in_path, scope_of
 from lightloop.proxy.metrics import Metrics
 from lightloop.proxy.queue import TaskQueue
 from lightloop.proxy.recorder import Recorder
@@ -102,6 +105,7 @@ class ProxyApp:
         self.metrics = Metrics(self.writer)
         self.logger = RecordingLogger(self.recorder)
         self._pool: asyncpg.Pool | None = None
+        self.keys = Keys(self.master_key, self._db, settings.proxy.key_cache_s)
         self.queue = TaskQueue(settings.queue, settings.trainer, self.versions, self.recorder, self._db)
 
     # -- ASGI ----------------------------------------------------------------------------------
@@ -114,14 +118,15 @@ class ProxyApp:
             await self.litellm(scope, receive, send)
             return
         path: str = scope["path"]
-        if not path.startswith("/rollout/") and match(path) is None:
-            await self.litellm(scope, receive, send)
-            return
         started = time.perf_counter()
         status = 500
         route = "other"
         try:
-            route, status = await self._handle(scope, receive, send)
+            if path.startswith("/rollout/") or match(path) is not None:
+                route, status = await self._handle(scope, receive, send)
+            else:
+                route = "litellm"
+                await self._litellm_lane(scope, receive, send, path, None)
         except ProxyError as exc:
             status = exc.status
             await error_response(send, exc)
@@ -136,16 +141,19 @@ class ProxyApp:
         found = match(path)
         if found is None:
             # Any other OpenAI route under /rollout/{id}/v1 (models, embeddings, ...): LiteLLM's.
-            await self._to_litellm(scope, receive, send, path, attribution, None)
+            await self._litellm_lane(scope, receive, send, path, attribution)
             return "litellm", 0
         route, params = found
         if attribution.source == "path" and not route.path_form:
             raise BadRequest(f"{route.path} is not served under /rollout/{{id}}; use it at the root")
         if scope["method"] != route.method:
             raise MethodNotAllowed(f"{route.path} takes {route.method}")
-        check_key(scope, self.master_key)
+        caller = await self._caller(scope)
+        require(caller, route.scope, route.documented)
         if route.operation is not None:
-            return route.name, await self._completions(route, path, attribution, scope, receive, send)
+            return route.name, await self._completions(
+                route, params, path, attribution, caller, scope, receive, send
+            )
         body = b""
         if route.method == "POST":
             body = await read_body(scope, receive, self.settings.proxy.max_body_bytes)
@@ -199,25 +207,78 @@ class ProxyApp:
         queue = {"reaper": "ok" if error is None else f"failing: {error}", **self.queue.reaped}
         return await routes.get_health(self.recorder, self.versions, queue, send)
 
+    async def _caller(self, scope: Scope) -> Caller:
+        caller = await self.keys.identify(request_key(scope))
+        if caller is None:
+            raise Unauthorized("the API key is not valid for this proxy")
+        return caller
+
     async def _completions(
-        self, route: Route, path: str, attribution: Attribution, scope: Scope, receive: Receive, send: Send
+        self,
+        route: Route,
+        params: dict[str, str],
+        path: str,
+        attribution: Attribution,
+        caller: Caller,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
     ) -> int:
         operation = route.operation
         assert operation is not None
         raw = await read_body(scope, receive, self.settings.proxy.max_body_bytes)
         body = parse_json_object(raw)
-        model = body.get("model")
+        # Azure's deployments form names the model in the path only; the path wins.
+        model = params.get("model") or body.get("model")
         if not isinstance(model, str) or not model:
             raise BadRequest("model is required and must be a string")
         if model in self.lane.policies:
             if operation == "chat" and not isinstance(body.get("messages"), list):
                 raise BadRequest("messages is required and must be a list")
-            v1 = path if path.startswith("/v1/") else "/v1" + path
+            body["model"] = model
+            v1 = "/v1/chat/completions" if operation == "chat" else "/v1/completions"
             return await self.lane.serve(
                 operation, v1, body, raw, attribution, header(scope, b"traceparent"), receive, send
             )
-        await self._to_litellm(scope, receive, send, path, attribution, raw)
+        await self._to_litellm(_with_key(scope, self.master_key), receive, send, path, attribution, raw)
         return 0
+
+    async def _litellm_lane(
+        self, scope: Scope, receive: Receive, send: Send, path: str, attribution: Attribution | None
+    ) -> None:
+        """A route lightloop does not serve itself: LiteLLM's, behind lightloop's keys. A policy
+        model asked for here would be answered by LiteLLM at version 0, untraced for training
+        and uncapped, so it is refused, naming the routes that serve it."""
+        needs = scope_of(path, self.settings.proxy.litellm_admin)
+        if needs is None:
+            raise NotFound(
+                f"{path} is not served on the agent port: LiteLLM's admin UI and management routes "
+                "are off (set proxy.litellm_admin to serve them, for admin keys)"
+            )
+        if needs != "open":
+            caller = await self.keys.identify(request_key(scope))
+            if caller is not None:  # else a key LiteLLM may know (a virtual key): its decision
+                require(caller, needs, path)
+                scope = _with_key(scope, self.master_key)
+        body = None
+        if scope["method"] == "POST" and self.lane.policies:
+            model = model_in_path(path)
+            content_type = header(scope, b"content-type") or b""
+            if model is None and content_type.startswith(JSON):
+                body = await read_body(scope, receive, self.settings.proxy.max_body_bytes)
+                with contextlib.suppress(BadRequest):  # not JSON: LiteLLM's own error
+                    model = parse_json_object(body).get("model")
+            if isinstance(model, str) and model in self.lane.policies:
+                raise BadRequest(
+                    f"policy model {model!r} is served only by POST /v1/chat/completions and "
+                    "POST /v1/completions (also without /v1, under /rollout/{id}/v1, and as "
+                    "/engines/{model}/... or /openai/deployments/{model}/...), "
+                    f"not by {scope['method']} {path}"
+                )
+        if attribution is None:
+            await self.litellm(scope, _replaying(body, receive) if body is not None else receive, send)
+            return
+        await self._to_litellm(scope, receive, send, path, attribution, body)
 
     async def _to_litellm(
         self,
@@ -237,15 +298,7 @@ class ProxyApp:
                 (HEADER_ROLLOUT.encode(), str(attribution.rollout_id).encode()),
             ]
         if body is not None:
-            pending = [body]
-            original = receive
-
-            async def replay() -> Message:
-                if pending:
-                    return {"type": "http.request", "body": pending.pop(), "more_body": False}
-                return await original()
-
-            receive = replay
+            receive = _replaying(body, receive)
         token = current_attribution.set(attribution)
         try:
             await self.litellm(scope, receive, send)
@@ -314,6 +367,30 @@ async def _no_reset(_conn: asyncpg.Connection) -> None:
 def _remove(items: list[Any], item: Any) -> None:
     with contextlib.suppress(ValueError):
         items.remove(item)
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """`receive` for an app downstream, after the body was read here."""
+    pending = [body]
+
+    async def replay() -> Message:
+        if pending:
+            return {"type": "http.request", "body": pending.pop(), "more_body": False}
+        return await receive()
+
+    return replay
+
+
+_KEY_HEADERS = (b"authorization", b"x-api-key", b"api-key")
+
+
+def _with_key(scope: Scope, key: bytes) -> Scope:
+    """`scope` with the master key as its only key: LiteLLM knows lightloop's keys only as the
+    master key, and lightloop has checked the caller's already."""
+    scope = dict(scope)
+    headers = [(k, v) for k, v in scope["headers"] if k not in _KEY_HEADERS]
+    scope["headers"] = [*headers, (b"authorization", b"Bearer " + key)]
+    return scope
 
 
 def _lightloop_headers(scope: Scope) -> dict[str, str]:

@@ -1,16 +1,12 @@
-"""Keys: the proxy accepts LiteLLM's master key, sent the way OpenAI clients send keys
-(`Authorization: Bearer ...`) or as `x-api-key` / `api-key` (Anthropic- and Azure-style clients).
-
-Virtual keys live in LiteLLM's own (Prisma) database, which lightloop does not run; the
-LiteLLM lane still checks them itself when an operator configures one."""
+"""Keys as clients send them (`Authorization: Bearer ...`, or `x-api-key` / `api-key` as
+Anthropic- and Azure-style clients do), and the master key kept under LIGHTLOOP_HOME. Who a key
+belongs to is `lightloop.proxy.keys`'s business."""
 
 from __future__ import annotations
 
-import hmac
 import secrets
 from pathlib import Path
 
-from lightloop.proxy.errors import Unauthorized
 from lightloop.proxy.http import Scope, header
 
 KEY_FILE = "master.key"
@@ -22,14 +18,6 @@ def request_key(scope: Scope) -> bytes | None:
         scheme, _, token = auth.partition(b" ")
         return token.strip() if scheme.lower() == b"bearer" else auth.strip()
     return header(scope, b"x-api-key") or header(scope, b"api-key")
-
-
-def check_key(scope: Scope, master_key: bytes) -> None:
-    key = request_key(scope)
-    if key is None:
-        raise Unauthorized("no API key: send it as 'Authorization: Bearer <key>'")
-    if not hmac.compare_digest(key, master_key):
-        raise Unauthorized("the API key is not valid for this proxy")
 
 
 def load_or_create_master_key(home: Path) -> tuple[str, bool]:

@@ -19,6 +19,13 @@ class Unauthorized(ProxyError):
     type = "authentication_error"
 
 
+class Forbidden(ProxyError):
+    """A valid key whose scope does not cover the route (an agent key on an admin route)."""
+
+    status = 403
+    type = "permission_error"
+
+
 class NotFound(ProxyError):
     status = 404
     type = "not_found_error"

@@ -17,6 +17,8 @@ class Route:
     # Other spellings clients use for the same route (OpenAI's SDKs without `/v1`).
     aliases: tuple[str, ...] = ()
     operation: str | None = None  # completions: chat or text_completion
+    # Who may call it: any valid key ("agent"), or only an admin key (the master key is one).
+    scope: str = "agent"
     pattern: re.Pattern[str] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -31,6 +33,13 @@ class Route:
 TABLE: tuple[Route, ...] = (
     Route("POST", "/v1/chat/completions", "completions", True, ("/chat/completions",), operation="chat"),
     Route("POST", "/v1/completions", "completions", True, ("/completions",), operation="text_completion"),
+    # The model in the path (Azure's deployments form sends none in the body): LiteLLM's
+    # spellings of the same two operations, so a policy model asked for this way is served by
+    # the policy lane too, with token ids, its live version and the cap.
+    Route("POST", "/engines/{model}/chat/completions", "completions", operation="chat"),
+    Route("POST", "/engines/{model}/completions", "completions", operation="text_completion"),
+    Route("POST", "/openai/deployments/{model}/chat/completions", "completions", operation="chat"),
+    Route("POST", "/openai/deployments/{model}/completions", "completions", operation="text_completion"),
     Route("POST", "/v1/rewards", "rewards", path_form=True),
     Route("POST", "/v1/rollouts/{id}/finish", "finish"),
     Route("POST", "/v1/rollouts/{id}/heartbeat", "heartbeat"),
@@ -38,7 +47,7 @@ TABLE: tuple[Route, ...] = (
     Route("GET", "/v1/datasets", "datasets"),
     Route("GET", "/v1/datasets/{name}", "dataset"),
     Route("POST", "/v1/traces", "traces"),
-    Route("GET", "/metrics", "metrics"),
+    Route("GET", "/metrics", "metrics", scope="admin"),
     Route("GET", "/health", "health"),
 )
 

@@ -24,6 +24,17 @@ from lightloop.store.errors import (
     StoreError,
     WriterUnavailable,
 )
+from lightloop.store.keys import (
+    KEY_PREFIX,
+    SCOPES,
+    ApiKey,
+    create_key,
+    digest,
+    is_lightloop_key,
+    list_keys,
+    revoke_key,
+    use_key,
+)
 from lightloop.store.marks import (
     MarkKeeper,
     database_time,
@@ -69,7 +80,10 @@ from lightloop.store.writer import BatchWriter, WriterStats
 
 __all__ = [
     "CHANNEL",
+    "KEY_PREFIX",
+    "SCOPES",
     "TRAINING_REWARD",
+    "ApiKey",
     "BatchWriter",
     "Claim",
     "ClaimLost",
@@ -105,10 +119,12 @@ __all__ = [
     "claim_groups",
     "connect",
     "create_engine",
+    "create_key",
     "create_pool",
     "current_revision",
     "database_time",
     "dataset_progress",
+    "digest",
     "dsn",
     "durable_through",
     "ensure_val_round",
@@ -119,7 +135,9 @@ __all__ = [
     "get_version",
     "head_revision",
     "heartbeat",
+    "is_lightloop_key",
     "latest_val_reward",
+    "list_keys",
     "list_versions",
     "live_version",
     "load_tasks",
@@ -131,6 +149,7 @@ __all__ = [
     "release_expired",
     "resolve_database_url",
     "retire_version",
+    "revoke_key",
     "reward_curve",
     "run_sql",
     "set_live",
@@ -140,6 +159,7 @@ __all__ = [
     "training_progress",
     "translated",
     "upgrade",
+    "use_key",
     "wait_for_writers",
     "written_since",
 ]

@@ -318,4 +318,20 @@ class WriterMark(Base):
     stale_after_s: Mapped[float] = mapped_column(Double)
 
 
+class ApiKey(Base):
+    """A scoped key (store/keys.py): agents call models and report; admins also read what every
+    agent sent. Only the SHA-256 of the key is kept: keys are 256 random bits, so a fast hash
+    is as safe as a slow one and costs nothing per request."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    scope: Mapped[str] = mapped_column(Text)
+    key_hash: Mapped[str] = mapped_column(Text, unique=True)
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=NOW)
+    last_used_at: Mapped[datetime | None] = mapped_column(TZ)
+    revoked_at: Mapped[datetime | None] = mapped_column(TZ)
+    __table_args__ = (CheckConstraint("scope IN ('agent', 'admin')", name="scope"),)
+
+
 metadata = Base.metadata

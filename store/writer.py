@@ -142,8 +142,11 @@ class BatchWriter:
         self.stats = WriterStats()
         # A deque and two events rather than asyncio.Queue: submit() runs once per row on the
         # proxy's hot path, and Queue's bookkeeping cost more than the rest of it together.
-        self._items: deque[tuple[str, tuple[Any, ...]] | _Flush] = deque()
+        self._items: deque[tuple[str, tuple[Any, ...], int] | _Flush] = deque()
         self._rows_queued = 0
+        # What the queued rows hold, roughly (approx_size): the queue is bounded by it too, so
+        # that a replica's memory limit holds when calls carry 10 MB bodies.
+        self._bytes_queued = 0
         self._arrived = asyncio.Event()
         self._room = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -171,34 +174,42 @@ class BatchWriter:
     def submit(self, table: str, row: Mapping[str, Any]) -> bool:
         """Queue one row without waiting. False when the queue is full: the row is dropped and counted."""
         record = self._record(table, row)
-        if self._rows_queued >= self.settings.queue_size:
+        if self._full():
             self.stats.rows_dropped += 1
             now = time.monotonic()
             if now - self._last_drop_log >= 1.0:
                 self._last_drop_log = now
                 log.error(
-                    "writer queue full (%d rows): dropped %d rows so far",
-                    self.settings.queue_size,
+                    "writer queue full (%d rows, about %d bytes): dropped %d rows so far",
+                    self._rows_queued,
+                    self._bytes_queued,
                     self.stats.rows_dropped,
                 )
             return False
-        self._enqueue((table, record))
+        self._enqueue((table, record, approx_size(record)))
         return True
 
     async def put(self, table: str, row: Mapping[str, Any]) -> None:
         """Queue one row, waiting for room when the queue is full (backpressure)."""
         record = self._record(table, row)
-        while self._rows_queued >= self.settings.queue_size:
+        while self._full():
             self._room.clear()
             try:
                 await asyncio.wait_for(self._room.wait(), self.settings.flush_timeout_s)
             except TimeoutError:
                 raise self._unavailable("had no room") from None
-        self._enqueue((table, record))
+        self._enqueue((table, record, approx_size(record)))
 
-    def _enqueue(self, item: tuple[str, tuple[Any, ...]]) -> None:
+    def _full(self) -> bool:
+        # An empty queue takes any row, however large: a row bigger than the bound still lands.
+        return self._rows_queued >= self.settings.queue_size or (
+            self._rows_queued > 0 and self._bytes_queued >= self.settings.queue_bytes
+        )
+
+    def _enqueue(self, item: tuple[str, tuple[Any, ...], int]) -> None:
         self._items.append(item)
         self._rows_queued += 1
+        self._bytes_queued += item[2]
         self.stats.rows_submitted += 1
         if not self._arrived.is_set():
             self._arrived.set()
@@ -313,7 +324,10 @@ class BatchWriter:
         if not await self._wait_for_items(idle):
             return batch, waiters
         deadline = loop.time() + self.settings.flush_interval_ms / 1000
-        while count < self.settings.batch_size:
+        size = 0
+        # A batch is bounded in bytes too (a quarter of the queue's bound): it is held in memory
+        # until it is written or spooled.
+        while count < self.settings.batch_size and size < self.settings.queue_bytes // 4:
             if not self._items:
                 remaining = deadline - loop.time()
                 if remaining <= 0 or not await self._wait_for_items(remaining):
@@ -322,15 +336,17 @@ class BatchWriter:
             if isinstance(item, _Flush):
                 waiters.append(item.done)
                 break
+            table, record, row_size = item
             self._rows_queued -= 1
-            table, record = item
+            self._bytes_queued -= row_size
+            size += row_size
             rows = batch.get(table)
             if rows is None:
                 batch[table] = [record]
             else:
                 rows.append(record)
             count += 1
-        if self._rows_queued < self.settings.queue_size:
+        if not self._full():
             self._room.set()
         return batch, waiters
 
@@ -540,3 +556,17 @@ def _decode(line: bytes) -> Batch:
             for record in records
         ]
     return batch
+
+
+def approx_size(value: Any) -> int:
+    """Roughly the bytes `value` holds in memory, cheaply: text by its length, documents by
+    their parts, a list of numbers (token ids, logprobs) by its length alone."""
+    if isinstance(value, str | bytes):
+        return 49 + len(value)
+    if isinstance(value, dict):
+        return 64 + sum(approx_size(k) + approx_size(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        if value and isinstance(value[0], int | float):
+            return 56 + 36 * len(value)
+        return 56 + 8 * len(value) + sum(approx_size(v) for v in value)
+    return 28

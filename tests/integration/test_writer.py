@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 
 from lightloop.settings import WriterSettings
 from lightloop.store import BatchWriter, WriterUnavailable
+from lightloop.store.writer import approx_size
 
 
 def span(i: int, rollout: str | None = None, **extra: object) -> dict[str, object]:
@@ -125,6 +126,40 @@ async def test_a_full_queue_drops_and_counts(db_url: str, tmp_path: Path, conn: 
     await w.start()
     await w.close()
     assert await conn.fetchval("SELECT count(*) FROM spans") == 10
+
+
+async def test_the_queue_is_bounded_by_bytes_too(
+    db_url: str, tmp_path: Path, conn: asyncpg.Connection
+) -> None:
+    """Rows carrying 10 MB bodies must not pile up to the row bound: a replica's memory limit."""
+    mib = 1024 * 1024
+    w = BatchWriter(db_url, tmp_path / "spool", WriterSettings(queue_bytes=mib))
+    big = "x" * (300 * 1024)
+    await conn.execute("INSERT INTO rollouts (id) VALUES ('r-big')")
+    rows = [
+        {**call(f"{i:016x}", "r-big", i), "request": {"messages": [{"role": "user", "content": big}]}}
+        for i in range(6)
+    ]
+    accepted = [w.submit("llm_calls", row) for row in rows]
+    assert accepted == [True] * 4 + [False] * 2  # 4 x 300 KB reach 1 MiB; then rows are dropped
+    assert w.stats.rows_dropped == 2
+    # An empty queue takes a row bigger than the whole bound (it is still written).
+    huge = BatchWriter(db_url, tmp_path / "spool2", WriterSettings(queue_bytes=mib))
+    assert huge.submit("spans", span(1, attributes={"text": "y" * (2 * mib)}))
+    assert not huge.submit("spans", span(2))
+    for writer in (w, huge):
+        await writer.start()
+        await writer.close()
+    # Batches are a quarter of the bound: the four rows went in several, and all landed.
+    assert await conn.fetchval("SELECT count(*) FROM llm_calls WHERE rollout_id = 'r-big'") == 4
+    assert await conn.fetchval("SELECT count(*) FROM spans") == 1
+
+
+def test_a_rows_size_is_estimated_from_its_text_and_lengths() -> None:
+    tokens = list(range(100_000))
+    assert 3_600_000 <= approx_size(tokens) <= 3_700_000
+    assert approx_size({"content": "x" * 10_000}) > 10_000
+    assert approx_size(("a", None, [{"role": "user", "content": "y" * 5_000}])) > 5_000
 
 
 async def test_put_waits_for_room_instead_of_dropping(

@@ -363,15 +363,34 @@ def test_overlays_build_with_images_commands_and_settings_that_match(overlay: st
         assert by_kind["Service"]["vllm"]["spec"]["clusterIP"] == "None"
         replicas = vllm["spec"]["replicas"]
         assert upstreams == [f"http://vllm-{i}.vllm:8000" for i in range(replicas)]
-        assert "lightloop-trainer" not in by_kind["Deployment"]  # the RayJob trains
+        assert "lightloop-trainer" not in by_kind.get("Deployment", {})  # the RayJob trains
         assert settings.trainer.backend == "verl" and settings.trainer.verl.ray_address == "auto"
         check_rayjob(
             by_kind["RayJob"]["lightloop-trainer"],
             settings.trainer.verl.nodes * settings.trainer.verl.gpus_per_node,
         )
-    proxy = by_kind["Deployment"]["lightloop-proxy"]
+    # Each proxy replica's spool is on its own claim, kept when the pod goes (rolling update,
+    # scale-down), never on an emptyDir.
+    proxy = by_kind["StatefulSet"]["lightloop-proxy"]
+    assert "lightloop-proxy" not in by_kind.get("Deployment", {})
+    pod = proxy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    home = next(m for m in container["volumeMounts"] if m["name"] == "home")
+    home_env = {e["name"]: e.get("value") for e in container["env"]}.get(
+        "LIGHTLOOP_HOME", "/var/lib/lightloop"
+    )
+    assert home["mountPath"] == home_env
+    assert all(v["name"] != "home" for v in pod["volumes"])
+    (claim,) = proxy["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "home"
+    assert proxy["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Retain"
+    assert by_kind["Service"][proxy["spec"]["serviceName"]]["spec"]["clusterIP"] == "None"
     hpa = by_kind["HorizontalPodAutoscaler"]["lightloop-proxy"]
-    assert hpa["spec"]["scaleTargetRef"]["name"] == "lightloop-proxy"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "name": "lightloop-proxy",
+    }
     assert (
         hpa["spec"]["minReplicas"] >= 2
         and proxy["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 10001

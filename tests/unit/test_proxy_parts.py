@@ -8,13 +8,16 @@ import gzip
 import json
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from lightloop.proxy import otlp
-from lightloop.proxy.auth import check_key, load_or_create_master_key
-from lightloop.proxy.errors import BadRequest, Unauthorized
+from lightloop.proxy.auth import load_or_create_master_key, request_key
+from lightloop.proxy.errors import BadRequest, Forbidden, Unauthorized
+from lightloop.proxy.keys import MASTER, Caller, Keys, require
+from lightloop.proxy.litellm_routes import model_in_path, scope_of
 from lightloop.proxy.server import litellm_config
 from lightloop.proxy.sessions import SessionIndex
 from lightloop.proxy.spans import trace_context
@@ -191,13 +194,58 @@ def test_otlp_protobuf_ids_are_base64_in_its_json_mapping() -> None:
         otlp.decompress(b"x", b"br")
 
 
-def test_keys_are_checked_in_constant_time_forms() -> None:
-    key = b"sk-secret"
-    check_key({"headers": [(b"authorization", b"Bearer sk-secret")]}, key)
-    check_key({"headers": [(b"x-api-key", b"sk-secret")]}, key)
-    for headers in ([], [(b"authorization", b"Bearer nope")], [(b"authorization", b"Basic sk-secret")]):
-        with pytest.raises(Unauthorized):
-            check_key({"headers": headers}, key)
+def test_a_key_is_read_from_each_header_clients_send_it_in() -> None:
+    assert request_key({"headers": [(b"authorization", b"Bearer sk-secret")]}) == b"sk-secret"
+    assert request_key({"headers": [(b"x-api-key", b"sk-secret")]}) == b"sk-secret"
+    assert request_key({"headers": [(b"api-key", b"sk-secret")]}) == b"sk-secret"
+    assert request_key({"headers": []}) is None
+    # Another scheme is not a bearer token: the whole value is compared, and matches no key.
+    assert request_key({"headers": [(b"authorization", b"Basic sk-secret")]}) == b"Basic sk-secret"
+
+
+async def test_only_the_master_key_and_scoped_keys_are_callers_and_no_key_is_refused() -> None:
+    async def no_database() -> Any:
+        raise AssertionError("a key that is not lightloop's costs no query")
+
+    keys = Keys(b"sk-master", no_database, cache_s=5)
+    assert await keys.identify(b"sk-master") == MASTER
+    assert await keys.identify(b"sk-some-virtual-key") is None  # LiteLLM's to judge
+    with pytest.raises(Unauthorized):
+        await keys.identify(None)
+    with pytest.raises(Forbidden, match="admin key"):
+        require(Caller("agent", "runner-1"), "admin", "GET /metrics")
+    require(Caller("admin", "ops"), "agent", "POST /v1/rewards")
+
+
+@pytest.mark.parametrize(
+    ("path", "admin_routes", "scope"),
+    [
+        ("/health/liveliness", False, "open"),
+        ("/v1/embeddings", False, "agent"),
+        ("/embeddings", False, "agent"),
+        ("/openai/v1/responses", False, "agent"),
+        ("/v1/messages", False, "agent"),
+        ("/v1/models", False, "agent"),
+        ("/openai/deployments/gpt/embeddings", False, "agent"),
+        ("/v1/files", False, "admin"),
+        ("/v1/responses/resp_1", False, "admin"),
+        ("/v1/vector_stores/vs_1/files/f_1", False, "admin"),
+        ("/key/generate", False, None),
+        ("/ui", False, None),
+        ("/user/new", False, None),
+        ("/config/update", False, None),
+        ("/key/generate", True, "admin"),
+        ("/ui", True, "admin"),
+    ],
+)
+def test_litellm_routes_on_the_agent_port(path: str, admin_routes: bool, scope: str | None) -> None:
+    assert scope_of(path, admin_routes) == scope
+
+
+def test_a_model_named_in_the_path_is_found() -> None:
+    assert model_in_path("/openai/deployments/policy/embeddings") == "policy"
+    assert model_in_path("/engines/policy/embeddings") == "policy"
+    assert model_in_path("/v1/embeddings") is None
 
 
 def test_the_generated_master_key_is_kept_private_and_reused(tmp_path: Path) -> None:
