@@ -7,6 +7,7 @@ re-tokenised. They go into array columns, so the `response` kept as JSON leaves 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -110,30 +111,30 @@ def from_response(operation: str, response: dict[str, Any]) -> Outcome:
     )
 
 
-def parse_events(raw: bytes) -> list[dict[str, Any]]:
-    """The JSON events of a server-sent-event stream; a torn last event (an aborted stream) and
-    `[DONE]` are left out."""
-    events = []
-    for block in raw.replace(b"\r\n", b"\n").split(b"\n\n"):
-        for line in block.split(b"\n"):
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if not data or data == b"[DONE]":
-                continue
-            try:
-                event = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(event, dict):
-                events.append(event)
-    return events
+def parse_events(raw: bytes) -> Iterator[dict[str, Any]]:
+    """The JSON events of a server-sent-event stream, one at a time (a long stream's events are
+    not all alive at once); a torn last event (an aborted stream) and `[DONE]` are left out."""
+    for line in raw.replace(b"\r\n", b"\n").split(b"\n"):
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if not data or data == b"[DONE]":
+            continue
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(event, dict):
+            yield event
 
 
 def from_stream(operation: str, raw: bytes) -> Outcome:
-    """The outcome of a streamed answer, assembled from its chunks."""
-    choices: dict[int, Choice] = {}
-    calls: dict[int, dict[int, dict[str, Any]]] = {}
+    """The outcome of a streamed answer, assembled from its chunks.
+
+    Linear in the stream's length: pieces are collected in lists and joined once at the end
+    (appending to a string or list attribute copies it each time, which is quadratic in a long
+    answer of one-token chunks)."""
+    parts: dict[int, _Parts] = {}
     first: dict[str, Any] = {}
     usage = None
     prompt_ids = None
@@ -146,38 +147,35 @@ def from_stream(operation: str, raw: bytes) -> Outcome:
             prompt_ids = event["prompt_token_ids"]
         for raw_choice in event.get("choices") or []:
             index = int(raw_choice.get("index", 0))
-            choice = choices.get(index)
-            if choice is None:
-                choice = choices[index] = Choice(index=index)
+            part = parts.get(index)
+            if part is None:
+                part = parts[index] = _Parts()
             if prompt_ids is None and raw_choice.get("prompt_token_ids") is not None:
                 prompt_ids = raw_choice["prompt_token_ids"]
             ids = raw_choice.get("token_ids")
             if ids is not None:
-                choice.token_ids = (choice.token_ids or []) + list(ids)
+                part.token_ids.extend(ids)
+                part.has_ids = True
             lps = _logprobs(operation, raw_choice.get("logprobs"))
             if lps is not None:
-                choice.logprobs = (choice.logprobs or []) + lps
+                part.logprobs.extend(lps)
+                part.has_logprobs = True
             if raw_choice.get("finish_reason") is not None:
-                choice.finish_reason = raw_choice["finish_reason"]
+                part.finish_reason = raw_choice["finish_reason"]
             if operation == "chat":
                 delta = raw_choice.get("delta") or {}
                 if delta.get("content"):
-                    choice.text += delta["content"]
-                for part in delta.get("tool_calls") or []:
-                    slot = calls.setdefault(index, {}).setdefault(
-                        int(part.get("index", 0)),
-                        {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
-                    )
-                    if part.get("id"):
-                        slot["id"] = part["id"]
-                    fn = part.get("function") or {}
-                    slot["function"]["name"] += fn.get("name") or ""
-                    slot["function"]["arguments"] += fn.get("arguments") or ""
+                    part.text.append(delta["content"])
+                for call in delta.get("tool_calls") or []:
+                    slot = part.calls.setdefault(int(call.get("index", 0)), [None, [], []])
+                    if call.get("id"):
+                        slot[0] = call["id"]
+                    fn = call.get("function") or {}
+                    slot[1].append(fn.get("name") or "")
+                    slot[2].append(fn.get("arguments") or "")
             elif raw_choice.get("text"):
-                choice.text += raw_choice["text"]
-    for index, parts in calls.items():
-        choices[index].tool_calls = [parts[i] for i in sorted(parts)]
-    ordered = [choices[i] for i in sorted(choices)]
+                part.text.append(raw_choice["text"])
+    ordered = [parts[i].choice(i) for i in sorted(parts)]
     response: dict[str, Any] = {
         "id": first.get("id"),
         "object": "chat.completion" if operation == "chat" else "text_completion",
@@ -187,6 +185,37 @@ def from_stream(operation: str, raw: bytes) -> Outcome:
         "usage": usage,
     }
     return Outcome(first.get("id"), first.get("model"), ordered, prompt_ids, usage, response)
+
+
+@dataclass
+class _Parts:
+    """One choice's pieces as a stream delivers them, joined once by `choice`."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    has_ids: bool = False
+    logprobs: list[float] = field(default_factory=list)
+    has_logprobs: bool = False
+    finish_reason: str | None = None
+    # tool call index -> [id, name pieces, argument pieces]
+    calls: dict[int, list[Any]] = field(default_factory=dict)
+
+    def choice(self, index: int) -> Choice:
+        return Choice(
+            index=index,
+            text="".join(self.text),
+            tool_calls=[
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": "".join(names), "arguments": "".join(arguments)},
+                }
+                for call_id, names, arguments in (self.calls[i] for i in sorted(self.calls))
+            ],
+            token_ids=self.token_ids if self.has_ids else None,
+            logprobs=self.logprobs if self.has_logprobs else None,
+            finish_reason=self.finish_reason,
+        )
 
 
 def _assembled(operation: str, choice: Choice) -> dict[str, Any]:

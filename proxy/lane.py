@@ -15,7 +15,7 @@ import orjson
 
 from lightloop.proxy.adapters import AdapterRestorer
 from lightloop.proxy.attribution import Attribution
-from lightloop.proxy.capture import Call, from_response, from_stream
+from lightloop.proxy.capture import Call, Outcome, from_response, from_stream
 from lightloop.proxy.errors import ProxyError
 from lightloop.proxy.http import JSON, Receive, Send, respond
 from lightloop.proxy.recorder import Recorder
@@ -180,7 +180,12 @@ class PolicyLane:
                 error = ("upstream_error", message, _error_json("upstream_error", message))
             else:
                 response.release()
-        outcome = from_stream(operation, b"".join(chunks))
+        raw = b"".join(chunks)
+        try:
+            outcome = await _assemble(operation, raw)
+        except asyncio.CancelledError:  # the server is stopping: the call is still recorded
+            self.recorder.close(call, from_stream(operation, raw), aborted=True, error=error)
+            raise
         self.recorder.close(call, outcome, aborted=aborted or error is not None, error=error)
         if not aborted:
             with contextlib.suppress(Exception):
@@ -191,6 +196,17 @@ class PolicyLane:
 
 
 _DONE = b"data: [DONE]\n\n"
+
+# Above this a stream is assembled in a worker thread: a long answer (a 32k-token stream is some
+# 6 MB of events) would otherwise hold the event loop, and every other agent's call, for its
+# whole parse.
+OFF_LOOP_BYTES = 256 * 1024
+
+
+async def _assemble(operation: str, raw: bytes) -> Outcome:
+    if len(raw) < OFF_LOOP_BYTES:
+        return from_stream(operation, raw)
+    return await asyncio.to_thread(from_stream, operation, raw)
 
 
 def _split_done(buffer: bytes) -> tuple[bytes, bytes]:

@@ -242,4 +242,4 @@ def test_text_completions_take_prompt_ids_from_the_choice() -> None:
 
 def test_parse_events_skips_comments_done_and_crlf() -> None:
     raw = b': keep-alive\r\n\r\ndata: {"a": 1}\r\n\r\ndata: [DONE]\r\n\r\n'
-    assert parse_events(raw) == [{"a": 1}]
+    assert list(parse_events(raw)) == [{"a": 1}]
