@@ -42,9 +42,10 @@ def keys_create(ctx: click.Context, scope: str, name: str | None) -> None:
 
     if name is not None and not 0 < len(name) <= 200:
         raise click.BadParameter("a name holds 1 to 200 characters", param_hint="--name")
-    if name is not None and name.isdigit():
-        raise click.BadParameter("a name must not be all digits (revoke takes ids too)", param_hint="--name")
-    record, key = _with_conn(ctx, lambda conn: create_key(conn, scope, name))
+    try:
+        record, key = _with_conn(ctx, lambda conn: create_key(conn, scope, name))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--name") from None
     click.echo(f"{record.scope} key {record.name!r} (id {record.id}); it is shown only now:", err=True)
     click.echo(key)
 

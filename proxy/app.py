@@ -8,6 +8,7 @@ keeps LiteLLM's middleware and FastAPI's routing off the policy lane's path.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import asyncpg
 
@@ -25,7 +27,6 @@ from lightloop.proxy.auth import request_key
 from lightloop.proxy.errors import BadRequest, MethodNotAllowed, NotFound, ProxyError, Unauthorized
 from lightloop.proxy.export import SpanExport
 from lightloop.proxy.http import (
-    JSON,
     ASGIApp,
     ClientGone,
     Message,
@@ -40,7 +41,7 @@ from lightloop.proxy.http import (
 from lightloop.proxy.keys import Caller, Keys, require
 from lightloop.proxy.lane import PolicyLane
 from lightloop.proxy.litellm_lane import RecordingLogger, current_attribution
-from lightloop.proxy.litellm_routes import model_in_path, scope_of
+from lightloop.proxy.litellm_routes import model_in_path, model_of, scope_of
 from lightloop.proxy.metrics import Metrics
 from lightloop.proxy.queue import TaskQueue
 from lightloop.proxy.recorder import Recorder
@@ -105,6 +106,7 @@ class ProxyApp:
         self.metrics = Metrics(self.writer)
         self.logger = RecordingLogger(self.recorder)
         self._pool: asyncpg.Pool | None = None
+        self._pool_lock = asyncio.Lock()
         self.keys = Keys(self.master_key, self._db, settings.proxy.key_cache_s)
         self.queue = TaskQueue(settings.queue, settings.trainer, self.versions, self.recorder, self._db)
 
@@ -113,6 +115,9 @@ class ProxyApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
+            return
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
             return
         if scope["type"] != "http":
             await self.litellm(scope, receive, send)
@@ -243,6 +248,24 @@ class ProxyApp:
         await self._to_litellm(_with_key(scope, self.master_key), receive, send, path, attribution, raw)
         return 0
 
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """LiteLLM's WebSocket routes (realtime): admin keys only, and never a policy model, which
+        only the policy lane serves. A refusal closes the socket with 1008 (policy violation)."""
+        path: str = scope["path"]
+        try:
+            if scope_of(path, self.settings.proxy.litellm_admin) is None:
+                raise NotFound(f"{path} is not served on the agent port")
+            caller = await self._caller(scope)
+            require(caller, "admin", f"the WebSocket route {path}")
+            query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
+            if any(m in self.lane.policies for m in query.get("model", [])):
+                raise BadRequest("a policy model is served only by the policy lane, not over a WebSocket")
+        except ProxyError as exc:
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1008, "reason": str(exc)[:120]})
+            return
+        await self.litellm(_with_key(scope, self.master_key), receive, send)
+
     async def _litellm_lane(
         self, scope: Scope, receive: Receive, send: Send, path: str, attribution: Attribution | None
     ) -> None:
@@ -261,14 +284,15 @@ class ProxyApp:
                 require(caller, needs, path)
                 scope = _with_key(scope, self.master_key)
         body = None
-        if scope["method"] == "POST" and self.lane.policies:
+        # The model calls (agent routes): LiteLLM reads a model from the body whatever the
+        # content type says, so every body is looked at. Admin routes (files, batches) may carry
+        # large uploads and name no model to serve.
+        if scope["method"] == "POST" and needs == "agent" and self.lane.policies:
             model = model_in_path(path)
-            content_type = header(scope, b"content-type") or b""
-            if model is None and content_type.startswith(JSON):
+            if model is None:
                 body = await read_body(scope, receive, self.settings.proxy.max_body_bytes)
-                with contextlib.suppress(BadRequest):  # not JSON: LiteLLM's own error
-                    model = parse_json_object(body).get("model")
-            if isinstance(model, str) and model in self.lane.policies:
+                model = model_of(body, header(scope, b"content-type"))
+            if model in self.lane.policies:
                 raise BadRequest(
                     f"policy model {model!r} is served only by POST /v1/chat/completions and "
                     "POST /v1/completions (also without /v1, under /rollout/{id}/v1, and as "
@@ -306,6 +330,12 @@ class ProxyApp:
             current_attribution.reset(token)
 
     async def _db(self) -> asyncpg.Pool:
+        if self._pool is not None:
+            return self._pool
+        async with self._pool_lock:  # concurrent first requests make one pool, not several
+            return await self._create_pool()
+
+    async def _create_pool(self) -> asyncpg.Pool:
         if self._pool is None:
             # No reset query on release: the proxy's statements leave no session state (its
             # advisory locks are transaction-scoped), and asyncpg's default reset is one more

@@ -17,7 +17,7 @@ from lightloop.proxy.adapters import AdapterRestorer
 from lightloop.proxy.attribution import Attribution
 from lightloop.proxy.capture import Call, Outcome, from_response, from_stream
 from lightloop.proxy.errors import ProxyError
-from lightloop.proxy.http import JSON, Receive, Send, respond
+from lightloop.proxy.http import JSON, Receive, Send, error_body, respond
 from lightloop.proxy.recorder import Recorder
 from lightloop.proxy.upstream import Upstreams, order
 from lightloop.proxy.versions import LiveVersions
@@ -191,8 +191,15 @@ class PolicyLane:
             with contextlib.suppress(Exception):
                 if held[0]:
                     await send({"type": "http.response.body", "body": held[0], "more_body": True})
+                if error is not None:
+                    # The status line went out with the first byte; an error event is how a
+                    # stream says it failed (the OpenAI SDKs raise APIError on it).
+                    body = error_body(error[1], "upstream_error", 502)
+                    await send(
+                        {"type": "http.response.body", "body": b"data: " + body + b"\n\n", "more_body": True}
+                    )
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return 499 if aborted else 200
+        return 499 if aborted else 502 if error is not None else 200
 
 
 _DONE = b"data: [DONE]\n\n"

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from urllib.parse import parse_qs
 
+import orjson
 from litellm.proxy._types import LiteLLMRoutes
 
 # Open without a key, as in LiteLLM: container probes.
 OPEN = frozenset({"/health/liveliness", "/health/liveness", "/health/readiness"})
 
 # Calls to a model, and the list of models: what an agent key may ask LiteLLM for. Written
-# without the `/v1` or `/openai/v1` prefix, which LiteLLM accepts on each.
+# without the `/v1` prefix; only the spellings LiteLLM itself lists as OpenAI routes count (a
+# path such as `/openai/v1/chat/completions` would fall through to its pass-through to OpenAI,
+# with the operator's own provider key).
 _AGENT = (
     "/chat/completions",
     "/completions",
@@ -43,11 +47,16 @@ _AGENT = (
     "/audio/transcriptions",
     "/ocr",
     "/models",
+    "/models/{model}",
     "/utils/token_counter",
 )
 
-# A model named in the path rather than the body.
-_MODEL_IN_PATH = re.compile(r"^(?:/v1)?/(?:engines|openai/deployments)/(?P<model>[^/]+)/")
+_ANTHROPIC = ("/v1/messages", "/v1/messages/count_tokens")
+
+# A model named in the path rather than the body; as in LiteLLM (`{model:path}`) it may hold "/".
+_MODEL_IN_PATH = re.compile(
+    r"^(?:/v1)?/(?:engines|openai/deployments)/(?P<model>.+?)/(?:chat/completions|completions|embeddings)$"
+)
 
 
 def _compile(patterns: Iterable[str]) -> re.Pattern[str]:
@@ -56,14 +65,24 @@ def _compile(patterns: Iterable[str]) -> re.Pattern[str]:
         pattern = pattern.split("?", 1)[0]  # `/realtime?{model}`: the query is not the path
         regex = re.escape(pattern)
         regex = re.sub(r"\\\{\w+:path\\\}", r".+", regex)
+        regex = regex.replace(r"\{model\}", r".+")  # LiteLLM's {model:path}
         regex = re.sub(r"\\\{\w+\\\}", r"[^/]+", regex)
         regex = regex.replace(r"/\*", r"(?:/.*)?")
         parts.append(regex)
     return re.compile("^(?:" + "|".join(parts) + ")$")
 
 
-_SERVED = _compile([*LiteLLMRoutes.openai_routes.value, *(p for p in _AGENT), *(f"/v1{p}" for p in _AGENT)])
-_AGENT_RE = _compile([*_AGENT, *(f"/v1{p}" for p in _AGENT), *(f"/openai/v1{p}" for p in _AGENT)])
+_LISTED = frozenset(LiteLLMRoutes.openai_routes.value) | frozenset(_ANTHROPIC)
+_MODEL_ROUTES = ("/models/{model}", "/v1/models/{model}")  # GET one model (the SDK's retrieve)
+_SERVED = _compile([*_LISTED, *_MODEL_ROUTES])
+_AGENT_RE = _compile(
+    [
+        form
+        for p in _AGENT
+        for form in (p, f"/v1{p}", f"/openai/v1{p}")
+        if form in _LISTED or form in _MODEL_ROUTES
+    ]
+)
 
 
 def scope_of(path: str, admin_routes: bool) -> str | None:
@@ -81,3 +100,24 @@ def scope_of(path: str, admin_routes: bool) -> str | None:
 def model_in_path(path: str) -> str | None:
     found = _MODEL_IN_PATH.match(path)
     return None if found is None else found["model"]
+
+
+_MULTIPART_MODEL = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]*)\r\n')
+
+
+def model_of(body: bytes, content_type: bytes | None) -> str | None:
+    """The model a request body names, read as LiteLLM reads it: a form (multipart, as audio
+    transcriptions send it, or URL-encoded), else JSON whatever the content type claims."""
+    media = (content_type or b"").split(b";", 1)[0].strip().lower()
+    if media == b"multipart/form-data":
+        found = _MULTIPART_MODEL.search(body)
+        return found.group(1).decode("utf-8", "replace") if found else None
+    if media == b"application/x-www-form-urlencoded":
+        values = parse_qs(body.decode("latin-1")).get("model")
+        return values[0] if values else None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None  # not JSON: LiteLLM answers it
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) else None

@@ -22,7 +22,9 @@ class Route:
     pattern: re.Pattern[str] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(self.path))
+        # A model name may hold "/" (`Qwen/Qwen3-8B`), as LiteLLM's `{model:path}` allows.
+        regex = re.escape(self.path).replace(r"\{model\}", r"(?P<model>.+?)")
+        regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", regex)
         object.__setattr__(self, "pattern", re.compile(f"^{regex}$"))
 
     @property

@@ -7,6 +7,7 @@ key, proxy process and cache period, never one per request."""
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,6 +48,8 @@ async def create_key(conn: asyncpg.Connection, scope: str, name: str | None = No
     """A new key of `scope`: its row and the key itself, which is not kept anywhere."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    if name is not None and re.fullmatch(r"key-[0-9]+|[0-9]+", name):
+        raise ValueError(f"{name!r} is reserved: unnamed keys are called key-ID, and revoke takes ids")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     try:
         row = await conn.fetchrow(
@@ -73,7 +76,7 @@ async def list_keys(conn: asyncpg.Connection) -> list[ApiKey]:
 
 async def revoke_key(conn: asyncpg.Connection, ident: str) -> ApiKey:
     """Revoke the key with id or name `ident` (revoking twice keeps the first time)."""
-    key_id = int(ident) if ident.isdigit() else None
+    key_id = int(ident) if ident.isascii() and ident.isdigit() and len(ident) <= 18 else None
     row = await conn.fetchrow(
         f"""
         UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())

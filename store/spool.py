@@ -8,6 +8,7 @@ segment again; the writer's de-duplication on primary keys makes that harmless. 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -41,13 +42,23 @@ class Spool:
         return sum(p.stat().st_size for p in self.segments())
 
     def append(self, line: bytes) -> None:
-        """Write one batch durably (fsync) before the writer forgets it."""
+        """Write one batch durably (fsync) before the writer forgets it. A write that fails (a
+        full disk) is cut off again, so the segment never holds half a batch that a later,
+        whole one would be glued to; the caller keeps the batch and tries again."""
         assert b"\n" not in line
         handle = self._handle()
-        handle.write(line + b"\n")
-        handle.flush()
-        if self.fsync:
-            os.fsync(handle.fileno())
+        start = os.lseek(handle.fileno(), 0, os.SEEK_END)
+        try:
+            view = memoryview(line + b"\n")
+            while view:
+                written = handle.write(view)
+                view = view[written or 0 :]
+            if self.fsync:
+                os.fsync(handle.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(handle.fileno(), start)
+            raise
         if handle.tell() >= self.segment_bytes:
             self._close_current()
 
@@ -89,7 +100,8 @@ class Spool:
             existing = self.segments()
             number = int(existing[-1].stem) + 1 if existing else 1
             self._current_path = self.dir / f"{number:012d}.jsonl"
-            self._current = open(self._current_path, "ab")  # noqa: SIM115 - kept open across appends
+            # Unbuffered: a failed write must not linger in a buffer and be written on close.
+            self._current = open(self._current_path, "ab", buffering=0)  # noqa: SIM115 - kept open
         return self._current
 
     def _close_current(self) -> None:

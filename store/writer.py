@@ -558,15 +558,17 @@ def _decode(line: bytes) -> Batch:
     return batch
 
 
-def approx_size(value: Any) -> int:
+def approx_size(value: Any, depth: int = 0) -> int:
     """Roughly the bytes `value` holds in memory, cheaply: text by its length, documents by
     their parts, a list of numbers (token ids, logprobs) by its length alone."""
     if isinstance(value, str | bytes):
         return 49 + len(value)
+    if depth > 32:  # a pathologically nested document: its encoding is bounded by the body limit
+        return 1024
     if isinstance(value, dict):
-        return 64 + sum(approx_size(k) + approx_size(v) for k, v in value.items())
+        return 64 + sum(approx_size(k) + approx_size(v, depth + 1) for k, v in value.items())
     if isinstance(value, list | tuple):
         if value and isinstance(value[0], int | float):
             return 56 + 36 * len(value)
-        return 56 + 8 * len(value) + sum(approx_size(v) for v in value)
+        return 56 + 8 * len(value) + sum(approx_size(v, depth + 1) for v in value)
     return 28

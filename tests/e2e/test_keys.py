@@ -5,6 +5,7 @@ policy models only through the policy lane."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,8 +166,9 @@ def test_the_keys_command_refuses_bad_input(proxy: Proxy, module_db: str) -> Non
     assert again.returncode == 1 and "exists already" in again.stderr and "sk-ll-" not in again.stdout
     bad_scope = keys_cli(home, module_db, "create", "--scope", "root")
     assert bad_scope.returncode == 2 and "'root' is not one of" in bad_scope.stderr
-    digits = keys_cli(home, module_db, "create", "--scope", "agent", "--name", "123")
-    assert digits.returncode == 2
+    for reserved in ("123", "key-7"):  # ids and the names of unnamed keys
+        refused = keys_cli(home, module_db, "create", "--scope", "agent", "--name", reserved)
+        assert refused.returncode == 2 and "reserved" in refused.stderr
     unnamed = keys_cli(home, module_db, "create", "--scope", "agent")
     assert unnamed.returncode == 0 and "key 'key-" in unnamed.stderr
 
@@ -211,6 +213,11 @@ def test_a_policy_model_is_served_only_by_the_policy_lane(
     ):
         answer = httpx.post(proxy.url + path, json=body, headers=proxy.headers)
         assert answer.status_code == 400, (path, answer.text)
+        # LiteLLM reads JSON whatever the content type claims: so does the check.
+        for content_type in ("text/plain", "Application/JSON", None):
+            headers = {**proxy.headers, **({"content-type": content_type} if content_type else {})}
+            other = httpx.post(proxy.url + path, content=json.dumps(body), headers=headers)
+            assert other.status_code == 400, (path, content_type, other.text)
         message = answer.json()["error"]["message"]
         assert "POST /v1/chat/completions" in message and "policy" in message, message
     # The forms with the model in the path are the policy lane's: the engine's token ids recorded.

@@ -3,6 +3,8 @@ what the cache does when Postgres cannot be reached (a real refused connection).
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import pytest
 
@@ -97,5 +99,56 @@ async def test_a_key_seen_before_keeps_working_while_postgres_is_unreachable(db_
         with pytest.raises(DatabaseDown, match="not seen before"):
             await keys.identify(unseen.encode())
         assert await keys.identify(b"sk-master") is not None  # the master key needs no database
+    finally:
+        await pool.close()
+
+
+async def test_a_cancelled_lookup_does_not_fail_the_others_waiting_for_the_same_key(db_url: str) -> None:
+    pool = await create_pool(db_url, min_size=0, max_size=2)
+    gate = asyncio.Event()
+
+    async def slow_pool() -> asyncpg.Pool:
+        await gate.wait()  # the lookup is under way when the first request is cancelled
+        return pool
+
+    try:
+        async with pool.acquire() as conn:
+            _, key = await create_key(conn, "agent", "shared")
+        keys = Keys(b"sk-master", slow_pool, cache_s=5)
+        first = asyncio.create_task(keys.identify(key.encode()))
+        second = asyncio.create_task(keys.identify(key.encode()))
+        await asyncio.sleep(0)  # both are waiting on the one lookup
+        first.cancel()
+        gate.set()
+        assert await second == Caller("agent", "shared")
+        assert first.cancelled()
+    finally:
+        await pool.close()
+
+
+async def test_made_up_keys_cost_no_query_and_never_push_out_real_ones(db_url: str) -> None:
+    pool = await create_pool(db_url, min_size=0, max_size=2)
+    queries = 0
+
+    async def counting_pool() -> asyncpg.Pool:
+        nonlocal queries
+        queries += 1
+        return pool
+
+    try:
+        async with pool.acquire() as conn:
+            _, key = await create_key(conn, "agent", "real")
+        keys = Keys(b"sk-master", counting_pool, cache_s=60, memory=2)
+        assert await keys.identify(key.encode()) == Caller("agent", "real")
+        for guess in (b"sk-ll-short", b"sk-ll-" + b"!" * 43):  # not a key's shape: no query
+            with pytest.raises(Unauthorized):
+                await keys.identify(guess)
+        assert queries == 1
+        for i in range(5):  # well-formed but never issued: one query each, kept apart
+            with pytest.raises(Unauthorized):
+                await keys.identify(b"sk-ll-" + f"{i:043d}".encode())
+        assert queries == 6
+        await pool.close()  # Postgres is now out of reach for this cache: the real key is still known
+        assert await keys.identify(key.encode()) == Caller("agent", "real")
     finally:
         await pool.close()

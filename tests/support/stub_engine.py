@@ -35,6 +35,7 @@ class Action:
 class StubEngine:
     tokens: int = 8  # completion tokens per answer unless max_tokens is smaller
     script: deque[Action] = field(default_factory=deque)
+    default_action: Action = field(default_factory=Action)  # what a request gets past the script
     requests: list[dict[str, Any]] = field(default_factory=list)
     disconnected: threading.Event = field(default_factory=threading.Event)
     traces: list[bytes] = field(default_factory=list)  # OTLP/HTTP bodies received (a collector)
@@ -42,6 +43,7 @@ class StubEngine:
     lora_status: int | str = 200
     lora_delay_s: float = 0.0  # how long load_lora_adapter takes to answer (a slow engine)
     lora_requested: threading.Event = field(default_factory=threading.Event)
+    lora_release: threading.Event = field(default_factory=threading.Event)  # ends a "hold"
     adapters: dict[str, str] = field(default_factory=dict)
     port: int = 0
 
@@ -50,7 +52,7 @@ class StubEngine:
         return f"http://127.0.0.1:{self.port}"
 
     def _next(self) -> Action:
-        return self.script.popleft() if self.script else Action()
+        return self.script.popleft() if self.script else self.default_action
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._answer(request, "chat")
@@ -214,7 +216,11 @@ class StubEngine:
         body = await request.json()
         self.lora_requested.set()
         if self.lora_status == "hold":
-            await asyncio.Event().wait()
+            # Held until the test (another thread) lets it go; polled, since a thread waiting on
+            # the event would outlive a test that never lets go and keep the process from exiting.
+            while not self.lora_release.is_set():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            self.lora_status = 200
         if self.lora_delay_s:
             await asyncio.sleep(self.lora_delay_s)  # the fault injected: a slow engine
         if self.lora_status != 200:
@@ -287,8 +293,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--hold", action="store_true", help="Hold every stream open after its first chunk.")
     args = parser.parse_args()
-    stub = StubEngine(tokens=args.tokens, port=args.port)
+    stub = StubEngine(tokens=args.tokens, port=args.port, default_action=Action(hold=args.hold))
     # Benchmarks send many calls: keep no per-request history.
     stub.requests = _Discard()
     app = web.Application()

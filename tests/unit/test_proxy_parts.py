@@ -17,7 +17,8 @@ from lightloop.proxy import otlp
 from lightloop.proxy.auth import load_or_create_master_key, request_key
 from lightloop.proxy.errors import BadRequest, Forbidden, Unauthorized
 from lightloop.proxy.keys import MASTER, Caller, Keys, require
-from lightloop.proxy.litellm_routes import model_in_path, scope_of
+from lightloop.proxy.litellm_routes import model_in_path, model_of, scope_of
+from lightloop.proxy.routing import match
 from lightloop.proxy.server import litellm_config
 from lightloop.proxy.sessions import SessionIndex
 from lightloop.proxy.spans import trace_context
@@ -236,6 +237,12 @@ async def test_only_the_master_key_and_scoped_keys_are_callers_and_no_key_is_ref
         ("/config/update", False, None),
         ("/key/generate", True, "admin"),
         ("/ui", True, "admin"),
+        ("/key/generate/", False, None),
+        ("/openai/v1/chat/completions", False, None),  # LiteLLM's pass-through to OpenAI
+        ("/openai/v1/embeddings", False, None),
+        ("/openai/v1/chat/completions", True, "admin"),
+        ("/v1/models/policy", False, "agent"),
+        ("/engines/Qwen/Qwen3-8B/embeddings", False, "agent"),
     ],
 )
 def test_litellm_routes_on_the_agent_port(path: str, admin_routes: bool, scope: str | None) -> None:
@@ -245,7 +252,33 @@ def test_litellm_routes_on_the_agent_port(path: str, admin_routes: bool, scope: 
 def test_a_model_named_in_the_path_is_found() -> None:
     assert model_in_path("/openai/deployments/policy/embeddings") == "policy"
     assert model_in_path("/engines/policy/embeddings") == "policy"
+    assert model_in_path("/engines/Qwen/Qwen3-8B/chat/completions") == "Qwen/Qwen3-8B"
     assert model_in_path("/v1/embeddings") is None
+    found = match("/openai/deployments/Qwen/Qwen3-8B/chat/completions")
+    assert found is not None and found[0].operation == "chat" and found[1] == {"model": "Qwen/Qwen3-8B"}
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "model"),
+    [
+        (b'{"model": "policy"}', b"application/json", "policy"),
+        (b'{"model": "policy"}', b"text/plain", "policy"),
+        (b'{"model": "policy"}', None, "policy"),
+        (b"model=policy&input=hi", b"application/x-www-form-urlencoded", "policy"),
+        (
+            b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\npolicy\r\n--b--\r\n',
+            b"multipart/form-data; boundary=b",
+            "policy",
+        ),
+        (b"not json", b"application/json", None),
+        (b'{"model": 3}', b"application/json", None),
+        (b"[1]", b"application/json", None),
+    ],
+)
+def test_the_model_a_body_names_is_read_as_litellm_reads_it(
+    body: bytes, content_type: bytes | None, model: str | None
+) -> None:
+    assert model_of(body, content_type) == model
 
 
 def test_the_generated_master_key_is_kept_private_and_reused(tmp_path: Path) -> None:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from lightloop.store.spool import Spool
@@ -56,3 +58,29 @@ def test_a_torn_write_is_kept_aside(tmp_path: Path) -> None:
     rejected = [json.loads(x) for x in (tmp_path / "rejected.jsonl").read_text().splitlines()]
     assert rejected == [{"reason": "torn write", "data": '{"half": '}]
     assert not spool.has_pending()
+
+
+def test_a_failed_append_leaves_no_half_batch_for_the_next_one_to_join(tmp_path: Path) -> None:
+    """A full disk (here a file size limit, which fails the write with EFBIG as ENOSPC would):
+    the failed batch is cut off again, so a later batch appended once there is room lands whole
+    instead of glued to half of the failed one."""
+    script = f"""
+import errno, resource
+from pathlib import Path
+from lightloop.store.spool import Spool
+resource.setrlimit(resource.RLIMIT_FSIZE, (100, resource.RLIM_INFINITY))
+spool = Spool(Path({str(tmp_path)!r}), fsync=False)
+spool.append(b'"' + b"a" * 58 + b'"')
+try:
+    spool.append(b'"' + b"b" * 58 + b'"')
+except OSError as exc:
+    assert exc.errno == errno.EFBIG, exc
+else:
+    raise AssertionError("the second append should not fit")
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+spool.append(b'"c"')
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    lines = [line for _segment, _number, line in Spool(tmp_path, fsync=False).replay()]
+    assert lines == [b'"' + b"a" * 58 + b'"', b'"c"']
+    assert not (tmp_path / "rejected.jsonl").exists()
