@@ -239,12 +239,13 @@ def build_rows(
     """The span row and the llm_calls rows of a finished call.
 
     `error` is (error.type, message, the error body the agent got); `aborted` marks a call the
-    agent hung up on: its unfinished choices get finish reason `abort`."""
+    agent hung up on: its unfinished choices get finish reason `abort`; a stream the engine broke
+    off (`error` with a partial outcome) leaves them with `error`, its tokens so far kept."""
     choices = outcome.choices if outcome is not None else []
-    if aborted:
+    if aborted or error is not None:
         for choice in choices:
             if choice.finish_reason is None:
-                choice.finish_reason = ABORT
+                choice.finish_reason = ABORT if aborted else ERROR
     if not choices:
         choices = [Choice(index=0, finish_reason=ABORT if aborted else ERROR if error else None)]
     prompt_ids = outcome.prompt_token_ids if outcome is not None else None

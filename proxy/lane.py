@@ -186,7 +186,7 @@ class PolicyLane:
         except asyncio.CancelledError:  # the server is stopping: the call is still recorded
             self.recorder.close(call, from_stream(operation, raw), aborted=True, error=error)
             raise
-        self.recorder.close(call, outcome, aborted=aborted or error is not None, error=error)
+        self.recorder.close(call, outcome, aborted=aborted, error=error)
         if not aborted:
             with contextlib.suppress(Exception):
                 if held[0]:

@@ -16,7 +16,7 @@ import random
 import socket
 import statistics
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -143,11 +143,7 @@ class Trainer:
         run staged but never made live are marked failed."""
         conn = await connect(self.database_url)
         try:
-            for version in await list_versions(conn, self.policy):
-                if version.status == "staged":
-                    await fail_version(
-                        conn, self.policy, version.version, "the trainer stopped before publishing it"
-                    )
+            await self._fail_staged(conn, "the trainer stopped before publishing it")
             live = await live_version(conn, self.policy)
             if live is None:
                 return 0
@@ -298,8 +294,7 @@ class Trainer:
             try:
                 return await self._train(conn, claim)
             except BaseException:
-                with contextlib.suppress(Exception):
-                    await release_claim(conn, claim)
+                await self._release(conn, claim)
                 raise
             finally:
                 self._step_started = None
@@ -326,7 +321,6 @@ class Trainer:
         samples = [sample for rid in advantages for sample in by_rollout[rid]]
         sample_advantages = [advantages[sample.rollout_id] for sample in samples]
         metrics.update(flat_groups=flat_groups, samples=len(samples), algorithm=s.algorithm)
-        version_out = version_in
         loss = None
         n_tokens = 0
         if samples:
@@ -337,43 +331,114 @@ class Trainer:
             loss = step_metrics.pop("loss")
             n_tokens = int(step_metrics.pop("tokens"))
             metrics.update(step_metrics)
-            try:
-                published = await self._renewing(
-                    claim, self.publisher.publish(conn, self.backend.save_adapter)
-                )
-                version_out = published.version
-            except PublishError as exc:
-                # The weights stay in the trainer and go out with the next successful publish.
-                log.error("publishing failed, version %d stays live: %s", version_in, exc)
-                metrics["publish_error"] = str(exc)
         values = list(rewards.values())
-        record = StepRecord(
-            started_at=started,
-            policy=self.policy,
-            policy_in=version_in,
-            policy_out=version_out,
-            trainer=self.name,
-            n_tokens=n_tokens,
-            loss=loss,
-            reward_mean=statistics.fmean(values) if values else None,
-            reward_std=statistics.pstdev(values) if len(values) > 1 else 0.0,
-            metrics={**metrics, "seconds": round(time.monotonic() - t0, 3)},
-        )
-        try:
-            step = await record_step(conn, claim, record)
-        except ClaimLost as exc:
-            log.error("step not recorded: %s", exc)
-            step = None
+
+        def record(version_out: int, publish_error: str | None) -> StepRecord:
+            extra = {} if publish_error is None else {"publish_error": publish_error}
+            return StepRecord(
+                started_at=started,
+                policy=self.policy,
+                policy_in=version_in,
+                policy_out=version_out,
+                trainer=self.name,
+                n_tokens=n_tokens,
+                loss=loss,
+                reward_mean=statistics.fmean(values) if values else None,
+                reward_std=statistics.pstdev(values) if len(values) > 1 else 0.0,
+                metrics={**metrics, **extra, "seconds": round(time.monotonic() - t0, 3)},
+            )
+
+        step, finished = await self._publish_and_record(conn, claim, bool(samples), version_in, record)
+        version_out = finished.policy_out
+        assert version_out is not None
         log.info(
             "step %s: %d rollouts, %d samples, %d tokens, reward %.3f, loss %s, v%d -> v%d (%.1fs)",
             step,
             len(claim.rollouts),
             len(samples),
             n_tokens,
-            record.reward_mean or 0.0,
+            finished.reward_mean or 0.0,
             "-" if loss is None else f"{loss:.4f}",
             version_in,
             version_out,
             time.monotonic() - t0,
         )
-        return StepOutcome(step, len(claim.rollouts), len(samples), version_out, record.metrics)
+        return StepOutcome(step, len(claim.rollouts), len(samples), version_out, finished.metrics)
+
+    async def _publish_and_record(
+        self,
+        conn: asyncpg.Connection,
+        claim: Claim,
+        updated: bool,
+        version_in: int,
+        record: Callable[[int, str | None], StepRecord],
+    ) -> tuple[int | None, StepRecord]:
+        """Publish the updated weights (when there are any) and record the step, which consumes
+        its rollouts. Postgres going away here (it restarted, it failed over) does not throw the
+        update away and train the same rollouts twice: the two are tried again, on a fresh
+        connection with backoff, until they go through or the step outlives `max_step_s`; a
+        version the interrupted attempt staged is marked failed first."""
+        s = self.settings
+        attempt = 0
+        db = conn
+        try:
+            while True:
+                try:
+                    version_out, publish_error = version_in, None
+                    if updated:
+                        try:
+                            published = await self._renewing(
+                                claim, self.publisher.publish(db, self.backend.save_adapter)
+                            )
+                            version_out = published.version
+                        except PublishError as exc:
+                            # The weights stay in the trainer and go out with the next publish.
+                            log.error("publishing failed, version %d stays live: %s", version_in, exc)
+                            publish_error = str(exc)
+                    finished = record(version_out, publish_error)
+                    try:
+                        return await record_step(db, claim, finished), finished
+                    except ClaimLost as exc:
+                        log.error("step not recorded: %s", exc)
+                        return None, finished
+                except OUTAGE as exc:
+                    attempt += 1
+                    assert self._step_started is not None
+                    if not is_outage(exc) or time.monotonic() - self._step_started > s.max_step_s:
+                        raise
+                    if attempt == 1:
+                        log.warning(
+                            "Postgres went away while publishing or recording (%s: %s); trying again",
+                            type(exc).__name__,
+                            exc,
+                        )
+                    await asyncio.sleep(backoff_s(attempt, s.poll_interval_s))
+                    with contextlib.suppress(Exception):
+                        if db is not conn:
+                            await db.close()
+                    with contextlib.suppress(*OUTAGE):
+                        db = await connect(self.database_url)
+                        await self._fail_staged(db, "a Postgres outage interrupted its publish")
+        finally:
+            if db is not conn:
+                with contextlib.suppress(Exception):
+                    await db.close()
+
+    async def _release(self, conn: asyncpg.Connection, claim: Claim) -> None:
+        """Give a failed step's rollouts back now, on a fresh connection if the step's is gone
+        (Postgres restarted), so that the retry need not wait for the lease to lapse."""
+        with contextlib.suppress(Exception):
+            if not conn.is_closed():
+                await release_claim(conn, claim)
+                return
+        with contextlib.suppress(Exception):
+            fresh = await connect(self.database_url)
+            try:
+                await release_claim(fresh, claim)
+            finally:
+                await fresh.close()
+
+    async def _fail_staged(self, conn: asyncpg.Connection, reason: str) -> None:
+        for version in await list_versions(conn, self.policy):
+            if version.status == "staged":
+                await fail_version(conn, self.policy, version.version, reason)

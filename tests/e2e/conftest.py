@@ -142,6 +142,7 @@ def start_proxy(
     *,
     extra_env: dict[str, str] | None = None,
     args: list[str] | None = None,
+    prefix: list[str] | None = None,
 ) -> Proxy:
     home.mkdir(parents=True, exist_ok=True)
     config_path = home / "lightloop.yaml"
@@ -161,7 +162,17 @@ def start_proxy(
     log = home / f"proxy-{port}.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
-            [LIGHTLOOP, "--config", str(config_path), "proxy", "--port", str(port), *(args or [])],
+            # `prefix`: a command the proxy runs under (its own mount namespace, say).
+            [
+                *(prefix or []),
+                LIGHTLOOP,
+                "--config",
+                str(config_path),
+                "proxy",
+                "--port",
+                str(port),
+                *(args or []),
+            ],
             env=env,
             stdout=fh,
             stderr=subprocess.STDOUT,
