@@ -173,6 +173,8 @@ class PolicyLane:
         else:
             hangup.cancel()
             exc = pumping.exception()
+            if exc is not None and held[0].startswith((_DONE, _DONE_CRLF)):
+                exc = None  # the stream was whole; only the transfer's ending broke
             if exc is not None:
                 response.close()
                 message = f"the engine at {call.upstream} broke off the stream: {type(exc).__name__}: {exc}"
@@ -189,7 +191,7 @@ class PolicyLane:
         self.recorder.close(call, outcome, aborted=aborted, error=error)
         if not aborted:
             with contextlib.suppress(Exception):
-                if held[0]:
+                if held[0] and error is None:
                     await send({"type": "http.response.body", "body": held[0], "more_body": True})
                 if error is not None:
                     # The status line went out with the first byte; an error event is how a
@@ -203,6 +205,7 @@ class PolicyLane:
 
 
 _DONE = b"data: [DONE]\n\n"
+_DONE_CRLF = b"data: [DONE]\r\n\r\n"
 
 # Above this a stream is assembled in a worker thread: a long answer (a 32k-token stream is some
 # 6 MB of events) would otherwise hold the event loop, and every other agent's call, for its
@@ -217,11 +220,16 @@ async def _assemble(operation: str, raw: bytes) -> Outcome:
 
 
 def _split_done(buffer: bytes) -> tuple[bytes, bytes]:
-    """(what may go to the agent now, the end of `buffer` that is or may become `data: [DONE]`)."""
-    for k in range(min(len(_DONE), len(buffer)), 0, -1):
-        if buffer.endswith(_DONE[:k]):
-            return buffer[:-k], buffer[-k:]
-    return buffer, b""
+    """(what may go to the agent now, what is held back): whole events only, up to the last
+    blank line, and not a final `data: [DONE]`. An event cut in half is held until its end
+    arrives, so that a stream the engine breaks off mid-event never leaves the agent half an
+    event with the error event glued to it."""
+    end = max(buffer.rfind(b"\n\n") + 2, buffer.rfind(b"\r\n\r\n") + 4, 0)
+    out, rest = buffer[:end], buffer[end:]
+    for done in (_DONE, _DONE_CRLF):
+        if out.endswith(done):
+            return out[: -len(done)], out[-len(done) :] + rest
+    return out, rest
 
 
 def _error_json(type_: str, message: str) -> dict[str, Any]:

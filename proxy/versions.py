@@ -45,6 +45,7 @@ class LiveVersions:
         self._changes = 0
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        self._down = False  # an outage is under way (and was logged)
 
     def pin(self, rollout_id: str, policy: str, version: int) -> None:
         """Serve `rollout_id`'s calls to `policy` with `version` while the engines hold it."""
@@ -134,6 +135,9 @@ class LiveVersions:
                 await listener.start()
                 await self._reload()
                 self.connected.set()
+                if self._down:
+                    log.warning("reading live policy versions again")
+                    self._down = False
                 while not listener.closed.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(listener.closed.wait(), self.reread_s)
@@ -144,7 +148,10 @@ class LiveVersions:
                 await listener.close()
                 raise
             except Exception as exc:
-                log.warning("cannot read live policy versions (%s); serving what is known", exc)
+                # Once per outage, not once per retry.
+                if not self._down:
+                    log.warning("cannot read live policy versions (%s); serving what is known", exc)
+                self._down = True
             finally:
                 self.connected.clear()
                 with contextlib.suppress(Exception):

@@ -52,12 +52,21 @@ class Spool:
             view = memoryview(line + b"\n")
             while view:
                 written = handle.write(view)
-                view = view[written or 0 :]
+                if not written:
+                    raise OSError(f"the spool took no bytes of a batch ({len(view)} left)")
+                view = view[written:]
             if self.fsync:
                 os.fsync(handle.fileno())
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(handle.fileno(), start)
+            # A new segment next time: should the cut have failed, the torn tail stays this
+            # segment's last line, which replay sets aside; an empty segment is not "pending".
+            path = self._current_path
+            self._close_current()
+            with contextlib.suppress(OSError):
+                if path is not None and path.stat().st_size == 0:
+                    path.unlink()
             raise
         if handle.tell() >= self.segment_bytes:
             self._close_current()

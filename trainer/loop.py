@@ -35,6 +35,7 @@ from lightloop.store import (
     connect,
     extend_claim,
     fail_version,
+    get_version,
     list_versions,
     live_version,
     record_step,
@@ -43,7 +44,7 @@ from lightloop.store import (
 from lightloop.store.database import is_transient, is_unavailable
 from lightloop.trainer.algorithms import Scored, drop_flat_groups, rollout_advantages
 from lightloop.trainer.errors import PublishError, TrainerError
-from lightloop.trainer.publish import Publisher
+from lightloop.trainer.publish import Published, Publisher
 from lightloop.trainer.rebuild import RebuildStats, Sample, rebuild, turns_from_calls
 
 log = logging.getLogger(__name__)
@@ -54,13 +55,25 @@ BACKOFF_CAP_S = 30.0
 T = TypeVar("T")
 # What Postgres raises when it is unreachable or refusing, before or after translation; which of
 # these is an outage (it may pass) rather than a bug is `is_outage`.
-OUTAGE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, DatabaseUnavailable)
+# asyncpg's InternalClientError: a connection whose server ended it (a failover, a restart) while
+# a statement was being sent is left in a state no statement can use; a new connection is fine.
+OUTAGE = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    DatabaseUnavailable,
+)
 
 
 def is_outage(exc: BaseException) -> bool:
     """Postgres is down or refuses for now (read-only, a deadlock): it may pass. Anything else
     (a statement Postgres rejects every time) is logged at ERROR each time it happens."""
-    return isinstance(exc, DatabaseUnavailable) or is_unavailable(exc) or is_transient(exc)
+    return (
+        isinstance(exc, DatabaseUnavailable | asyncpg.InternalClientError)
+        or is_unavailable(exc)
+        or is_transient(exc)
+    )
 
 
 def backoff_s(attempt: int, base_s: float) -> float:
@@ -137,6 +150,7 @@ class Trainer:
         self.name = name or f"trainer@{socket.gethostname()}:{os.getpid()}"
         self.heartbeat = heartbeat
         self._step_started: float | None = None  # monotonic start of the step in progress
+        self._stop: asyncio.Event | None = None  # run()'s: a stopping trainer retries nothing
 
     async def resume(self) -> int:
         """Start from the live version: its weights, loaded on every engine. Versions a previous
@@ -164,6 +178,7 @@ class Trainer:
 
     async def run(self, stop: asyncio.Event, max_steps: int | None = None) -> int:
         """Train until `stop` is set (or `max_steps` steps were recorded); steps recorded."""
+        self._stop = stop
         beating = asyncio.create_task(self._beat(stop)) if self.heartbeat else None
         try:
             attempt = 0
@@ -375,54 +390,94 @@ class Trainer:
     ) -> tuple[int | None, StepRecord]:
         """Publish the updated weights (when there are any) and record the step, which consumes
         its rollouts. Postgres going away here (it restarted, it failed over) does not throw the
-        update away and train the same rollouts twice: the two are tried again, on a fresh
-        connection with backoff, until they go through or the step outlives `max_step_s`; a
-        version the interrupted attempt staged is marked failed first."""
+        update away and train the same rollouts twice: on a fresh connection, with backoff, the
+        part that did not go through is tried again, until it does, the step outlives
+        `max_step_s`, the trainer is stopped or the claim is lost. A publish cut short is
+        looked up first: live, it counts; still staged, it is marked failed and done again."""
         s = self.settings
+        published: Published | None = None
+        publish_error: str | None = None
+        interrupted = False  # a publish call was cut short by the outage
         attempt = 0
         db = conn
         try:
             while True:
                 try:
-                    version_out, publish_error = version_in, None
-                    if updated:
+                    if interrupted:
+                        published = await self._after_interrupted_publish(db)
+                        interrupted = False
+                    if updated and published is None and publish_error is None:
                         try:
+                            interrupted = True
                             published = await self._renewing(
                                 claim, self.publisher.publish(db, self.backend.save_adapter)
                             )
-                            version_out = published.version
                         except PublishError as exc:
                             # The weights stay in the trainer and go out with the next publish.
                             log.error("publishing failed, version %d stays live: %s", version_in, exc)
                             publish_error = str(exc)
-                    finished = record(version_out, publish_error)
+                        interrupted = False
+                    finished = record(published.version if published else version_in, publish_error)
                     try:
                         return await record_step(db, claim, finished), finished
                     except ClaimLost as exc:
                         log.error("step not recorded: %s", exc)
                         return None, finished
                 except OUTAGE as exc:
-                    attempt += 1
-                    assert self._step_started is not None
-                    if not is_outage(exc) or time.monotonic() - self._step_started > s.max_step_s:
+                    if not is_outage(exc):
                         raise
-                    if attempt == 1:
-                        log.warning(
-                            "Postgres went away while publishing or recording (%s: %s); trying again",
-                            type(exc).__name__,
-                            exc,
-                        )
-                    await asyncio.sleep(backoff_s(attempt, s.poll_interval_s))
-                    with contextlib.suppress(Exception):
-                        if db is not conn:
+                    log.warning(
+                        "Postgres went away while publishing or recording (%s: %s); trying again",
+                        type(exc).__name__,
+                        exc,
+                    )
+                    if db is not conn:
+                        with contextlib.suppress(Exception):
                             await db.close()
-                    with contextlib.suppress(*OUTAGE):
-                        db = await connect(self.database_url)
-                        await self._fail_staged(db, "a Postgres outage interrupted its publish")
+                    # Back on a fresh connection whose claim still holds, or give up (raise).
+                    while True:
+                        attempt += 1
+                        assert self._step_started is not None
+                        if time.monotonic() - self._step_started > s.max_step_s or self._stopping:
+                            raise
+                        await asyncio.sleep(backoff_s(attempt, s.poll_interval_s))
+                        try:
+                            db = await connect(self.database_url)
+                        except OUTAGE:
+                            continue
+                        try:
+                            await extend_claim(db, claim, s.lease_s)
+                        except ClaimLost as lost:
+                            log.error("the claim was lost during the outage: %s", lost)
+                            return None, record(published.version if published else version_in, publish_error)
+                        except OUTAGE:
+                            with contextlib.suppress(Exception):
+                                await db.close()
+                            continue
+                        break
         finally:
             if db is not conn:
                 with contextlib.suppress(Exception):
                     await db.close()
+
+    async def _after_interrupted_publish(self, conn: asyncpg.Connection) -> Published | None:
+        """What became of the version a publish cut short by an outage had staged: live (its
+        `set_live` committed), it is this step's; staged, it is marked failed (the engines may
+        not all hold it) and unloaded, so that the step publishes anew."""
+        version = self.publisher.staged
+        if version is None:
+            return None
+        found = await get_version(conn, self.policy, version)
+        if found is not None and found.status == "live":
+            return Published(version, self.publisher.path_of(version), found.sha256 or "")
+        if found is not None and found.status == "staged":
+            await fail_version(conn, self.policy, version, "a Postgres outage interrupted its publish")
+            await self.publisher.unload(version)
+        return None
+
+    @property
+    def _stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
 
     async def _release(self, conn: asyncpg.Connection, claim: Claim) -> None:
         """Give a failed step's rollouts back now, on a fresh connection if the step's is gone

@@ -111,6 +111,8 @@ class Publisher:
         self.root = (root / policy).resolve()  # engines may run elsewhere: give them absolute paths
         self.engines = list(engines)
         self.keep = keep
+        # The version the latest publish call staged (None before it staged one).
+        self.staged: int | None = None
         self.root.mkdir(parents=True, exist_ok=True)
         for leftover in self.root.glob("tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)  # a crash between save and rename
@@ -119,18 +121,30 @@ class Publisher:
         return self.root / f"v{version}"
 
     async def publish(self, conn: asyncpg.Connection, save: Callable[[Path], None]) -> Published:
-        tmp = Path(tempfile.mkdtemp(prefix="tmp-", dir=self.root))
+        """Save, stage, load on every engine, make live. `staged` names the version this call
+        staged as soon as it is, so that a caller whose connection broke can tell afterwards
+        whether it went live. A file that cannot be written (a full disk) is a PublishError, not
+        an outage; the temporary folder never outlives a failed call."""
+        self.staged = None
         try:
-            # In a thread: exporting gathers weights (seconds on large models) and the event loop
-            # keeps the heartbeat and the claim's lease going meanwhile.
-            await asyncio.to_thread(save, tmp)
-        except PublishError:
+            tmp = Path(tempfile.mkdtemp(prefix="tmp-", dir=self.root))
+        except OSError as exc:
+            raise PublishError(f"cannot write under {self.root}: {exc}") from None
+        try:
+            try:
+                # In a thread: exporting gathers weights (seconds on large models) and the event
+                # loop keeps the heartbeat and the claim's lease going meanwhile.
+                await asyncio.to_thread(save, tmp)
+                files = sha256_manifest(tmp)
+                (tmp / MANIFEST).write_text(json.dumps(files, indent=1, sort_keys=True))
+            except OSError as exc:
+                raise PublishError(f"cannot write the adapter under {self.root}: {exc}") from None
+            digest = folder_digest(files)
+            staged = await stage_version(conn, self.policy, base_model=self.base_model, sha256=digest)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        files = sha256_manifest(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(files, indent=1, sort_keys=True))
-        digest = folder_digest(files)
-        staged = await stage_version(conn, self.policy, base_model=self.base_model, sha256=digest)
+        self.staged = staged.version
         final = self.path_of(staged.version)
         try:
             if final.exists():  # a version number reused after a database reset
@@ -163,7 +177,11 @@ class Publisher:
         log.info(
             "policy %s: version %d is live on %d engine(s)", self.policy, staged.version, len(self.engines)
         )
-        await self._unload_old(conn, staged.version)
+        try:
+            await self._unload_old(conn, staged.version)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # The version is live: housekeeping that failed must not make it look unpublished.
+            log.warning("could not unload old versions after publishing %d: %s", staged.version, exc)
         return Published(staged.version, final, digest)
 
     async def _unload_old(self, conn: asyncpg.Connection, live: int) -> None:
@@ -176,6 +194,14 @@ class Publisher:
                         await engine.unload_adapter(adapter_name(self.policy, version.version))
                     except PublishError as exc:
                         log.warning("could not unload an old version: %s", exc)
+
+    async def unload(self, version: int) -> None:
+        """Unload `version` from every engine that has it (best effort)."""
+        for engine in self.engines:
+            try:
+                await engine.unload_adapter(adapter_name(self.policy, version))
+            except PublishError as exc:
+                log.warning("could not unload version %d: %s", version, exc)
 
     async def restore(self, conn: asyncpg.Connection) -> int:
         """Make sure the live version is loaded on every engine (after an engine restart)."""

@@ -19,9 +19,11 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import openai
 import psutil
@@ -29,14 +31,31 @@ import pytest
 import yaml
 
 from lightloop.store import EmbeddedPostgres, upgrade
+from lightloop.store.database import dsn
 from lightloop.store.writer import WRITABLE, _decode
 from tests.conftest import LIGHTLOOP, REPO
 from tests.e2e.conftest import Proxy, clean_env, eventually, start_proxy, wait_healthy
 from tests.e2e.test_proxy import HI, sql
-from tests.e2e.test_trainer import _seed
+from tests.e2e.test_trainer import _seed, trainer_for
 from tests.support.stub_engine import free_port, running_stub
 
 pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def own_pg(tmp_path: Path) -> Iterator[tuple[EmbeddedPostgres, str]]:
+    """A Postgres of this test's own, to stop and start; stopped whatever the test does."""
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    try:
+        url = pg.ensure_running()
+        asyncio.run(upgrade(url))
+        yield pg, url
+    finally:
+        pg.stop()
+
+
+def _restart(pg: EmbeddedPostgres, url: str) -> None:
+    assert pg.ensure_running() == url, "Postgres came back on another port: the test's URLs are stale"
 
 
 def _config(upstream: str) -> dict[str, Any]:
@@ -103,9 +122,10 @@ def test_the_engine_killed_mid_stream_is_a_502_for_the_agent_and_an_error_row(
         with pytest.raises(openai.APIStatusError) as down:
             client.chat.completions.create(model="p", messages=HI)
         assert down.value.status_code == 502
-        httpx.post(
+        finished = httpx.post(
             f"{proxy.url}/v1/rollouts/chaos-engine/finish", json={"status": "failed"}, headers=proxy.headers
         )
+        assert finished.status_code == 200, finished.text  # the sync point: the rows are written
         rows = sql(
             db_url,
             "SELECT c.finish_reason, c.completion_token_ids, s.status_code, "
@@ -124,11 +144,9 @@ def test_the_engine_killed_mid_stream_is_a_502_for_the_agent_and_an_error_row(
 
 
 def test_postgres_restarted_between_claim_and_record_trains_each_rollout_once(
-    tmp_path: Path, engine_home: Path
+    tmp_path: Path, engine_home: Path, own_pg: tuple[EmbeddedPostgres, str]
 ) -> None:
-    pg = EmbeddedPostgres(tmp_path / "pg")
-    url = pg.ensure_running()
-    asyncio.run(upgrade(url))
+    pg, url = own_pg
     asyncio.run(_seed(url))
     with running_stub() as stub:
         stub.lora_status = "hold"  # the trainer stops in publish: after its claim, before its record
@@ -159,21 +177,58 @@ def test_postgres_restarted_between_claim_and_record_trains_each_rollout_once(
                 assert stub.lora_requested.wait(180), (tmp_path / "trainer.log").read_text()
                 assert sql(url, "SELECT count(*) FROM rollouts WHERE claimed_by IS NOT NULL")[0][0] == 8
                 pg.stop()  # every connection the trainer holds is gone
-                pg.ensure_running()
+                _restart(pg, url)
                 stub.lora_release.set()
                 assert trainer.wait(240) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
             finally:
                 if trainer.poll() is None:
                     trainer.kill()
-    try:
-        steps = sql(url, "SELECT step, policy_out FROM training_steps")
-        assert len(steps) == 1, steps
-        consumed = sql(url, "SELECT consumed_by_step, count(*) FROM rollouts GROUP BY 1")
-        assert [tuple(r) for r in consumed] == [(steps[0]["step"], 8)]
-        live = sql(url, "SELECT version FROM policy_versions WHERE status = 'live'")
-        assert [r["version"] for r in live] == [steps[0]["policy_out"]]
-    finally:
-        pg.stop()
+        # The version cut short was staged, loaded, never live: failed and unloaded, and the
+        # step published its update once more, as version 2.
+        assert set(stub.adapters) == {"policy-v2"}, stub.adapters
+    steps = sql(url, "SELECT step, policy_out FROM training_steps")
+    assert [r["policy_out"] for r in steps] == [2], steps
+    consumed = sql(url, "SELECT consumed_by_step, count(*) FROM rollouts GROUP BY 1")
+    assert [tuple(r) for r in consumed] == [(steps[0]["step"], 8)]
+    versions = sql(url, "SELECT version, status, reason FROM policy_versions ORDER BY version")
+    assert [(r["version"], r["status"]) for r in versions] == [(1, "failed"), (2, "live")]
+    assert "outage interrupted its publish" in versions[0]["reason"]
+
+
+def test_postgres_lost_after_the_version_went_live_records_the_step_without_publishing_again(
+    tmp_path: Path, engine_home: Path, db_url: str
+) -> None:
+    """The trainer's connection is cut (pg_terminate_backend: the server side of a failover)
+    right after its version went live and before the step is recorded: the record is tried
+    again on a fresh connection, and the same update is not published a second time."""
+    asyncio.run(_seed(db_url))
+    with running_stub() as stub:
+        trainer = trainer_for(db_url, engine_home, [stub.url], tmp_path / "checkpoints", poll_interval_s=0.05)
+        publish = trainer.publisher.publish
+        calls = 0
+
+        async def publish_then_lose_the_connection(conn: asyncpg.Connection, save: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            published = await publish(conn, save)
+            admin = await asyncpg.connect(dsn(db_url))
+            try:
+                await admin.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+            finally:
+                await admin.close()
+            return published
+
+        trainer.publisher.publish = publish_then_lose_the_connection  # type: ignore[method-assign]
+        outcome = asyncio.run(trainer.step_once())
+        assert outcome is not None and outcome.step is not None and outcome.version == 1
+        assert calls == 1, "the update was published twice"
+        assert set(stub.adapters) == {"policy-v1"}
+    versions = sql(db_url, "SELECT version, status FROM policy_versions")
+    assert [tuple(r) for r in versions] == [(1, "live")]
+    (step,) = sql(db_url, "SELECT step, policy_out FROM training_steps")
+    assert step["policy_out"] == 1
+    consumed = sql(db_url, "SELECT consumed_by_step, count(*) FROM rollouts GROUP BY 1")
+    assert [tuple(r) for r in consumed] == [(step["step"], 8)]
 
 
 def _worker_slots(proxy: Proxy) -> dict[int, Path]:
@@ -189,10 +244,10 @@ def _worker_slots(proxy: Proxy) -> dict[int, Path]:
     return slots
 
 
-def test_a_proxy_worker_killed_with_kill_9_loses_nothing_it_spooled(tmp_path: Path) -> None:
-    pg = EmbeddedPostgres(tmp_path / "pg")
-    url = pg.ensure_running()
-    asyncio.run(upgrade(url))
+def test_a_proxy_worker_killed_with_kill_9_loses_nothing_it_spooled(
+    tmp_path: Path, own_pg: tuple[EmbeddedPostgres, str]
+) -> None:
+    pg, url = own_pg
     with running_stub() as stub:
         proxy = start_proxy(tmp_path / "home", url, _config(stub.url), args=["--workers", "2"])
         try:
@@ -217,7 +272,7 @@ def test_a_proxy_worker_killed_with_kill_9_loses_nothing_it_spooled(tmp_path: Pa
                 what="a new worker",
             )
             ids += asyncio.run(_burst(base, proxy.key, 10))  # a burst across the restart too
-            pg.ensure_running()
+            _restart(pg, url)
             rows = eventually(
                 lambda: (
                     (r := sql(url, "SELECT span_id, response_id FROM llm_calls")) and len(r) >= len(ids) and r
@@ -230,7 +285,13 @@ def test_a_proxy_worker_killed_with_kill_9_loses_nothing_it_spooled(tmp_path: Pa
             assert sql(url, "SELECT count(*) FROM spans")[0][0] == len(ids)
         finally:
             proxy.stop()
-            pg.stop()
+
+
+def _can_mount_a_small_disk(folder: Path) -> bool:
+    probe = subprocess.run(
+        [*_on_a_small_disk(folder, 65536), "true"], capture_output=True, timeout=30, check=False
+    )
+    return probe.returncode == 0
 
 
 def _on_a_small_disk(folder: Path, size: int) -> list[str]:
@@ -252,10 +313,12 @@ def _on_a_small_disk(folder: Path, size: int) -> list[str]:
     ]
 
 
-def test_a_full_spool_disk_keeps_serving_counts_drops_and_says_why(tmp_path: Path) -> None:
-    pg = EmbeddedPostgres(tmp_path / "pg")
-    url = pg.ensure_running()
-    asyncio.run(upgrade(url))
+def test_a_full_spool_disk_keeps_serving_counts_drops_and_says_why(
+    tmp_path: Path, own_pg: tuple[EmbeddedPostgres, str]
+) -> None:
+    if not _can_mount_a_small_disk(tmp_path / "probe"):
+        pytest.skip("this machine allows no mount namespace (unshare --user --mount): no small disk to fill")
+    pg, url = own_pg
     home = tmp_path / "home"
     with running_stub() as stub:
         proxy = start_proxy(
@@ -287,7 +350,7 @@ def test_a_full_spool_disk_keeps_serving_counts_drops_and_says_why(tmp_path: Pat
             assert "No space left on device" in seen["writer"]["degraded"], seen["writer"]
             metrics = httpx.get(f"{proxy.url}/metrics", headers=proxy.headers).text
             assert 'lightloop_writer_rows_total{outcome="dropped"}' in metrics
-            pg.ensure_running()
+            _restart(pg, url)
             # Postgres is back: the writer drains its memory and what it could spool, and says so.
             eventually(lambda: health()["status"] == "ok", timeout_s=90, what="healthy again")
             final = health()["writer"]
@@ -300,7 +363,6 @@ def test_a_full_spool_disk_keeps_serving_counts_drops_and_says_why(tmp_path: Pat
             assert final["rows_dropped"] > 0
         finally:
             proxy.stop()
-            pg.stop()
 
 
 def _metric(text: str, outcome: str) -> int:

@@ -397,3 +397,7 @@ def test_only_the_end_of_a_stream_is_held_back() -> None:
     # [DONE] cut over two pieces: its start waits for the rest.
     assert _split_done(chunk + b"data: [DO") == (chunk, b"data: [DO")
     assert _split_done(b"data: [DO" + b"NE]\n\n") == (b"", b"data: [DONE]\n\n")
+    # Half an event waits for its end: a stream broken off here leaves the agent whole events.
+    assert _split_done(chunk + b'data: {"choi') == (chunk, b'data: {"choi')
+    crlf = b'data: {"choices": []}\r\n\r\n'
+    assert _split_done(crlf + b"data: [DONE]\r\n\r\n") == (crlf, b"data: [DONE]\r\n\r\n")
