@@ -101,6 +101,16 @@ logs() { compose logs --no-color --tail 40 "$@" >&2 || true; }
 cleanup() { compose down -v --remove-orphans >/dev/null 2>&1 || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
+# A missing secret stops compose before anything starts, naming it.
+grep -v '^POSTGRES_PASSWORD=' "$ENV_FILE" >"$WORK/no-secret.env"
+if "${COMPOSE[@]}" --project-name "$PROJECT" --env-file "$WORK/no-secret.env" -f deploy/compose.yaml config \
+    >/dev/null 2>"$WORK/config.log"; then
+    die "compose config accepted an env file without POSTGRES_PASSWORD"
+fi
+grep -q "set POSTGRES_PASSWORD in deploy/.env" "$WORK/config.log" \
+    || { cat "$WORK/config.log" >&2; die "compose config did not name the missing POSTGRES_PASSWORD"; }
+say "ok: compose config without POSTGRES_PASSWORD stops, naming it"
+
 say "compose up"
 compose up -d --no-build >/dev/null 2>"$WORK/up.log" || { cat "$WORK/up.log" >&2; logs; die "compose up failed"; }
 set -a; . "$ENV_FILE"; set +a

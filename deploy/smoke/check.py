@@ -131,8 +131,17 @@ def finish(rollout: str, reward: float) -> None:
         raise Failed("proxy", f"finish {rollout}: {answer.status_code} {answer.text[:300]}")
 
 
+def runs_as_10001() -> None:
+    for service in ("engine", "proxy", "trainer"):
+        uid = compose("exec", "-T", service, "id", "-u").strip()
+        if uid != "10001":
+            raise Failed(service, f"runs as uid {uid}, not the image's non-root user 10001")
+    ok("engine, proxy and trainer run as the image's user 10001")
+
+
 def main() -> None:
     wait_healthy()
+    runs_as_10001()
     # A call through the published port, recorded with the engine's token ids.
     response_id = call("smoke-1")
     finish("smoke-1", 1.0)
