@@ -21,12 +21,22 @@ trap 'rm -rf "$WORK"' EXIT
 say() { printf 'smoke: %s\n' "$*"; }
 die() { printf 'smoke: FAILED: %s\n' "$*" >&2; exit 1; }
 
+# Debian packages, installed when missing (as root; the package lists refreshed if need be).
+install_packages() {
+    [ "$(id -u)" = 0 ] || die "$* missing, and installing them needs root"
+    say "installing $* from Debian's packages"
+    export DEBIAN_FRONTEND=noninteractive
+    timeout 900 apt-get install -y -q "$@" >"$WORK/apt.log" 2>&1 \
+        || { timeout 300 apt-get update -q >>"$WORK/apt.log" 2>&1 && timeout 900 apt-get install -y -q "$@" >>"$WORK/apt.log" 2>&1; } \
+        || { tail -5 "$WORK/apt.log" >&2; die "apt-get could not install $*"; }
+}
+
 # -- Docker and Compose --------------------------------------------------------------------------
-if ! command -v dockerd >/dev/null || ! command -v docker-compose >/dev/null && ! docker compose version >/dev/null 2>&1; then
-    [ "$(id -u)" = 0 ] || die "Docker or Compose is missing and installing them needs root"
-    say "installing Docker and Compose from Debian's packages"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io docker-compose debootstrap >/dev/null \
-        || die "apt-get could not install docker.io docker-compose debootstrap"
+if ! command -v dockerd >/dev/null; then
+    install_packages docker.io
+fi
+if ! command -v docker-compose >/dev/null && ! docker compose version >/dev/null 2>&1; then
+    install_packages docker-compose
 fi
 if ! docker info >/dev/null 2>&1; then
     say "starting dockerd"
@@ -52,7 +62,7 @@ export DOCKER_BUILDKIT=1 COMPOSE_DOCKER_CLI_BUILD=1
 available() { docker image inspect "$1" >/dev/null 2>&1 || timeout 60 docker pull -q "$1" >/dev/null 2>&1; }
 if ! available "$PYTHON_IMAGE"; then
     say "$PYTHON_IMAGE cannot be pulled: building a stand-in from Debian bookworm"
-    command -v debootstrap >/dev/null || die "debootstrap is missing (apt-get install debootstrap)"
+    command -v debootstrap >/dev/null || install_packages debootstrap
     timeout 900 debootstrap --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates \
         bookworm "$WORK/rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 \
         || { tail -5 "$WORK/debootstrap.log" >&2; die "cannot build the Python stand-in: no Debian mirror at $MIRROR"; }
