@@ -16,7 +16,7 @@ PYTHON_IMAGE=python:3.11-slim-bookworm
 POSTGRES_IMAGE=postgres:18
 MIRROR=${SMOKE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+trap 'rm -rf --one-file-system "$WORK"' EXIT
 
 say() { printf 'smoke: %s\n' "$*"; }
 die() { printf 'smoke: FAILED: %s\n' "$*" >&2; exit 1; }
@@ -46,9 +46,11 @@ if ! docker info >/dev/null 2>&1; then
 fi
 # A client that builds with BuildKit: buildx's, or Debian's (BuildKit built in) where the client
 # first on PATH is a newer one without buildx.
+DOCKER=docker
 if ! docker buildx version >/dev/null 2>&1 && [ -x /usr/bin/docker ]; then
-    docker() { /usr/bin/docker "$@"; }
+    DOCKER=/usr/bin/docker
 fi
+docker() { "$DOCKER" "$@"; }  # `timeout` runs binaries, not functions: it is given "$DOCKER"
 if docker compose version >/dev/null 2>&1; then
     COMPOSE=(docker compose)
 else
@@ -59,7 +61,7 @@ say "using $("${COMPOSE[@]}" version --short 2>/dev/null || "${COMPOSE[@]}" vers
 export DOCKER_BUILDKIT=1 COMPOSE_DOCKER_CLI_BUILD=1
 
 # -- stand-ins for images no registry serves -----------------------------------------------------
-available() { docker image inspect "$1" >/dev/null 2>&1 || timeout 60 docker pull -q "$1" >/dev/null 2>&1; }
+available() { docker image inspect "$1" >/dev/null 2>&1 || timeout 60 "$DOCKER" pull -q "$1" >/dev/null 2>&1; }
 if ! available "$PYTHON_IMAGE"; then
     say "$PYTHON_IMAGE cannot be pulled: building a stand-in from Debian bookworm"
     command -v debootstrap >/dev/null || install_packages debootstrap
@@ -70,11 +72,15 @@ if ! available "$PYTHON_IMAGE"; then
     cp /etc/ssl/certs/ca-certificates.crt "$WORK/rootfs/etc/ssl/certs/ca-certificates.crt"
     tar -C "$WORK/rootfs" -c . | docker import \
         --change 'ENV LANG=C.UTF-8' --change 'ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt' \
-        --change 'CMD ["python3"]' - "$PYTHON_IMAGE" >/dev/null
+        --change 'CMD ["python3"]' --change 'LABEL lightloop.smoke.standin=python' - "$PYTHON_IMAGE" >/dev/null
 fi
-if ! available "$POSTGRES_IMAGE"; then
+# The Postgres stand-in is built again each run (from the build cache: seconds), so that a change
+# to deploy/smoke/postgres takes effect; an image that is not a stand-in is left alone.
+standin() { [ -n "$(docker image inspect -f '{{index .Config.Labels "lightloop.smoke.standin"}}' "$1" 2>/dev/null)" ]; }
+if standin "$POSTGRES_IMAGE" || ! available "$POSTGRES_IMAGE"; then
     say "$POSTGRES_IMAGE cannot be pulled: building a stand-in from Debian's PostgreSQL"
-    docker build -q --build-arg BASE_IMAGE="$PYTHON_IMAGE" -t "$POSTGRES_IMAGE" deploy/smoke/postgres >/dev/null \
+    timeout 900 "$DOCKER" build -q --build-arg BASE_IMAGE="$PYTHON_IMAGE" --label lightloop.smoke.standin=postgres \
+        -t "$POSTGRES_IMAGE" deploy/smoke/postgres >/dev/null \
         || die "cannot build the Postgres stand-in"
 fi
 
@@ -88,14 +94,17 @@ if ! timeout 20 "$PYTHON" -c "import urllib.request; urllib.request.urlopen('htt
 fi
 say "building lightloop:cpu"
 started=$(date +%s)
-docker build -q -f deploy/Dockerfile --target cpu "${build_args[@]}" -t lightloop:cpu . >/dev/null \
+timeout 1800 "$DOCKER" build -q -f deploy/Dockerfile --target cpu "${build_args[@]}" -t lightloop:cpu . >/dev/null \
     || die "docker build of lightloop:cpu failed"
 say "built lightloop:cpu in $(( $(date +%s) - started )) s: $(docker image inspect lightloop:cpu --format '{{.Size}}' | awk '{printf "%.2f GB", $1/1e9}')"
 
 # -- the stack ---------------------------------------------------------------------------------------
 ENV_FILE="$WORK/smoke.env"
-PROXY_PORT=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-POSTGRES_PORT=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+read -r PROXY_PORT POSTGRES_PORT < <("$PYTHON" -c '
+import socket
+a, b = socket.socket(), socket.socket()
+a.bind(("127.0.0.1", 0)); b.bind(("127.0.0.1", 0))
+print(a.getsockname()[1], b.getsockname()[1])')
 cat >"$ENV_FILE" <<EOF
 POSTGRES_PASSWORD=$("$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(16))')
 LITELLM_MASTER_KEY=sk-$("$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(32))')
@@ -105,15 +114,17 @@ POSTGRES_PORT=$POSTGRES_PORT
 POLICY_BASE_MODEL=tiny
 ENGINE_MODEL=tiny
 EOF
-compose() { "${COMPOSE[@]}" --project-name "$PROJECT" --env-file "$ENV_FILE" -f deploy/compose.yaml "$@"; }
-export -f compose 2>/dev/null || true
+# Variables compose reads from the environment before the env file: the smoke's stack is its own.
+CLEAN_ENV=(env -u POSTGRES_PASSWORD -u LITELLM_MASTER_KEY -u LIGHTLOOP_IMAGE -u LIGHTLOOP_GPU_IMAGE \
+    -u BIND_ADDRESS -u COMPOSE_FILE -u COMPOSE_PROFILES -u COMPOSE_PROJECT_NAME -u PROXY_PORT -u POSTGRES_PORT)
+compose() { timeout 900 "${CLEAN_ENV[@]}" "${COMPOSE[@]}" --project-name "$PROJECT" --env-file "$ENV_FILE" -f deploy/compose.yaml "$@"; }
 logs() { compose logs --no-color --tail 40 "$@" >&2 || true; }
-cleanup() { compose down -v --remove-orphans >/dev/null 2>&1 || true; rm -rf "$WORK"; }
+cleanup() { compose down -v --remove-orphans >/dev/null 2>&1 || true; rm -rf --one-file-system "$WORK"; }
 trap cleanup EXIT
 
 # A missing secret stops compose before anything starts, naming it.
 grep -v '^POSTGRES_PASSWORD=' "$ENV_FILE" >"$WORK/no-secret.env"
-if "${COMPOSE[@]}" --project-name "$PROJECT" --env-file "$WORK/no-secret.env" -f deploy/compose.yaml config \
+if "${CLEAN_ENV[@]}" "${COMPOSE[@]}" --project-name "$PROJECT" --env-file "$WORK/no-secret.env" -f deploy/compose.yaml config \
     >/dev/null 2>"$WORK/config.log"; then
     die "compose config accepted an env file without POSTGRES_PASSWORD"
 fi
@@ -121,9 +132,10 @@ grep -q "set POSTGRES_PASSWORD in deploy/.env" "$WORK/config.log" \
     || { cat "$WORK/config.log" >&2; die "compose config did not name the missing POSTGRES_PASSWORD"; }
 say "ok: compose config without POSTGRES_PASSWORD stops, naming it"
 
+compose down -v --remove-orphans >/dev/null 2>&1 || true  # what an aborted run left behind
 say "compose up"
 compose up -d --no-build >/dev/null 2>"$WORK/up.log" || { cat "$WORK/up.log" >&2; logs; die "compose up failed"; }
 set -a; . "$ENV_FILE"; set +a
 export SMOKE_PROJECT="$PROJECT" SMOKE_COMPOSE="${COMPOSE[*]}" SMOKE_ENV_FILE="$ENV_FILE"
-"$PYTHON" deploy/smoke/check.py || die "the checks failed (above, with the service's last log lines)"
+timeout 3600 "$PYTHON" deploy/smoke/check.py || die "the checks failed (above, with the service's last log lines)"
 say "passed"

@@ -72,10 +72,12 @@ def until(check: Callable[[], T | None], timeout_s: float, service: str, what: s
 
 
 def container_state(service: str) -> dict[str, Any]:
-    ids = compose("ps", "-q", service).split()
+    ids = compose("ps", "-a", "-q", service).split()
     if not ids:
         return {}
-    inspected = subprocess.run(["docker", "inspect", ids[0]], capture_output=True, text=True, check=True)
+    inspected = subprocess.run(
+        ["docker", "inspect", ids[0]], capture_output=True, text=True, check=True, timeout=60
+    )
     state: dict[str, Any] = json.loads(inspected.stdout)[0]["State"]
     return state
 
@@ -113,7 +115,11 @@ def sql(query: str, *args: Any) -> list[asyncpg.Record]:
 def call(rollout: str, group: str | None = None) -> str:
     headers = {"x-lightloop-group": group, "x-lightloop-group-size": "4"} if group else {}
     client = openai.OpenAI(
-        base_url=f"{PROXY}/rollout/{rollout}/v1", api_key=KEY, max_retries=2, default_headers=headers
+        base_url=f"{PROXY}/rollout/{rollout}/v1",
+        api_key=KEY,
+        max_retries=2,
+        default_headers=headers,
+        timeout=60,
     )
     answer = client.chat.completions.create(
         model="policy", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4
@@ -156,6 +162,8 @@ def main() -> None:
     )
     if reward.status_code != 200:
         raise Failed("proxy", f"reward: {reward.status_code} {reward.text[:300]}")
+    if not sql("SELECT 1 FROM rewards WHERE rollout_id = 'smoke-1' AND value = 0.5"):
+        raise Failed("proxy", "the reward is not in the rewards table")
     ok("a reward by response id is recorded")
     # Enough rewarded groups for a step (rewards differ within each group: none is flat).
     for g in range(8):
@@ -170,24 +178,23 @@ def main() -> None:
         "a training step",
     )[0]
     ok(f"the trainer recorded step {step['step']}, version {step['policy_out']}")
-    served = until(
-        lambda: (
-            (r := call("smoke-after"))
-            and sql("SELECT policy_version FROM llm_calls WHERE response_id = $1", r)
-        ),
-        120,
-        "engine",
-        "a call served by the new version",
-    )
-    version = served[0]["policy_version"]
-    if version is None or version < step["policy_out"]:  # the trainer may have gone on meanwhile
-        raise Failed("engine", f"served version {version}, older than {step['policy_out']}")
+
+    def served_new_version() -> int | None:
+        response = call("smoke-after")
+        finish("smoke-after", 1.0)  # the sync point: the call's row is written
+        rows = sql("SELECT policy_version FROM llm_calls WHERE response_id = $1", response)
+        version = rows[0]["policy_version"] if rows else None
+        # The trainer may have gone on meanwhile: a newer version is as good.
+        return version if version is not None and version >= step["policy_out"] else None
+
+    version = until(served_new_version, 120, "engine", "a call served by the trained version")
     ok(f"the engine serves the trained version (v{version}) through the proxy")
     # A restart of the proxy loses no call: with Postgres stopped, calls are served and spooled,
     # and the spool, on the lightloop-home volume, outlives the restart.
     compose("stop", "postgres")
     before = [call(f"smoke-restart-{i}") for i in range(5)]
-    compose("restart", "proxy")
+    # Recreated, not just restarted: only what is on a volume outlives a new container.
+    compose("up", "-d", "--no-build", "--no-deps", "--force-recreate", "proxy")
     until(
         lambda: container_state("proxy").get("Health", {}).get("Status") == "healthy",
         300,
@@ -203,7 +210,7 @@ def main() -> None:
         "proxy",
         "the calls made while Postgres was stopped, replayed after the proxy's restart",
     )
-    ok(f"docker compose restart proxy lost no call: {len(found)} of 5 made with Postgres stopped")
+    ok(f"a new proxy container lost no call: {len(found)} of 5 made with Postgres stopped were replayed")
     count = sql("SELECT count(*) FROM llm_calls")[0][0]
     compose("down")
     compose("up", "-d", "--no-build")
@@ -218,7 +225,7 @@ def main() -> None:
         text=True,
         check=True,
     ).stdout.split()
-    containers = compose("ps", "-q").split()
+    containers = compose("ps", "-a", "-q").split()
     if left or containers:
         raise Failed("compose", f"down -v left volumes {left} and containers {containers}")
     ok("down -v left no container and no volume")
@@ -227,9 +234,15 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except Failed as exc:
-        print(f"smoke: FAILED ({exc.service}): {exc}", file=sys.stderr)
-        if exc.service in (*SERVICES, "migrate"):
+    except Exception as exc:  # every failure ends with the services' logs
+        service = exc.service if isinstance(exc, Failed) else "all"
+        print(f"smoke: FAILED ({service}): {type(exc).__name__}: {exc}", file=sys.stderr)
+        if service == "all":
+            logs = subprocess.run(
+                [*COMPOSE, "logs", "--no-color", "--tail", "20"], capture_output=True, text=True, check=False
+            )
+            print(logs.stdout[-8000:], file=sys.stderr)
+        elif service in (*SERVICES, "migrate"):
             logs = subprocess.run(
                 [*COMPOSE, "logs", "--no-color", "--tail", "40", exc.service],
                 capture_output=True,

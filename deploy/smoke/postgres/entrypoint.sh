@@ -3,7 +3,8 @@
 # initdb with POSTGRES_USER / POSTGRES_PASSWORD, create POSTGRES_DB, accept password logins over
 # TCP; then run the server as the postgres user, in the foreground.
 set -eu
-: "${POSTGRES_PASSWORD:?POSTGRES_PASSWORD is required}"
+# As the official image: options alone ("-c x=y") are the server's.
+case "${1:-postgres}" in -*) set -- postgres "$@" ;; esac
 user="${POSTGRES_USER:-postgres}"
 db="${POSTGRES_DB:-$user}"
 as_postgres() { setpriv --reuid=postgres --regid=postgres --init-groups "$@"; }
@@ -11,7 +12,9 @@ mkdir -p "$PGDATA" /run/postgresql
 chown -R postgres:postgres "$(dirname "$PGDATA")" /run/postgresql
 chmod 700 "$PGDATA"
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
+    : "${POSTGRES_PASSWORD:?POSTGRES_PASSWORD is required to initialise the database}"
     pwfile=$(mktemp)
+    trap 'rm -f "$pwfile"' EXIT
     printf '%s' "$POSTGRES_PASSWORD" > "$pwfile"
     chown postgres "$pwfile"
     as_postgres initdb -D "$PGDATA" --username="$user" --pwfile="$pwfile" --auth-local=trust \
