@@ -28,7 +28,6 @@ import httpx
 import openai
 import psutil
 import pytest
-import yaml
 
 from lightloop.store import EmbeddedPostgres, upgrade
 from lightloop.store.database import dsn
@@ -36,7 +35,7 @@ from lightloop.store.writer import WRITABLE, _decode
 from tests.conftest import LIGHTLOOP, REPO
 from tests.e2e.conftest import Proxy, clean_env, eventually, start_proxy, wait_healthy
 from tests.e2e.test_proxy import HI, sql
-from tests.e2e.test_trainer import _seed, trainer_for
+from tests.e2e.test_trainer import _seed, trainer_config, trainer_for
 from tests.support.stub_engine import free_port, running_stub
 
 pytestmark = pytest.mark.timeout(300)
@@ -150,21 +149,7 @@ def test_postgres_restarted_between_claim_and_record_trains_each_rollout_once(
     asyncio.run(_seed(url))
     with running_stub() as stub:
         stub.lora_status = "hold"  # the trainer stops in publish: after its claim, before its record
-        config = tmp_path / "lightloop.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "policy": [{"name": "policy", "base_model": "tiny", "upstreams": [stub.url]}],
-                    "trainer": {
-                        "model": "tiny",
-                        "poll_interval_s": 0.2,
-                        "groups_per_step": 4,
-                        "lora_rank": 4,
-                    },
-                    "writer": {"retry_interval_s": 0.2},
-                }
-            )
-        )
+        config = trainer_config(tmp_path, stub.url)
         env = {**clean_env(), "LIGHTLOOP_HOME": str(engine_home), "LIGHTLOOP_DATABASE_URL": url}
         with open(tmp_path / "trainer.log", "wb") as log:
             trainer = subprocess.Popen(

@@ -40,6 +40,15 @@ def trainer_for(db_url: str, engine_home: Path, engines: list[str], root: Path, 
     return Trainer(config, "policy", db_url, backend, publisher, name="test-trainer")
 
 
+def trainer_config(folder: Path, engine: str, **trainer: Any) -> Path:
+    """A lightloop.yaml for `lightloop trainer` on `tiny` against one engine, small steps."""
+    config = folder / "lightloop.yaml"
+    settings = {"model": "tiny", "poll_interval_s": 0.2, "groups_per_step": 4, "lora_rank": 4, **trainer}
+    policy = [{"name": "policy", "base_model": "tiny", "upstreams": [engine]}]
+    config.write_text(yaml.safe_dump({"policy": policy, "trainer": settings}))
+    return config
+
+
 def play(proxy_url: str, key: str, groups: int = 2, per_group: int = 4, prefix: str = "") -> None:
     """An agent: a few rollouts per task through the proxy, each finished with a reward."""
     client = openai.OpenAI(base_url=f"{proxy_url}/v1", api_key=key, max_retries=0)
@@ -327,21 +336,7 @@ def test_kill_9_mid_publish_then_restart_loses_nothing_and_trains_once(
     asyncio.run(_seed(db_url))
     with running_stub() as stub:
         stub.lora_status = "hold"  # the trainer blocks in publish, after its update
-        config = tmp_path / "lightloop.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "policy": [{"name": "policy", "base_model": "tiny", "upstreams": [stub.url]}],
-                    "trainer": {
-                        "model": "tiny",
-                        "lease_s": 1.0,
-                        "poll_interval_s": 0.2,
-                        "groups_per_step": 4,
-                        "lora_rank": 4,
-                    },
-                }
-            )
-        )
+        config = trainer_config(tmp_path, stub.url, lease_s=1.0)
         env = {**clean_env(), "LIGHTLOOP_HOME": str(engine_home), "LIGHTLOOP_DATABASE_URL": db_url}
         log = open(tmp_path / "trainer.log", "wb")  # noqa: SIM115 - closed below
         first = subprocess.Popen(
