@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
 from lightloop.store.errors import Conflict, NotFound
+from lightloop.store.text import dump_json, storable_text
 
 # The reward that training uses: a reward posted under this name (the default) also becomes
 # rollouts.reward; other names (tests_passed, latency, ...) are kept for analysis only.
@@ -117,7 +117,7 @@ async def finish_rollout(
             rollout_id,
             status,
             reward,
-            json.dumps(metadata or {}),
+            dump_json(metadata or {}),
         )
         if row["attempt"] is not None and current == "running":
             await conn.execute(
@@ -126,7 +126,7 @@ async def finish_rollout(
                 rollout_id,
                 row["attempt"],
                 status,
-                None if (metadata or {}).get("error") is None else str((metadata or {})["error"]),
+                None if (error := (metadata or {}).get("error")) is None else storable_text(str(error)),
             )
     return bool(current == "running")
 

@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 
 from lightloop.store.errors import NotFound
+from lightloop.store.text import dump_json
 
 SPLITS = ("train", "val")
 _COUNTED = {"queued": "queued", "running": "running", "succeeded": "done", "failed": "failed"}
@@ -81,7 +82,7 @@ async def load_tasks(
         raise ValueError("group size must be at least 1")
     if epochs is not None and epochs < 0:
         raise ValueError("epochs must be 0 (until stopped) or more")
-    rows = [(dataset, split, task_id(t), json.dumps(t), group_size if split == "train" else 1) for t in tasks]
+    rows = [(dataset, split, task_id(t), dump_json(t), group_size if split == "train" else 1) for t in tasks]
     seen: set[str] = set()
     for row in rows:
         if row[2] in seen:

@@ -43,8 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import orjson
-from sqlalchemy import DateTime, Table
+from sqlalchemy import DateTime, Table, Text
 from sqlalchemy.dialects.postgresql import JSONB
 
 from lightloop.settings import WriterSettings
@@ -52,6 +51,7 @@ from lightloop.store import database, marks
 from lightloop.store.errors import WriterUnavailable
 from lightloop.store.schema import metadata
 from lightloop.store.spool import Spool
+from lightloop.store.text import dump_json, storable_json, storable_text
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class TableSpec:
     name: str
     columns: tuple[str, ...]
     json_columns: tuple[int, ...]
+    text_columns: tuple[int, ...]
     time_columns: frozenset[int]
     # COPY writes every listed column, so a column a row leaves out takes the model's
     # Python-side default here (the same value its server default would give).
@@ -92,6 +93,7 @@ class TableSpec:
             name=table.name,
             columns=cols,
             json_columns=tuple(i for i, c in enumerate(table.columns) if isinstance(c.type, JSONB)),
+            text_columns=tuple(i for i, c in enumerate(table.columns) if isinstance(c.type, Text)),
             time_columns=frozenset(i for i, c in enumerate(table.columns) if isinstance(c.type, DateTime)),
             static_defaults=static,
             callable_defaults=tuple(dynamic),
@@ -514,20 +516,18 @@ def _stage_table(table: str) -> str:
     return f"_lightloop_stage_{table}"
 
 
-def _dumps(value: Any) -> str:
-    # orjson: about 5x the stdlib encoder on the proxy's request/response documents.
-    return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
-
-
 def _to_copy(spec: TableSpec, record: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The record as COPY takes it: JSON columns as text (asyncpg's jsonb codec takes str)."""
-    if not spec.json_columns:
-        return record
+    """The record as COPY takes it: JSON columns as text (asyncpg's jsonb codec takes str), and
+    no U+0000 in any text or JSON value, since Postgres refuses it (store/text.py)."""
     values = list(record)
     for i in spec.json_columns:
         v = values[i]
-        if v is not None and not isinstance(v, str):
-            values[i] = _dumps(v)
+        if v is not None:
+            values[i] = storable_json(v) if isinstance(v, str) else dump_json(v)
+    for i in spec.text_columns:
+        v = values[i]
+        if isinstance(v, str):
+            values[i] = storable_text(v)
     return tuple(values)
 
 
@@ -537,7 +537,7 @@ def _encode(batch: Batch) -> bytes:
 
 def _encode_value(value: Any) -> Any:
     """What JSON cannot hold: times as ISO text, anything else as its str(), as the database
-    path's JSON encoder does (`_dumps`), so that no value can stop the spool."""
+    path's JSON encoder does (`dump_json`), so that no value can stop the spool."""
     if isinstance(value, datetime):
         return value.isoformat()
     return str(value)

@@ -85,3 +85,11 @@ async def test_concurrent_rewards_and_finish_do_not_lose_updates(
         await pool.close()
     assert await conn.fetchval("SELECT count(*) FROM rewards WHERE rollout_id = 'r4'") == 20
     assert await conn.fetchval("SELECT status FROM rollouts WHERE id = 'r4'") == "succeeded"
+
+
+async def test_a_failure_whose_error_holds_nul_is_recorded(conn: asyncpg.Connection) -> None:
+    # An agent's exception text can carry U+0000 (a tool's binary output); Postgres refuses it.
+    await conn.execute("INSERT INTO rollouts (id) VALUES ('r5')")
+    assert await finish_rollout(conn, "r5", "failed", metadata={"error": "bad \x00 bytes"}) is True
+    row = await conn.fetchrow("SELECT status, metadata->>'error' AS error FROM rollouts WHERE id = 'r5'")
+    assert (row["status"], row["error"]) == ("failed", "bad \ufffd bytes")

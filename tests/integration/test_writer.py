@@ -213,6 +213,31 @@ async def test_a_value_the_driver_cannot_encode_is_kept_aside_not_retried_foreve
     assert not writer.spool.has_pending()
 
 
+async def test_a_call_whose_text_holds_nul_is_written_not_refused(
+    writer: BatchWriter, conn: asyncpg.Connection
+) -> None:
+    # Seen in CI: the tiny model sampled a token that decodes to U+0000, and Postgres refused the
+    # whole call (jsonb cannot hold \u0000), so the rollout was trained without it.
+    rollout = str(uuid.uuid4())
+    writer.submit("rollouts", {"id": rollout, "metadata": {"note": "a\x00"}})
+    writer.submit("spans", span(1, rollout, name="chat\x00", attributes={"gen_ai.completion": "\x00"}))
+    nul_call = call("c-nul", rollout, seq=0) | {
+        "request": {"messages": [{"role": "tool", "content": "bytes \x00\x01 of a file"}]},
+        "response": {"choices": [{"message": {"content": "ok\x00"}}]},
+        "finish_reason": "stop\x00",
+    }
+    writer.submit("llm_calls", nul_call)
+    await writer.flush()
+    assert writer.stats.rows_rejected == 0
+    row = await conn.fetchrow("SELECT * FROM llm_calls WHERE span_id = 'c-nul'")
+    assert json.loads(row["request"])["messages"][0]["content"] == "bytes \ufffd\x01 of a file"
+    assert json.loads(row["response"])["choices"][0]["message"]["content"] == "ok\ufffd"
+    assert row["finish_reason"] == "stop\ufffd"
+    assert row["prompt_token_ids"] == list(range(1000)) and row["completion_token_ids"] == [1, 2, 3]
+    assert await conn.fetchval("SELECT name FROM spans WHERE rollout_id = $1", rollout) == "chat\ufffd"
+    assert await conn.fetchval("SELECT metadata->>'note' FROM rollouts WHERE id = $1", rollout) == "a\ufffd"
+
+
 async def spooled_then_landed(w: BatchWriter, conn: asyncpg.Connection, table: str, n: int) -> None:
     """The writer replays its spool by itself once Postgres takes the rows again (bounded poll)."""
     for _ in range(500):

@@ -47,3 +47,20 @@ def test_json_columns_are_serialised_for_copy() -> None:
 def test_undecodable_spool_data_raises() -> None:
     with pytest.raises(KeyError):
         _decode(b'{"no_such_table": []}')
+
+
+def test_no_nul_reaches_copy_in_any_text_or_json_column() -> None:
+    spec = SPECS["llm_calls"]
+    values = {c: None for c in spec.columns} | {
+        "span_id": "s",
+        "model": "m\x00",
+        "request": {"messages": [{"role": "user", "content": "read \x00 this"}]},
+        "response": '{"choices": [{"message": {"content": "\\u0000"}}]}',
+        "finish_reason": "stop\x00",
+        "completion_token_ids": [0, 1],
+    }
+    copied = dict(zip(spec.columns, _to_copy(spec, tuple(values[c] for c in spec.columns)), strict=True))
+    assert copied["model"] == "m\ufffd" and copied["finish_reason"] == "stop\ufffd"
+    assert json.loads(copied["request"])["messages"][0]["content"] == "read \ufffd this"
+    assert json.loads(copied["response"])["choices"][0]["message"]["content"] == "\ufffd"
+    assert copied["completion_token_ids"] == [0, 1]
