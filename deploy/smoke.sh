@@ -92,11 +92,22 @@ if ! timeout 20 "$PYTHON" -c "import urllib.request; urllib.request.urlopen('htt
         || die "no torch wheel for the image: neither PyTorch's index nor a local wheel"
     build_args=(--build-arg TORCH_INDEX_URL=none)
 fi
-say "building lightloop:cpu"
-started=$(date +%s)
-timeout 1800 "$DOCKER" build -q -f deploy/Dockerfile --target cpu "${build_args[@]}" -t lightloop:cpu . >/dev/null \
-    || die "docker build of lightloop:cpu failed"
-say "built lightloop:cpu in $(( $(date +%s) - started )) s: $(docker image inspect lightloop:cpu --format '{{.Size}}' | awk '{printf "%.2f GB", $1/1e9}')"
+# serve (proxy, engine, migrate) first; cpu (the trainer) is built on its layers.
+size() { docker image inspect "$1" --format '{{.Size}}' | awk '{printf "%.2f GB", $1/1e9}'; }
+for target in serve cpu; do
+    say "building lightloop:$target"
+    started=$(date +%s)
+    timeout 1800 "$DOCKER" build -q -f deploy/Dockerfile --target "$target" "${build_args[@]}" -t "lightloop:$target" . >/dev/null \
+        || die "docker build of lightloop:$target failed"
+    say "built lightloop:$target in $(( $(date +%s) - started )) s: $(size "lightloop:$target")"
+done
+# The lean image holds what serving imports and nothing of training's.
+docker run --rm --entrypoint python lightloop:serve -c 'import importlib.util as u, sys
+import lightloop.proxy.server, lightloop.engine.server, lightloop.runner
+held = [m for m in ("verl", "ray", "matplotlib") if u.find_spec(m)]
+sys.exit(f"lightloop:serve holds {held}" if held else 0)' \
+    || die "lightloop:serve is not lean: it cannot import the proxy and engine, or it holds VERL, Ray or matplotlib"
+say "ok: lightloop:serve imports the proxy, engine and runner, without VERL, Ray or matplotlib"
 
 # -- the stack ---------------------------------------------------------------------------------------
 ENV_FILE="$WORK/smoke.env"
@@ -115,7 +126,7 @@ POLICY_BASE_MODEL=tiny
 ENGINE_MODEL=tiny
 EOF
 # Variables compose reads from the environment before the env file: the smoke's stack is its own.
-CLEAN_ENV=(env -u POSTGRES_PASSWORD -u LITELLM_MASTER_KEY -u LIGHTLOOP_IMAGE -u LIGHTLOOP_GPU_IMAGE \
+CLEAN_ENV=(env -u POSTGRES_PASSWORD -u LITELLM_MASTER_KEY -u LIGHTLOOP_IMAGE -u LIGHTLOOP_TRAINER_IMAGE -u LIGHTLOOP_GPU_IMAGE \
     -u BIND_ADDRESS -u COMPOSE_FILE -u COMPOSE_PROFILES -u COMPOSE_PROJECT_NAME -u PROXY_PORT -u POSTGRES_PORT)
 compose() { timeout 900 "${CLEAN_ENV[@]}" "${COMPOSE[@]}" --project-name "$PROJECT" --env-file "$ENV_FILE" -f deploy/compose.yaml "$@"; }
 logs() { compose logs --no-color --tail 40 "$@" >&2 || true; }

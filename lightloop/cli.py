@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import os
@@ -345,11 +346,24 @@ def trainer(ctx: click.Context, max_steps: int | None, check: bool, max_age: flo
         # Kept free of the trainer's imports (torch): health checks run it every few seconds.
         _check_heartbeat(settings.trainer_heartbeat, max_age)
         return
+    _require_training()
     from lightloop.trainer.daemon import serve
 
     url = _database_url(settings)
     _migrate_if_reachable(url)
     serve(settings, url, max_steps)
+
+
+def _require_training() -> None:
+    """Training needs the `train` extra, which the proxy and engine image (`lightloop:serve`) and
+    a plain `pip install lightloop` leave out: one clear line instead of an ImportError at the
+    first step."""
+    missing = [m for m in ("verl", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise LightloopError(
+            f"training needs the 'train' extra ({', '.join(missing)} not installed): "
+            "pip install 'lightloop[train]', or use the lightloop:cpu image"
+        )
 
 
 def _check_heartbeat(path: Path, max_age_s: float) -> None:
@@ -378,6 +392,8 @@ def up(ctx: click.Context, engine: bool, with_trainer: bool) -> None:
     from lightloop.stack import running_stack
 
     settings = _settings(ctx)
+    if with_trainer:
+        _require_training()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -719,6 +735,7 @@ def demo(
     from lightloop.proxy.server import master_key
     from lightloop.stack import running_stack
 
+    _require_training()
     settings = _settings(ctx)
     # SIGTERM must unwind like Ctrl-C, so that the stack this command started is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

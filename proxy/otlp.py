@@ -24,6 +24,7 @@ PROTOBUF = b"application/x-protobuf"
 
 _KINDS = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
 _STATUS = {0: "UNSET", 1: "OK", 2: "ERROR"}
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 # zlib's window bits: 16 + MAX_WBITS reads a gzip member, MAX_WBITS a zlib stream (HTTP's deflate).
@@ -63,10 +64,21 @@ def decode(body: bytes, content_type: bytes | None) -> tuple[list[dict[str, Any]
             request.ParseFromString(body)
         except DecodeError as exc:
             raise BadRequest(f"the body is not an OTLP ExportTraceServiceRequest: {exc}") from None
-        return spans_from_json(json_format.MessageToDict(request), ids_base64=True), True
+        return _spans(json_format.MessageToDict(request), ids_base64=True), True
     if media == b"application/json":
-        return spans_from_json(parse_json_object(body), ids_base64=False), False
+        return _spans(parse_json_object(body), ids_base64=False), False
     raise BadRequest("Content-Type must be application/x-protobuf or application/json (OTLP/HTTP)")
+
+
+def _spans(data: dict[str, Any], *, ids_base64: bool) -> list[dict[str, Any]]:
+    """The one boundary for a body of the wrong shape (a list where an object belongs, a number
+    that is not one): the sender's error, a 400 naming it, never a 500."""
+    try:
+        return spans_from_json(data, ids_base64=ids_base64)
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError, OSError) as exc:
+        raise BadRequest(
+            f"the body is not a valid OTLP ExportTraceServiceRequest: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def encode_response(protobuf: bool) -> tuple[bytes, bytes]:
@@ -96,7 +108,10 @@ def _value(v: Any) -> Any:
     if "boolValue" in v:
         return bool(v["boolValue"])
     if "intValue" in v:
-        return int(v["intValue"])
+        value = int(v["intValue"])
+        if not _INT64_MIN <= value <= _INT64_MAX:  # OTLP's intValue is an int64
+            raise BadRequest(f"intValue {str(value)[:40]} is outside the 64-bit range")
+        return value
     if "doubleValue" in v:
         return float(v["doubleValue"])
     if "arrayValue" in v:
@@ -119,7 +134,7 @@ def _time(value: Any) -> datetime | None:
         return None
     try:
         return datetime.fromtimestamp(int(value) / 1e9, UTC)
-    except (TypeError, ValueError, OverflowError):
+    except (TypeError, ValueError, OverflowError, OSError):  # OSError: a year past 9999
         raise BadRequest(f"time {str(value)[:40]!r} is not nanoseconds since the epoch") from None
 
 
@@ -129,6 +144,11 @@ def _enum(value: Any, names: dict[int, str], prefix: str) -> str | None:
     if isinstance(value, int):
         return names.get(value, str(value))
     return str(value).removeprefix(prefix)
+
+
+def _str_or_none(value: Any) -> str | None:
+    """A text column's value from an attribute of any type."""
+    return None if value is None or value == "" else str(value)
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -161,7 +181,7 @@ def spans_from_json(data: dict[str, Any], *, ids_base64: bool) -> list[dict[str,
                         "start_time": start,
                         "end_time": _time(s.get("endTimeUnixNano")),
                         "status_code": _enum(status.get("code"), _STATUS, "STATUS_CODE_") or "UNSET",
-                        "status_message": status.get("message") or None,
+                        "status_message": _str_or_none(status.get("message")),
                         "attributes": attrs,
                         "events": [
                             {
@@ -174,9 +194,11 @@ def spans_from_json(data: dict[str, Any], *, ids_base64: bool) -> list[dict[str,
                         ]
                         or None,
                         "resource": resource or None,
-                        "scope": scope,
+                        "scope": _str_or_none(scope),
                         "rollout_id": str(rollout) if rollout is not None else None,
-                        "model": attrs.get("gen_ai.request.model") or attrs.get("gen_ai.response.model"),
+                        "model": _str_or_none(
+                            attrs.get("gen_ai.request.model") or attrs.get("gen_ai.response.model")
+                        ),
                         "input_tokens": _int_or_none(attrs.get("gen_ai.usage.input_tokens")),
                         "output_tokens": _int_or_none(attrs.get("gen_ai.usage.output_tokens")),
                     }

@@ -374,8 +374,11 @@ class BatchWriter:
             self.stats.rows_written += written
 
     def _spool_batch(self, batch: Batch, rows: int) -> None:
-        self.spool.append(_encode(batch))
-        self.stats.rows_spooled += rows
+        encodable, refused = _for_spool(batch)
+        for table, record, exc in refused:
+            self._reject(table, record, exc)
+        self.spool.append(_encode(encodable))
+        self.stats.rows_spooled += rows - len(refused)
 
     async def _replay(self) -> bool:
         """Write spooled batches in order; False when Postgres is (still) unavailable."""
@@ -451,14 +454,7 @@ class BatchWriter:
                         except Exception as exc:
                             if not database.is_bad_row(exc):
                                 raise
-                            self._count_error(exc)
-                            self.stats.rows_rejected += 1
-                            self.spool.reject(_encode({table: [record]}), f"{type(exc).__name__}: {exc}")
-                            log.error(
-                                "row refused and kept in %s: %s",
-                                self.spool.dir / "rejected.jsonl",
-                                exc,
-                            )
+                            self._reject(table, record, exc)
         except Exception as exc:
             if database.is_unavailable(exc) or database.is_transient(exc) or conn.is_closed():
                 self._lost_connection(exc)
@@ -466,6 +462,12 @@ class BatchWriter:
             raise
         self.stats.batches_written += 1
         return written
+
+    def _reject(self, table: str, record: tuple[Any, ...], exc: BaseException) -> None:
+        self._count_error(exc)
+        self.stats.rows_rejected += 1
+        self.spool.reject(_encode_rejected(table, record), f"{type(exc).__name__}: {exc}")
+        log.error("row refused and kept in %s: %s", self.spool.dir / "rejected.jsonl", exc)
 
     async def _connection(self) -> asyncpg.Connection | None:
         if self._conn is not None and not self._conn.is_closed():
@@ -531,16 +533,44 @@ def _to_copy(spec: TableSpec, record: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(values)
 
 
+def _for_spool(batch: Batch) -> tuple[Batch, list[tuple[str, tuple[Any, ...], Exception]]]:
+    """The batch as the database path would COPY it (`_to_copy`: JSON columns already JSON text,
+    by the same encoder), so that a spooled row and a written one are the same bytes; and the
+    rows that encoder refuses (an integer past 64 bits, a key that is not text), which would be
+    refused at replay too: they are kept aside now instead of stopping the spool."""
+    ready: Batch = {}
+    refused: list[tuple[str, tuple[Any, ...], Exception]] = []
+    for table, records in batch.items():
+        spec = SPECS[table]
+        for record in records:
+            try:
+                ready.setdefault(table, []).append(_to_copy(spec, record))
+            except (TypeError, ValueError) as exc:  # orjson's JSONEncodeError is a TypeError
+                refused.append((table, record, exc))
+    return ready, refused
+
+
 def _encode(batch: Batch) -> bytes:
+    """A spool line. Columns other than JSON ones keep their types (stdlib JSON writes the
+    infinities a logprob can be, which COPY takes back as float8)."""
     return json.dumps(batch, default=_encode_value, separators=(",", ":")).encode()
 
 
 def _encode_value(value: Any) -> Any:
     """What JSON cannot hold: times as ISO text, anything else as its str(), as the database
-    path's JSON encoder does (`dump_json`), so that no value can stop the spool."""
+    path's JSON encoder does (`dump_json`)."""
     if isinstance(value, datetime):
         return value.isoformat()
     return str(value)
+
+
+def _encode_rejected(table: str, record: tuple[Any, ...]) -> bytes:
+    """A refused row for rejected.jsonl, whatever it holds: as a spool line when it can be one,
+    else as its repr, so that keeping it aside cannot fail too."""
+    try:
+        return _encode({table: [record]})
+    except (TypeError, ValueError):
+        return json.dumps({table: repr(record)}).encode()
 
 
 def _decode(line: bytes) -> Batch:

@@ -170,3 +170,19 @@ def test_trainer_check_fails_without_a_heartbeat_and_passes_with_a_fresh_one(tmp
     os.utime(beat, (0, 0))
     stale = run("trainer", "--check", "--max-age", "30", env=env)
     assert stale.returncode == 1 and "limit 30 s" in stale.stderr
+
+
+@pytest.mark.parametrize("command", [["trainer"], ["up"], ["demo", "--model", "tiny"]])
+def test_training_without_the_train_extra_is_one_clear_line(command: list[str], tmp_path: Path) -> None:
+    # What a plain `pip install lightloop`, or the lean lightloop:serve image, gives: VERL and
+    # matplotlib absent (a None in sys.modules is how Python marks a module as not importable).
+    hide = "import sys\nsys.modules['verl'] = sys.modules['matplotlib'] = None\n"
+    (tmp_path / "sitecustomize.py").write_text(hide)
+    env = {"PYTHONPATH": str(tmp_path), "LIGHTLOOP_HOME": str(tmp_path / "home")}
+    result = run(*command, env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.strip() == (
+        "lightloop: error: training needs the 'train' extra (verl, matplotlib not installed): "
+        "pip install 'lightloop[train]', or use the lightloop:cpu image"
+    )
+    assert not (tmp_path / "home").exists()  # nothing was started before the check

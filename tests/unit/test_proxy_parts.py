@@ -189,6 +189,55 @@ def test_otlp_bad_spans_are_refused(span: dict[str, str]) -> None:
         )
 
 
+_GOOD_SPAN = {
+    "traceId": "0102030405060708090a0b0c0d0e0f10",
+    "spanId": "0102030405060708",
+    "startTimeUnixNano": "1",
+}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"resourceSpans": 5},
+        {"resourceSpans": [5]},
+        {"resourceSpans": [{"scopeSpans": [{"spans": [{**_GOOD_SPAN, "status": 5}]}]}]},
+        {"resourceSpans": [{"scopeSpans": [{"spans": [{**_GOOD_SPAN, "startTimeUnixNano": "9" * 26}]}]}]},
+        *(
+            {
+                "resourceSpans": [
+                    {"scopeSpans": [{"spans": [{**_GOOD_SPAN, "attributes": [{"key": "k", "value": v}]}]}]}
+                ]
+            }
+            for v in (
+                {"intValue": "abc"},
+                {"intValue": None},
+                {"intValue": str(2**64)},
+                {"doubleValue": "x"},
+                {"arrayValue": [1]},
+                {"kvlistValue": 3},
+            )
+        ),
+    ],
+)
+def test_an_otlp_body_of_the_wrong_shape_is_a_bad_request_not_a_crash(body: dict[str, object]) -> None:
+    with pytest.raises(BadRequest, match=r"OTLP|64-bit|time"):
+        otlp.decode(json.dumps(body).encode(), b"application/json")
+
+
+def test_otlp_attributes_of_any_type_land_in_text_columns_as_text() -> None:
+    span = {
+        **_GOOD_SPAN,
+        "attributes": [{"key": "gen_ai.request.model", "value": {"intValue": "7"}}],
+        "status": {"code": 2, "message": {"nested": 1}},
+    }
+    (row,), _ = otlp.decode(
+        json.dumps({"resourceSpans": [{"scopeSpans": [{"scope": {"name": 5}, "spans": [span]}]}]}).encode(),
+        b"application/json",
+    )
+    assert (row["model"], row["status_message"], row["scope"]) == ("7", "{'nested': 1}", "5")
+
+
 def test_otlp_protobuf_ids_are_base64_in_its_json_mapping() -> None:
     assert base64.b64decode("AQIDBAUGBwg=") == bytes(range(1, 9))
     with pytest.raises(BadRequest):

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from lightloop.store.writer import SPECS, BatchWriter, _decode, _encode, _to_copy
+from lightloop.store.writer import SPECS, BatchWriter, _decode, _encode, _for_spool, _to_copy
 
 
 def test_rows_take_model_defaults_for_missing_columns(tmp_path: object) -> None:
@@ -64,3 +64,33 @@ def test_no_nul_reaches_copy_in_any_text_or_json_column() -> None:
     assert json.loads(copied["request"])["messages"][0]["content"] == "read \ufffd this"
     assert json.loads(copied["response"])["choices"][0]["message"]["content"] == "\ufffd"
     assert copied["completion_token_ids"] == [0, 1]
+
+
+def test_a_spooled_row_reaches_copy_as_the_same_values_as_a_written_one() -> None:
+    spec = SPECS["llm_calls"]
+    values = {c: None for c in spec.columns} | {
+        "span_id": "s",
+        "request": {"messages": [{"role": "user", "content": "caf\u00e9 \x00", "n": 1.5}]},
+        "response": {"k": [None, True, 2**62]},
+        "completion_logprobs": [-math.inf, -0.25],
+        "created_at": datetime(2026, 1, 2, tzinfo=UTC),
+    }
+    record = tuple(values[c] for c in spec.columns)
+    ready, refused = _for_spool({"llm_calls": [record]})
+    assert not refused
+    (replayed,) = _decode(_encode(ready))["llm_calls"]
+    assert _to_copy(spec, replayed) == _to_copy(spec, record)
+
+
+def test_the_spool_refuses_only_the_rows_the_json_encoder_refuses() -> None:
+    spec = SPECS["spans"]
+
+    def row(span_id: str, n: int) -> tuple[object, ...]:
+        return tuple(
+            ({c: None for c in spec.columns} | {"span_id": span_id, "attributes": {"k": n}}).values()
+        )
+
+    good, bad = row("a", 1), row("b", 2**64)
+    ready, refused = _for_spool({"spans": [good, bad]})
+    assert [r[0] for r in ready["spans"]] == ["a"]
+    assert [(t, r[0]) for t, r, _ in refused] == [("spans", "b")]
