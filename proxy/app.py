@@ -21,7 +21,7 @@ from urllib.parse import parse_qs
 
 import asyncpg
 
-from lightloop.proxy import routes
+from lightloop.proxy import routes, stats
 from lightloop.proxy.attribution import HEADER_ROLLOUT, Attribution, resolve
 from lightloop.proxy.auth import request_key
 from lightloop.proxy.errors import BadRequest, MethodNotAllowed, NotFound, ProxyError, Unauthorized
@@ -203,6 +203,23 @@ class ProxyApp:
         return await routes.post_traces(
             r.body, content_type, encoding, self.recorder, send, self.settings.proxy.max_body_bytes
         )
+
+    async def _serve_stats_overview(self, r: Request, send: Send) -> int:
+        return await stats.get_overview(
+            r.scope, self._db, self.recorder, self.upstreams, self.settings.policy, send
+        )
+
+    async def _serve_stats_rewards(self, r: Request, send: Send) -> int:
+        return await stats.get_rewards(self._db, send)
+
+    async def _serve_stats_steps(self, r: Request, send: Send) -> int:
+        return await stats.get_steps(r.scope, self._db, send)
+
+    async def _serve_stats_rollouts(self, r: Request, send: Send) -> int:
+        return await stats.get_rollouts(r.scope, self._db, send)
+
+    async def _serve_stats_rollout(self, r: Request, send: Send) -> int:
+        return await stats.get_rollout(r.params["id"], self._db, send)
 
     async def _serve_metrics(self, r: Request, send: Send) -> int:
         return await routes.get_metrics(self.metrics, send)

@@ -8,6 +8,11 @@ class ProxyError(LightloopError):
     status = 500
     type = "internal_error"
 
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        # The request parameter at fault (OpenAI's `error.param`), so a form can mark it.
+        self.param = param
+
 
 class BadRequest(ProxyError):
     status = 400

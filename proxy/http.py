@@ -84,11 +84,13 @@ async def respond_json(send: Send, status: int, data: Any) -> None:
     await respond(send, status, orjson.dumps(data))
 
 
-def error_body(message: str, type_: str, status: int) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": type_, "param": None, "code": status}})
+def error_body(message: str, type_: str, status: int, param: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": status}})
 
 
 async def error_response(send: Send, exc: ProxyError) -> None:
     """The one place a proxy error becomes an HTTP answer."""
     extra = [(b"www-authenticate", b"Bearer")] if exc.status == 401 else []
-    await respond(send, exc.status, error_body(str(exc), exc.type, exc.status), extra_headers=extra)
+    await respond(
+        send, exc.status, error_body(str(exc), exc.type, exc.status, exc.param), extra_headers=extra
+    )

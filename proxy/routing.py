@@ -49,6 +49,13 @@ TABLE: tuple[Route, ...] = (
     Route("GET", "/v1/datasets", "datasets"),
     Route("GET", "/v1/datasets/{name}", "dataset"),
     Route("POST", "/v1/traces", "traces"),
+    # The dashboard's figures, as JSON (proxy/stats.py): admin keys, since they read every
+    # agent's data.
+    Route("GET", "/v1/stats/overview", "stats_overview", scope="admin"),
+    Route("GET", "/v1/stats/rewards", "stats_rewards", scope="admin"),
+    Route("GET", "/v1/stats/steps", "stats_steps", scope="admin"),
+    Route("GET", "/v1/stats/rollouts", "stats_rollouts", scope="admin"),
+    Route("GET", "/v1/stats/rollouts/{id}", "stats_rollout", scope="admin"),
     Route("GET", "/metrics", "metrics", scope="admin"),
     Route("GET", "/health", "health"),
 )

@@ -88,3 +88,32 @@ class Upstreams:
         if last_status is not None:
             raise UpstreamUnavailable(f"the engine failed: {last_error}")
         raise UpstreamFailed(f"no engine reachable after {self.retries + 1} tries; last: {last_error}")
+
+    async def probe(self, base: str, api_key: str | None = None, timeout_s: float = 2.0) -> dict[str, object]:
+        """An engine's health and the models it serves (LoRA adapters included: vLLM and the CPU
+        engine list them in /v1/models), for the dashboard; never raises."""
+        headers = {"accept-encoding": "identity"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        session = self.session()
+        try:
+            async with session.get(base + "/health", timeout=timeout) as health:
+                healthy = health.status == 200
+            async with session.get(base + "/v1/models", headers=headers, timeout=timeout) as listed:
+                if listed.status != 200:
+                    return {
+                        "url": base,
+                        "healthy": healthy,
+                        "error": f"/v1/models answered {listed.status}",
+                        "models": [],
+                    }
+                models = [m.get("id") for m in (await listed.json(content_type=None)).get("data", [])]
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, AttributeError) as exc:
+            return {
+                "url": base,
+                "healthy": False,
+                "error": f"{type(exc).__name__}: {exc}"[:200],
+                "models": [],
+            }
+        return {"url": base, "healthy": healthy, "models": models}
