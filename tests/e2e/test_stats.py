@@ -16,6 +16,7 @@ from tests.e2e.test_proxy import sql
 from tests.support.stub_engine import StubEngine, running_stub
 
 NOW = datetime.now(UTC)
+VERSION = "coalesce((SELECT min(policy_version) FROM llm_calls WHERE rollout_id = id), policy_version)"
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +61,17 @@ def seed(db: str) -> None:
         mode = "val" if i % 5 == 0 else "train"
         status = ("succeeded", "failed", "running", "queued")[i % 4]
         reward = None if status in ("running", "queued") else round((i % 7) / 6, 3)
-        rows.append((f"r{i:02d}", dataset, mode, status, reward, i % 3, f"agent-{i % 2}", NOW - timedelta(minutes=i)))
+        rows.append(
+            (f"r{i:02d}", dataset, mode, status, reward, i % 3, f"agent-{i % 2}", NOW - timedelta(minutes=i))
+        )
     sql(
         db,
-        """INSERT INTO rollouts (id, dataset, mode, status, reward, policy_version, agent, created_at, task_id)
+        """INSERT INTO rollouts
+               (id, dataset, mode, status, reward, policy_version, agent, created_at, task_id)
            SELECT id, dataset, mode, status, reward, version, agent, created_at, 't1'
-           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::int[], $7::text[],
-                       $8::timestamptz[]) AS x (id, dataset, mode, status, reward, version, agent, created_at)""",
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::int[],
+                       $7::text[], $8::timestamptz[])
+                AS x (id, dataset, mode, status, reward, version, agent, created_at)""",
         *[list(col) for col in zip(*rows, strict=True)],
     )
     # r12 had its calls served by version 2 (the call's version wins over the hand-out's).
@@ -93,7 +98,8 @@ def seed(db: str) -> None:
     # The agent's own span: no rollout id, tied by the trace it shares with the proxy's spans.
     sql(
         db,
-        "INSERT INTO spans (span_id, trace_id, name, start_time) VALUES ('agent-span', $1, 'tool.search', $2)",
+        "INSERT INTO spans (span_id, trace_id, name, start_time) "
+        "VALUES ('agent-span', $1, 'tool.search', $2)",
         trace,
         NOW - timedelta(seconds=11),
     )
@@ -155,7 +161,10 @@ def test_the_overview_shows_versions_activity_queue_writer_and_engines(proxy: Pr
 
 def test_steps_come_oldest_first_with_their_metrics(proxy: Proxy) -> None:
     steps = get(proxy, "/v1/stats/steps")["data"]
-    assert [(s["step"], s["loss"], s["metrics"]["grad_norm"]) for s in steps] == [(1, 0.5, 1.5), (2, 0.4, 1.2)]
+    assert [(s["step"], s["loss"], s["metrics"]["grad_norm"]) for s in steps] == [
+        (1, 0.5, 1.5),
+        (2, 0.4, 1.2),
+    ]
     assert [s["step"] for s in get(proxy, "/v1/stats/steps", limit=1)["data"]] == [2]
 
 
@@ -166,14 +175,17 @@ def test_steps_come_oldest_first_with_their_metrics(proxy: Proxy) -> None:
         ({"dataset": "math", "mode": "train"}, "dataset = 'math' AND mode = 'train'"),
         ({"status": "succeeded", "reward_min": "0.3"}, "status = 'succeeded' AND reward >= 0.3"),
         ({"reward_max": "0.5", "agent": "agent-1"}, "reward <= 0.5 AND agent = 'agent-1'"),
-        ({"version": "2"}, "coalesce((SELECT min(policy_version) FROM llm_calls WHERE rollout_id = id), policy_version) = 2"),
-        ({"since": (NOW - timedelta(minutes=10, seconds=30)).isoformat()}, "created_at >= now() - interval '10 minutes 30 seconds'"),
+        ({"version": "2"}, f"{VERSION} = 2"),
+        ({"since": (NOW - timedelta(minutes=10, seconds=30)).isoformat()},
+         "created_at >= now() - interval '10 minutes 30 seconds'"),
     ],
 )  # fmt: skip
 def test_rollouts_filtered_and_paged_newest_first(
     proxy: Proxy, module_db: str, params: dict[str, str], where: str
 ) -> None:
-    expected = [r["id"] for r in sql(module_db, f"SELECT id FROM rollouts WHERE {where} ORDER BY created_at DESC")]
+    expected = [
+        r["id"] for r in sql(module_db, f"SELECT id FROM rollouts WHERE {where} ORDER BY created_at DESC")
+    ]
     first = get(proxy, "/v1/stats/rollouts", page_size=4, **params)
     assert first["total"] == len(expected)
     ids = [r["id"] for r in first["data"]]
@@ -210,7 +222,9 @@ def test_one_rollout_with_its_calls_spans_rewards_and_task(proxy: Proxy) -> None
         ({"reward_min": "1", "reward_max": "0"}, "reward_min"),
     ],
 )
-def test_a_filter_that_does_not_parse_is_a_400_naming_it(proxy: Proxy, params: dict[str, str], param: str) -> None:
+def test_a_filter_that_does_not_parse_is_a_400_naming_it(
+    proxy: Proxy, params: dict[str, str], param: str
+) -> None:
     answer = httpx.get(f"{proxy.url}/v1/stats/rollouts", params=params, headers=proxy.headers)
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
