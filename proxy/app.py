@@ -21,7 +21,7 @@ from urllib.parse import parse_qs
 
 import asyncpg
 
-from lightloop.proxy import routes, stats
+from lightloop.proxy import routes, stats, ui
 from lightloop.proxy.attribution import HEADER_ROLLOUT, Attribution, resolve
 from lightloop.proxy.auth import request_key
 from lightloop.proxy.errors import BadRequest, MethodNotAllowed, NotFound, ProxyError, Unauthorized
@@ -46,6 +46,7 @@ from lightloop.proxy.metrics import Metrics
 from lightloop.proxy.queue import TaskQueue
 from lightloop.proxy.recorder import Recorder
 from lightloop.proxy.routing import TABLE, Route, match
+from lightloop.proxy.session import read_session, session_cookie, session_secret
 from lightloop.proxy.upstream import Upstreams
 from lightloop.proxy.versions import LiveVersions
 from lightloop.settings import Settings
@@ -108,6 +109,7 @@ class ProxyApp:
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
         self.keys = Keys(self.master_key, self._db, settings.proxy.key_cache_s)
+        self.session_secret = session_secret(self.master_key)
         self.queue = TaskQueue(settings.queue, settings.trainer, self.versions, self.recorder, self._db)
 
     # -- ASGI ----------------------------------------------------------------------------------
@@ -134,7 +136,11 @@ class ProxyApp:
                 await self._litellm_lane(scope, receive, send, path, None)
         except ProxyError as exc:
             status = exc.status
-            await error_response(send, exc)
+            found = match(path)
+            if found is not None and found[0].ui:
+                await ui.error_page(send, exc)
+            else:
+                await error_response(send, exc)
         except ClientGone:
             status = 499
         finally:
@@ -153,9 +159,17 @@ class ProxyApp:
             raise BadRequest(f"{route.path} is not served under /rollout/{{id}}; use it at the root")
         if scope["method"] != route.method:
             raise MethodNotAllowed(f"{route.path} takes {route.method}")
-        caller = await self._caller(scope)
-        require(caller, route.scope, route.documented)
+        caller = None
+        if route.scope != "public":
+            try:
+                caller = await self._caller(scope, route)
+            except Unauthorized:
+                if route.ui:  # a page without a session: the sign-in form, then back here
+                    return route.name, await ui.to_sign_in(send, scope)
+                raise
+            require(caller, route.scope, route.documented)
         if route.operation is not None:
+            assert caller is not None
             return route.name, await self._completions(
                 route, params, path, attribution, caller, scope, receive, send
             )
@@ -221,6 +235,36 @@ class ProxyApp:
     async def _serve_stats_rollout(self, r: Request, send: Send) -> int:
         return await stats.get_rollout(r.params["id"], self._db, send)
 
+    async def _serve_ui_overview(self, r: Request, send: Send) -> int:
+        return await ui.page(send, "overview")
+
+    async def _serve_ui_training(self, r: Request, send: Send) -> int:
+        return await ui.page(send, "training")
+
+    async def _serve_ui_rollouts(self, r: Request, send: Send) -> int:
+        return await ui.page(send, "rollouts")
+
+    async def _serve_ui_rollout(self, r: Request, send: Send) -> int:
+        rollout_id = r.params["id"]
+        if not await stats.rollout_exists(rollout_id, self._db):
+            raise NotFound(f"There is no rollout {rollout_id!r}.")
+        return await ui.page(send, "rollout", rollout_id=rollout_id)
+
+    async def _serve_ui_datasets(self, r: Request, send: Send) -> int:
+        return await ui.page(send, "datasets")
+
+    async def _serve_ui_login(self, r: Request, send: Send) -> int:
+        return await ui.sign_in_form(r.scope, send)
+
+    async def _serve_ui_session(self, r: Request, send: Send) -> int:
+        return await ui.sign_in(r.scope, r.body, self.keys, self.master_key, self.session_secret, send)
+
+    async def _serve_ui_logout(self, r: Request, send: Send) -> int:
+        return await ui.sign_out(r.scope, send)
+
+    async def _serve_ui_static(self, r: Request, send: Send) -> int:
+        return await ui.static(r.params["file"], send)
+
     async def _serve_metrics(self, r: Request, send: Send) -> int:
         return await routes.get_metrics(self.metrics, send)
 
@@ -229,8 +273,22 @@ class ProxyApp:
         queue = {"reaper": "ok" if error is None else f"failing: {error}", **self.queue.reaped}
         return await routes.get_health(self.recorder, self.versions, queue, send)
 
-    async def _caller(self, scope: Scope) -> Caller:
-        caller = await self.keys.identify(request_key(scope))
+    async def _caller(self, scope: Scope, route: Route | None = None) -> Caller:
+        key = request_key(scope)
+        # The dashboard's session stands for a key on pages and on reads (GET) only: with
+        # SameSite=Strict no other site sends it, and nothing it opens writes.
+        cookie = (
+            session_cookie(scope)
+            if key is None and (scope.get("method") == "GET" or (route and route.ui))
+            else None
+        )
+        if cookie is not None:
+            key_digest = read_session(self.session_secret, cookie)
+            caller = None if key_digest is None else await self.keys.identify_digest(key_digest)
+            if caller is None:
+                raise Unauthorized("the dashboard session has expired or its key was revoked: sign in again")
+            return caller
+        caller = await self.keys.identify(key)
         if caller is None:
             raise Unauthorized("the API key is not valid for this proxy")
         return caller

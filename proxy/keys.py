@@ -58,6 +58,7 @@ class Keys:
         self._unknown: OrderedDict[str, float] = OrderedDict()
         self._memory = memory
         self._inflight: dict[str, asyncio.Task[Caller | None]] = {}
+        self._master_digest = digest(master_key)
 
     async def identify(self, key: bytes | None) -> Caller | None:
         """The caller holding `key`; None for a key lightloop does not make (not `sk-ll-...`).
@@ -72,6 +73,15 @@ class Keys:
         if caller is None:
             raise Unauthorized("the API key is revoked or was never issued")
         return caller
+
+    async def identify_digest(self, key_digest: str) -> Caller | None:
+        """The caller whose key has this digest (a dashboard session names its key so); None when
+        it is revoked or unknown. The master key is not in `api_keys`: its digest is compared."""
+        if hmac.compare_digest(key_digest, self._master_digest):
+            return MASTER
+        if not _DIGEST.fullmatch(key_digest):
+            return None
+        return await self._lookup(key_digest)
 
     async def _lookup(self, key_digest: str) -> Caller | None:
         now = time.monotonic()
@@ -135,6 +145,7 @@ class Keys:
 
 # What `lightloop keys create` makes: the prefix and 32 random bytes in URL-safe base64.
 _WELL_FORMED = re.compile(rb"sk-ll-[A-Za-z0-9_-]{43}")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 _UNKNOWN_MEMORY = 1_000
 # Longest a key lookup waits for a connection from the proxy's pool.
 _ACQUIRE_S = 5.0

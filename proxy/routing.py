@@ -17,8 +17,11 @@ class Route:
     # Other spellings clients use for the same route (OpenAI's SDKs without `/v1`).
     aliases: tuple[str, ...] = ()
     operation: str | None = None  # completions: chat or text_completion
-    # Who may call it: any valid key ("agent"), or only an admin key (the master key is one).
+    # Who may call it: any valid key ("agent"), only an admin key (the master key is one), or
+    # anyone ("public": the dashboard's sign-in form and its static files).
     scope: str = "agent"
+    # A dashboard page: errors are pages, and no session redirects to the sign-in form.
+    ui: bool = False
     pattern: re.Pattern[str] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -57,6 +60,16 @@ TABLE: tuple[Route, ...] = (
     Route("GET", "/v1/stats/rollouts", "stats_rollouts", scope="admin"),
     Route("GET", "/v1/stats/rollouts/{id}", "stats_rollout", scope="admin"),
     Route("GET", "/metrics", "metrics", scope="admin"),
+    # The dashboard (proxy/ui.py): pages for admin keys' sessions, the sign-in form, its files.
+    Route("GET", "/ui", "ui_overview", scope="admin", ui=True),
+    Route("GET", "/ui/training", "ui_training", scope="admin", ui=True),
+    Route("GET", "/ui/rollouts", "ui_rollouts", scope="admin", ui=True),
+    Route("GET", "/ui/rollouts/{id}", "ui_rollout", scope="admin", ui=True),
+    Route("GET", "/ui/datasets", "ui_datasets", scope="admin", ui=True),
+    Route("GET", "/ui/login", "ui_login", scope="public", ui=True),
+    Route("POST", "/ui/session", "ui_session", scope="public", ui=True),
+    Route("POST", "/ui/logout", "ui_logout", scope="public", ui=True),
+    Route("GET", "/ui/static/{file}", "ui_static", scope="public", ui=True),
     Route("GET", "/health", "health"),
 )
 

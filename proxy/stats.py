@@ -196,3 +196,12 @@ async def probe_engines(upstreams: Upstreams, policies: list[PolicyModelSettings
     ]
     answers = await asyncio.gather(*(upstreams.probe(upstream_base(url), key) for _, url, key in probes))
     return [{"policy": name, **answer} for (name, _, _), answer in zip(probes, answers, strict=True)]
+
+
+async def rollout_exists(rollout_id: str, pool: Pool) -> bool:
+    check_id(rollout_id, "rollout id")
+
+    async def read(conn: asyncpg.Connection) -> bool:
+        return await stats.rollout_exists(conn, rollout_id)
+
+    return bool(await with_db(pool, read))

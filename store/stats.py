@@ -227,3 +227,7 @@ async def rollout(conn: asyncpg.Connection, rollout_id: str) -> dict[str, Any] |
         )
     )
     return {**head, "calls": calls, "spans": spans, "rewards": rewards}
+
+
+async def rollout_exists(conn: asyncpg.Connection, rollout_id: str) -> bool:
+    return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM rollouts WHERE id = $1)", rollout_id))

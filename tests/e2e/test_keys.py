@@ -77,7 +77,12 @@ def keys(proxy: Proxy, module_db: str) -> dict[str, str]:
 
 
 def _fill(path: str) -> str:
-    return path.replace("{id}", "r-keys").replace("{name}", "no-such-dataset").replace("{model}", "policy")
+    return (
+        path.replace("{id}", "r-keys")
+        .replace("{name}", "no-such-dataset")
+        .replace("{model}", "policy")
+        .replace("{file}", "app.js")
+    )
 
 
 # Every route of lightloop's table, and a sample of LiteLLM's on the same port.
@@ -100,14 +105,24 @@ def test_every_route_with_no_key_a_revoked_key_an_agent_key_and_an_admin_key(
     proxy: Proxy, keys: dict[str, str], name: str
 ) -> None:
     route = ROUTES[name]
+    if route.scope == "public":  # the dashboard's sign-in form and files: no key asked
+        assert call(proxy, route, None).status_code not in (401, 403), name
+        return
     for key in (None, keys["revoked"], "sk-ll-never-issued"):
         answer = call(proxy, route, key)
+        if route.ui:  # a page: to the sign-in form, not a JSON 401
+            assert answer.status_code == 303 and answer.headers["location"].startswith("/ui/login?next="), (
+                name,
+                key,
+                answer.text,
+            )
+            continue
         assert answer.status_code == 401, (name, key, answer.text)
         assert answer.json()["error"]["type"] == "authentication_error"
     agent = call(proxy, route, keys["agent"])
     if route.scope == "admin":
         assert agent.status_code == 403, (name, agent.text)
-        assert "admin key" in agent.json()["error"]["message"]
+        assert "admin key" in (agent.text if route.ui else agent.json()["error"]["message"])
     else:
         assert agent.status_code not in (401, 403), (name, agent.text)
     for admin in (keys["admin"], proxy.key):  # the master key is an admin key
@@ -176,7 +191,8 @@ def test_the_keys_command_refuses_bad_input(proxy: Proxy, module_db: str) -> Non
 def test_litellm_management_routes_and_admin_ui_are_off(proxy: Proxy) -> None:
     for method, path in (
         ("POST", "/key/generate"),
-        ("GET", "/ui"),
+        # LiteLLM's admin UI lives under /ui, where lightloop's dashboard is (README, Dashboard).
+        ("GET", "/ui/_next/static/app.js"),
         ("POST", "/user/new"),
         ("GET", "/spend/logs"),
     ):
@@ -241,3 +257,44 @@ def test_a_policy_model_is_served_only_by_the_policy_lane(
         f"{proxy.url}/openai/deployments/other/chat/completions", json={"messages": HI}, headers=proxy.headers
     )
     assert other.status_code == 200, other.text
+
+
+def test_dashboard_sessions_are_for_admin_keys_reads_only_and_end_with_the_key(
+    proxy: Proxy, keys: dict[str, str], module_db: str
+) -> None:
+    def sign_in(key: str) -> httpx.Response:
+        return httpx.post(f"{proxy.url}/ui/session", data={"key": key, "next": "/ui/training"})
+
+    agent = sign_in(keys["agent"])
+    assert agent.status_code == 403 and "agent key" in agent.text and "set-cookie" not in agent.headers
+    assert sign_in("").status_code == 400
+    key = make_key(proxy.home, module_db, "admin", "ui-admin")
+    admin = sign_in(key)
+    assert admin.status_code == 303 and admin.headers["location"] == "/ui/training"
+    cookie = admin.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and key not in cookie
+    session = {"cookie": cookie.split(";")[0]}
+    assert httpx.get(f"{proxy.url}/v1/stats/steps", headers=session).status_code == 200
+    assert httpx.get(f"{proxy.url}/ui", headers=session).status_code == 200
+    # A session opens reads only: nothing that writes takes it in place of a key.
+    reward = httpx.post(f"{proxy.url}/v1/rewards", json={"rollout_id": "r", "value": 1}, headers=session)
+    assert reward.status_code == 401
+    # Elsewhere than the dashboard: not a path outside /ui.
+    assert sign_in(key).status_code == 303
+    assert (
+        httpx.post(f"{proxy.url}/ui/session", data={"key": key, "next": "//evil.example/ui"}).headers[
+            "location"
+        ]
+        == "/ui"
+    )
+    # A forged or tampered cookie is no session.
+    forged = {"cookie": session["cookie"][:-4] + "0000"}
+    assert httpx.get(f"{proxy.url}/v1/stats/steps", headers=forged).status_code == 401
+    # Revoking the key ends its sessions (within the key cache, 0.5 s here).
+    assert keys_cli(proxy.home, module_db, "revoke", "ui-admin").returncode == 0
+    eventually(
+        lambda: httpx.get(f"{proxy.url}/v1/stats/steps", headers=session).status_code == 401 or None,
+        timeout_s=10,
+        what="the revoked key's session refused",
+    )
+    assert httpx.get(f"{proxy.url}/ui", headers=session).headers["location"].startswith("/ui/login")
