@@ -235,6 +235,10 @@ class ProxyApp:
     async def _serve_stats_rollout(self, r: Request, send: Send) -> int:
         return await stats.get_rollout(r.params["id"], self._db, send)
 
+    async def _serve_stats_samples(self, r: Request, send: Send) -> int:
+        agents = self.settings.trainer.agents
+        return await stats.get_samples(r.params["id"], self._db, self.settings.policy, agents, send)
+
     async def _serve_ui_overview(self, r: Request, send: Send) -> int:
         return await ui.page(send, "overview")
 

@@ -59,6 +59,7 @@ TABLE: tuple[Route, ...] = (
     Route("GET", "/v1/stats/steps", "stats_steps", scope="admin"),
     Route("GET", "/v1/stats/rollouts", "stats_rollouts", scope="admin"),
     Route("GET", "/v1/stats/rollouts/{id}", "stats_rollout", scope="admin"),
+    Route("GET", "/v1/stats/rollouts/{id}/samples", "stats_samples", scope="admin"),
     Route("GET", "/metrics", "metrics", scope="admin"),
     # The dashboard (proxy/ui.py): pages for admin keys' sessions, the sign-in form, its files.
     Route("GET", "/ui", "ui_overview", scope="admin", ui=True),

@@ -21,7 +21,7 @@ from lightloop.proxy.recorder import Recorder
 from lightloop.proxy.routes import with_db
 from lightloop.proxy.upstream import Upstreams
 from lightloop.settings import PolicyModelSettings
-from lightloop.store import stats
+from lightloop.store import rollout_calls, stats
 
 Pool = Callable[[], Awaitable[asyncpg.Pool]]
 
@@ -205,3 +205,50 @@ async def rollout_exists(rollout_id: str, pool: Pool) -> bool:
         return await stats.rollout_exists(conn, rollout_id)
 
     return bool(await with_db(pool, read))
+
+
+async def get_samples(
+    rollout_id: str, pool: Pool, policies: list[PolicyModelSettings], agents: list[str], send: Send
+) -> int:
+    """The trainer's view of a rollout: its calls as a claim hands them over, rebuilt into samples
+    by the trainer's own code (the tokens trained on, and the context masked out)."""
+    # The trainer package imports torch (its backends): paid by the first view, not at start.
+    from lightloop.trainer.rebuild import rebuild, turns_from_calls
+
+    check_id(rollout_id, "rollout id")
+
+    async def read(conn: asyncpg.Connection) -> tuple[bool, list[Any]]:
+        return await stats.rollout_exists(conn, rollout_id), await rollout_calls(conn, rollout_id)
+
+    exists, calls = await with_db(pool, read)
+    if not exists:
+        raise NotFound(f"rollout {rollout_id!r} does not exist")
+    wanted = set(agents)
+
+    def trainable(call: Any) -> bool:  # as the trainer selects (LIGHTLOOP_TRAINER__AGENTS)
+        return not wanted or call["agent"] in wanted or call["model"] in wanted
+
+    out = []
+    for policy in policies:
+        own = [c for c in calls if c["model"] == policy.name]
+        if not own:
+            continue
+        samples, rebuilt = rebuild(rollout_id, turns_from_calls(own, trainable))
+        out.append(
+            {
+                "policy": policy.name,
+                "stats": rebuilt.as_dict(),
+                "samples": [
+                    {
+                        "prompt_len": s.prompt_len,
+                        "input_ids": s.input_ids,
+                        "loss_mask": s.loss_mask,
+                        "logprobs": s.logprobs,
+                        "policy_versions": sorted(s.policy_versions),
+                    }
+                    for s in samples
+                ],
+            }
+        )
+    await respond_json(send, 200, {"rollout_id": rollout_id, "policies": out})
+    return 200

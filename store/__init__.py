@@ -9,6 +9,7 @@ from lightloop.store.claims import (
     record_step,
     release_claim,
     release_expired,
+    rollout_calls,
 )
 from lightloop.store.database import connect, create_engine, create_pool, dsn, translated
 from lightloop.store.embedded import EmbeddedPostgres, resolve_database_url
@@ -151,6 +152,7 @@ __all__ = [
     "retire_version",
     "revoke_key",
     "reward_curve",
+    "rollout_calls",
     "run_sql",
     "set_live",
     "stage_version",

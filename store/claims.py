@@ -87,6 +87,12 @@ ORDER BY c.rollout_id, c.created_at, c.seq, c.choice_index
 """
 
 
+async def rollout_calls(conn: asyncpg.Connection, rollout_id: str) -> list[asyncpg.Record]:
+    """One rollout's calls exactly as a claim hands them to the trainer (the dashboard's
+    trainer's view rebuilds them with the trainer's own code)."""
+    return list(await conn.fetch(_CALLS_SQL, [rollout_id]))
+
+
 @dataclass(frozen=True)
 class ClaimedRollout:
     id: str

@@ -48,6 +48,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, stub: StubEngine, module_db:
     try:
         agent_run(p, stub, module_db)
         trained(module_db)
+        merged_rollout(module_db)
         yield p
     finally:
         p.stop()
@@ -91,6 +92,27 @@ def agent_run(proxy: Proxy, stub: StubEngine, db: str) -> None:
         lambda: len(sql(db, "SELECT 1 FROM llm_calls WHERE rollout_id = 'ui-1'")) == 2 or None,
         what="the agent's calls",
     )
+
+
+def merged_rollout(db: str) -> None:
+    """Two calls of one conversation as an engine records them: the second prompt holds the first
+    prompt, its completion and a tool result (4 tokens), so the trainer makes one sample of it."""
+    sql(db, "INSERT INTO rollouts (id, status, reward) VALUES ('tv-1', 'succeeded', 1)")
+    first_prompt, first, tool, second = [1, 2, 3], [11, 12, 13], [21, 22, 23, 24], [31, 32]
+    for seq, (prompt, completion) in enumerate(
+        ((first_prompt, first), (first_prompt + first + tool, second))
+    ):
+        sql(
+            db,
+            """INSERT INTO llm_calls (span_id, rollout_id, seq, model, request, prompt_token_ids,
+                                      completion_token_ids, completion_logprobs)
+               VALUES ($1, 'tv-1', $2, 'policy', '{}', $3, $4, $5)""",
+            f"tv-{seq}",
+            seq,
+            prompt,
+            completion,
+            [-0.5] * len(completion),
+        )
 
 
 def trained(db: str) -> None:
@@ -243,3 +265,14 @@ def test_a_page_with_no_data_says_so_and_signing_out_ends_the_session(page: Watc
     expect(p).to_have_url(re.compile(r"/ui/login$"))
     p.goto("/ui/training")
     expect(p).to_have_url(re.compile(r"/ui/login\?next=%2Fui%2Ftraining$"))
+
+
+def test_the_trainers_view_marks_trained_and_masked_tokens(page: Watched, proxy: Proxy) -> None:
+    p = sign_in(page, proxy.key)
+    p.goto("/ui/rollouts/tv-1")
+    expect(p.locator(".event.sample")).to_have_count(1)  # merged: one sample
+    expect(p.locator("#samples .tokens > .tok.trained")).to_have_count(5)  # both completions
+    expect(p.locator("#samples .tokens > .tok.masked")).to_have_count(4)  # the tool result
+    expect(p.locator("#samples .tok.trained").first).to_have_attribute("title", "id 11 · logprob -0.5000")
+    expect(p.locator(".event.sample")).to_contain_text("3 prompt tokens")
+    page.screenshot("trainers-view")

@@ -312,6 +312,8 @@ const pages = {
             table([["name", (w) => w.name], ["value", (w) => num(w.value), { num: true }], ["at", (w) => when(w.created_at)]], rollupRewards))
         : ""
     );
+    const view = await api("/v1/stats/rollouts/" + encodeURIComponent(id) + "/samples");
+    fill("samples", ...samplesView(view));
     return r.status === "running" || r.status === "queued";
   },
 
@@ -411,6 +413,35 @@ function spanView(s) {
       s.status_message || ""),
     h("details", {}, h("summary", {}, "attributes"), h("pre", {}, JSON.stringify(s.attributes || {}, null, 2)))
   );
+}
+
+// -- the trainer's view -----------------------------------------------------------------------
+
+function samplesView(view) {
+  if (!view.policies.length) return [empty("No call of this rollout went to a policy model: nothing to train on.")];
+  return view.policies.flatMap((p) => {
+    const st = p.stats;
+    const skipped = Object.entries(st).filter(([k, v]) => k.startsWith("skipped") && v).map(([k, v]) => `${k.replace(/_/g, " ")}: ${v}`);
+    const head = meta(h("strong", {}, `policy ${p.policy}`), `${p.samples.length} sample${p.samples.length === 1 ? "" : "s"}`,
+      `${st.calls} calls`, ...skipped);
+    if (!p.samples.length) return [h("div", { class: "event" }, head, empty("No sample: no call has token ids."))];
+    return p.samples.map((s, i) => {
+      const response = s.input_ids.slice(s.prompt_len);
+      const trained = s.loss_mask.filter((m) => m).length;
+      const tokens = response.map((id, j) =>
+        h("span", {
+          class: "tok " + (s.loss_mask[j] ? "trained" : "masked"),
+          title: s.loss_mask[j] ? `id ${id} · logprob ${num(s.logprobs[j], 4)}` : `id ${id} · context, not trained`,
+        }, String(id))
+      );
+      return h("div", { class: "event sample", "data-sample": String(i) }, i === 0 ? head : "",
+        meta(`sample ${i + 1}`, `${s.prompt_len} prompt tokens`, `${trained} trained`, `${response.length - trained} masked`,
+          s.policy_versions.length ? `served by v${s.policy_versions.join(", v")}` : ""),
+        h("details", {}, h("summary", {}, "prompt token ids"),
+          h("div", { class: "tokens" }, s.input_ids.slice(0, s.prompt_len).map((id) => h("span", { class: "tok prompt" }, String(id))))),
+        h("div", { class: "tokens" }, tokens));
+    });
+  });
 }
 
 // -- refresh -----------------------------------------------------------------------------------
