@@ -56,6 +56,9 @@ class Recorder:
         self._next_seq = _Lru(memory)
         # Ids handed out recently, so a reward naming one can wait for its rows to be written.
         self._recent_responses = _Lru(memory)
+        # The rollout of each trace an agent sent calls in (W3C traceparent): its own spans of
+        # that trace, sent by OTLP without a rollout id, are tied to the rollout by it.
+        self._trace_rollouts = _Lru(memory)
 
     def open(
         self,
@@ -102,6 +105,8 @@ class Recorder:
         seq = seq or 0
         self._next_seq.put(rollout_id, seq + 1)
         trace_id, parent = trace_context(traceparent)
+        if parent is not None:  # the agent's trace (a valid traceparent), not a new one
+            self._trace_rollouts.put(trace_id, rollout_id)
         return Call(
             span_id=new_span_id(),
             trace_id=trace_id,
@@ -159,6 +164,10 @@ class Recorder:
                 "finish one (POST /v1/rollouts/{id}/finish) before starting another"
             )
         self._in_flight[rollout_id] = now
+
+    def rollout_of_trace(self, trace_id: str) -> str | None:
+        found = self._trace_rollouts.get(trace_id)
+        return found if isinstance(found, str) else None
 
     def handed_out(self, rollout_id: str) -> None:
         """The queue made this rollout's row: its calls need not write one."""

@@ -37,6 +37,7 @@ from lightloop.store import (
     written_since,
 )
 from lightloop.store.database import is_unavailable
+from lightloop.store.stats import attach_trace_spans
 
 SOURCE = "api"
 
@@ -208,6 +209,10 @@ async def post_finish(
         )
     finally:
         recorder.finished(rollout_id)
+    # The agent's spans that share a trace with the rollout's calls but name no rollout (those
+    # that arrived before this process saw the trace, or at another process) get its id.
+    with contextlib.suppress(Exception):  # best effort after the commit; the dashboard joins by trace too
+        await with_db(pool, lambda conn: attach_trace_spans(conn, rollout_id))
     if known and writer.marks.can_promise(accepted, writer.stats.rows_submitted):
         # Checked after the finish committed: a row arriving from here on came after finished_at.
         with contextlib.suppress(Exception):  # best effort after the commit: the next round will
@@ -229,6 +234,8 @@ async def post_traces(
     rows, protobuf = otlp.decode(otlp.decompress(body, encoding, max_body_bytes), content_type)
     try:
         for row in rows:
+            if row["rollout_id"] is None:  # tied by the trace it shares with a call seen here
+                row["rollout_id"] = recorder.rollout_of_trace(row["trace_id"])
             # Backpressure rather than drops: an OTLP exporter retries a slow answer, not a lost
             # span (bounded: a writer that cannot take them is a 503, which it retries too).
             await recorder.writer.put("spans", row)

@@ -231,3 +231,17 @@ async def rollout(conn: asyncpg.Connection, rollout_id: str) -> dict[str, Any] |
 
 async def rollout_exists(conn: asyncpg.Connection, rollout_id: str) -> bool:
     return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM rollouts WHERE id = $1)", rollout_id))
+
+
+async def attach_trace_spans(conn: asyncpg.Connection, rollout_id: str) -> int:
+    """Give the rollout's id to spans that share a trace with its calls but came without one (an
+    agent's OpenTelemetry spans that carry only the W3C trace context): then one SQL query on
+    `spans.rollout_id` returns the rollout's whole trace. Returns how many spans it named."""
+    status = await conn.execute(
+        """UPDATE spans s SET rollout_id = $1
+           WHERE s.rollout_id IS NULL
+             AND s.trace_id IN (SELECT p.trace_id FROM spans p JOIN llm_calls c ON c.span_id = p.span_id
+                                WHERE c.rollout_id = $1)""",
+        rollout_id,
+    )
+    return int(status.split()[-1])

@@ -502,6 +502,57 @@ def test_otlp_spans_from_the_sdk_join_the_proxys_trace(
     assert trace.get_current_span() is not None
 
 
+def test_agent_spans_that_name_no_rollout_join_it_by_their_trace(
+    client: openai.OpenAI, proxy: Proxy, module_db: str
+) -> None:
+    # An agent traced with the OpenTelemetry SDK alone: no lightloop attribute on its spans,
+    # only the W3C trace context its calls carry.
+    from opentelemetry import propagate
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    provider = TracerProvider()
+    provider.add_span_processor(
+        SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{proxy.url}/v1/traces", headers=proxy.headers))
+    )
+    tracer = provider.get_tracer("agent")
+    with tracer.start_as_current_span("agent.run") as run:
+        # Ends, and is exported, before the proxy has seen the trace: named at the finish.
+        with tracer.start_as_current_span("agent.plan"):
+            pass
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        client.chat.completions.create(
+            model="stub", messages=HI, extra_headers={**carrier, "X-Lightloop-Rollout": "trace-join-1"}
+        )
+        trace_id = format(run.get_span_context().trace_id, "032x")
+    provider.shutdown()
+    before = eventually(
+        lambda: (
+            (r := sql(module_db, "SELECT name, rollout_id FROM spans WHERE trace_id = $1", trace_id))
+            and len(r) == 3
+            and {x["name"]: x["rollout_id"] for x in r}
+        ),
+        what="the three spans",
+    )
+    # agent.run was exported after the call: named at ingest, from the trace the proxy saw.
+    assert before == {"agent.plan": None, "agent.run": "trace-join-1", "chat stub": "trace-join-1"}
+    assert finish(proxy, "trace-join-1").status_code == 200
+    rows = eventually(
+        lambda: (
+            (r := sql(module_db, "SELECT name FROM spans WHERE rollout_id = 'trace-join-1' ORDER BY name"))
+            and len(r) == 3
+            and r
+        ),
+        what="the rollout's whole trace by rollout_id",
+    )
+    assert [r["name"] for r in rows] == ["agent.plan", "agent.run", "chat stub"]
+    assert {
+        r["trace_id"] for r in sql(module_db, "SELECT trace_id FROM spans WHERE rollout_id = 'trace-join-1'")
+    } == {trace_id}
+
+
 def test_otlp_json_gzip_and_bad_bodies(proxy: Proxy, module_db: str) -> None:
     span = {
         "traceId": "5b8efff798038103d269b633813fc60c",
