@@ -270,7 +270,7 @@ class ProxyApp:
         return await ui.static(r.params["file"], send)
 
     async def _serve_metrics(self, r: Request, send: Send) -> int:
-        return await routes.get_metrics(self.metrics, send)
+        return await routes.get_metrics(self.metrics, self._db, send)
 
     async def _serve_health(self, r: Request, send: Send) -> int:
         error = self.queue.reaper_error

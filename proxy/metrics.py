@@ -1,9 +1,14 @@
-"""Prometheus metrics of one proxy process: requests and latency by route and status, and the
-batch writer's queue, spool and drops (read at scrape time, so they cost nothing per call)."""
+"""Prometheus metrics: one proxy process's requests and latency by route and status and its batch
+writer's queue, spool and drops (read at scrape time, so they cost nothing per call); and, read
+from Postgres at each scrape, what the dashboard's overview and training pages show (each
+policy's live version, the trainer's newest step and its metrics, queue depth, the live
+version's reward). The trainer writes its steps to Postgres and the proxy exports them, so
+Prometheus scrapes the proxy alone; every proxy process exports the same training figures."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -45,6 +50,77 @@ class _WriterCollector(Collector):
         yield rows
 
 
+# The training figures' gauges, by the column of the newest step they show.
+STEP_GAUGES = {
+    "lightloop_training_step": ("step", "The newest training step."),
+    "lightloop_training_loss": ("loss", "The newest step's loss."),
+    "lightloop_training_reward_mean": ("reward_mean", "The newest step's mean reward."),
+    "lightloop_training_reward_std": ("reward_std", "The newest step's reward standard deviation."),
+    "lightloop_training_tokens": ("n_tokens", "Tokens the newest step trained on."),
+    "lightloop_training_step_seconds": ("seconds", "How long the newest step took."),
+}
+
+
+def training_metrics(figures: dict[str, list[dict[str, Any]]] | None) -> Iterator[Metric]:
+    """Gauges from `store.stats.gauges` (None: Postgres did not answer this scrape)."""
+    yield GaugeMetricFamily(
+        "lightloop_stats_up",
+        "1 when this scrape read the training figures from Postgres.",
+        value=int(figures is not None),
+    )
+    if figures is None:
+        return
+    live = GaugeMetricFamily(
+        "lightloop_policy_live_version", "Each policy's live version.", labels=["policy"]
+    )
+    for v in figures["live_versions"]:
+        live.add_metric([v["policy"]], v["version"])
+    yield live
+    for name, (column, text) in STEP_GAUGES.items():
+        gauge = GaugeMetricFamily(name, text, labels=["policy"])
+        for step in figures["steps"]:
+            if isinstance(step[column], int | float):
+                gauge.add_metric([step["policy"]], step[column])
+        yield gauge
+    metric = GaugeMetricFamily(
+        "lightloop_training_metric",
+        "Every number the trainer reported for its newest step (grad_norm, kl_to_base, ...).",
+        labels=["policy", "name"],
+    )
+    for step in figures["steps"]:
+        for key, value in sorted((step["metrics"] or {}).items()):
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                metric.add_metric([step["policy"], key], value)
+    yield metric
+    queue = GaugeMetricFamily(
+        "lightloop_queue_rollouts",
+        "Rollouts queued and running, per dataset and mode.",
+        labels=["dataset", "mode", "state"],
+    )
+    for q in figures["queue"]:
+        queue.add_metric([q["dataset"], q["mode"], "queued"], q["queued"])
+        queue.add_metric([q["dataset"], q["mode"], "running"], q["running"])
+    yield queue
+    reward = GaugeMetricFamily(
+        "lightloop_live_version_reward",
+        "The live version's mean reward so far, per dataset and mode (train, val).",
+        labels=["policy", "dataset", "mode"],
+    )
+    for r in figures["live_rewards"]:
+        for mode in ("train", "val"):
+            if r[f"{mode}_reward"] is not None:
+                reward.add_metric([r["policy"], r["dataset"], mode], r[f"{mode}_reward"])
+    yield reward
+
+
+class _Snapshot(Collector):
+    def __init__(self, metrics: list[Metric]) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.metrics)
+
+
 class Metrics:
     def __init__(self, writer: BatchWriter) -> None:
         self.registry = CollectorRegistry()
@@ -67,5 +143,12 @@ class Metrics:
         self.requests.labels(route, str(status)).inc()
         self.latency.labels(route).observe(seconds)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(
+        self, figures: dict[str, list[dict[str, Any]]] | None = None, *, with_training: bool = False
+    ) -> bytes:
+        if not with_training:
+            return generate_latest(self.registry)
+        # The process's own metrics and this scrape's training figures, in one exposition.
+        scrape = CollectorRegistry()
+        scrape.register(_Snapshot([*self.registry.collect(), *training_metrics(figures)]))
+        return generate_latest(scrape)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -37,7 +38,9 @@ from lightloop.store import (
     written_since,
 )
 from lightloop.store.database import is_unavailable
-from lightloop.store.stats import attach_trace_spans
+from lightloop.store.stats import attach_trace_spans, gauges
+
+log = logging.getLogger(__name__)
 
 SOURCE = "api"
 
@@ -274,6 +277,12 @@ async def get_health(recorder: Recorder, versions: LiveVersions, queue: dict[str
     return 200
 
 
-async def get_metrics(metrics: Metrics, send: Send) -> int:
-    await respond(send, 200, metrics.render(), CONTENT_TYPE)
+async def get_metrics(metrics: Metrics, pool: Pool, send: Send) -> int:
+    figures = None
+    try:
+        # Bounded: a scrape answers while Postgres is away or slow (lightloop_stats_up 0 says so).
+        figures = await asyncio.wait_for(with_db(pool, gauges), timeout=5)
+    except Exception as exc:  # any failure: the process's own metrics are still served
+        log.warning("metrics: the training figures could not be read (%s: %s)", type(exc).__name__, exc)
+    await respond(send, 200, metrics.render(figures, with_training=True), CONTENT_TYPE)
     return 200

@@ -245,3 +245,31 @@ async def attach_trace_spans(conn: asyncpg.Connection, rollout_id: str) -> int:
         rollout_id,
     )
     return int(status.split()[-1])
+
+
+async def gauges(conn: asyncpg.Connection) -> dict[str, list[dict[str, Any]]]:
+    """What Prometheus gets besides the proxy's own counters (proxy/metrics.py): each policy's
+    live version and newest step, queue depth, and the live version's mean reward per dataset."""
+    steps = _rows(
+        await conn.fetch(
+            """SELECT DISTINCT ON (policy) policy, step, loss, reward_mean, reward_std, n_tokens,
+                      extract(epoch FROM finished_at - started_at)::float8 AS seconds, metrics
+               FROM training_steps WHERE policy IS NOT NULL ORDER BY policy, step DESC"""
+        ),
+        ("metrics",),
+    )
+    live_rewards = _rows(
+        await conn.fetch(
+            """SELECT d.policy, v.dataset, v.policy_version AS version, v.train_reward, v.val_reward
+               FROM reward_by_version v
+               JOIN datasets d ON d.name = v.dataset
+               JOIN policy_versions p ON p.policy = d.policy AND p.status = 'live'
+                                     AND p.version = v.policy_version"""
+        )
+    )
+    return {
+        "live_versions": await live_versions(conn),
+        "steps": steps,
+        "queue": await queue_depth(conn),
+        "live_rewards": live_rewards,
+    }

@@ -4,6 +4,8 @@ route closed to agent keys."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import REPO
 from tests.e2e.conftest import Proxy, start_proxy
 from tests.e2e.test_proxy import sql
 from tests.support.stub_engine import StubEngine, running_stub
@@ -45,10 +48,11 @@ def seed(db: str) -> None:
         """INSERT INTO tasks (dataset, split, id, input) VALUES
            ('math', 'train', 't1', '{"q": "1+1"}'), ('math', 'val', 't1', '{"q": "2+2"}')""",
     )
-    sql(db, "INSERT INTO training_steps (step, policy, loss, reward_mean, n_tokens, metrics, finished_at) "
+    sql(db, "INSERT INTO training_steps "
+        "(step, policy, loss, reward_mean, reward_std, n_tokens, metrics, finished_at) "
         "OVERRIDING SYSTEM VALUE VALUES "
-        "(1, 'policy', 0.5, 0.25, 100, '{\"grad_norm\": 1.5}', now()), "
-        "(2, 'policy', 0.4, 0.5, 120, '{\"grad_norm\": 1.2}', now())")  # fmt: skip
+        "(1, 'policy', 0.5, 0.25, 0.1, 100, '{\"grad_norm\": 1.5}', now()), "
+        "(2, 'policy', 0.4, 0.5, 0.2, 120, '{\"grad_norm\": 1.2}', now())")  # fmt: skip
     sql(
         db,
         """INSERT INTO policy_versions (policy, version, base_model, status, live_at) VALUES
@@ -234,3 +238,33 @@ def test_a_filter_that_does_not_parse_is_a_400_naming_it(
 def test_unknown_and_malformed_rollout_ids(proxy: Proxy) -> None:
     assert httpx.get(f"{proxy.url}/v1/stats/rollouts/nope", headers=proxy.headers).status_code == 404
     assert httpx.get(f"{proxy.url}/v1/stats/rollouts/a%20b", headers=proxy.headers).status_code == 400
+
+
+def test_prometheus_gets_the_training_figures_and_grafana_asks_only_for_real_metrics(
+    proxy: Proxy, module_db: str
+) -> None:
+    answer = httpx.get(f"{proxy.url}/metrics", headers=proxy.headers)
+    assert answer.status_code == 200
+    text = answer.text
+    (newest,) = sql(module_db, "SELECT step, loss FROM training_steps ORDER BY step DESC LIMIT 1")
+    assert f'lightloop_training_step{{policy="policy"}} {float(newest["step"])}' in text
+    assert f'lightloop_training_loss{{policy="policy"}} {newest["loss"]}' in text
+    assert 'lightloop_training_metric{name="grad_norm",policy="policy"} 1.2' in text
+    assert 'lightloop_policy_live_version{policy="policy"} 2.0' in text
+    assert "lightloop_stats_up 1.0" in text
+    for row in sql(
+        module_db,
+        """SELECT dataset, mode, count(*) FILTER (WHERE status = 'queued') AS queued
+           FROM rollouts WHERE dataset IS NOT NULL GROUP BY 1, 2""",
+    ):
+        line = f'lightloop_queue_rollouts{{dataset="{row["dataset"]}",mode="{row["mode"]}",state="queued"}}'
+        assert f"{line} {float(row['queued'])}" in text
+    exported = set(re.findall(r"^(lightloop_[a-z_]+)", text, flags=re.MULTILINE))
+    dashboard = json.loads((REPO / "deploy/observability/grafana/dashboards/lightloop.json").read_text())
+    asked = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"lightloop_[a-z_]+", target["expr"])
+    }
+    assert asked and asked <= exported, asked - exported

@@ -159,7 +159,7 @@ def test_profiles_cpu_engine_gpu_vllm_and_jaeger() -> None:
     profiles = {name: service.get("profiles", []) for name, service in services.items()}
     assert profiles["engine"] == profiles["trainer"] == ["cpu"]
     assert profiles["vllm"] == profiles["trainer-gpu"] == ["gpu"]
-    assert profiles["jaeger"] == ["observability"]
+    assert profiles["jaeger"] == profiles["prometheus"] == profiles["grafana"] == ["observability"]
     assert profiles["postgres"] == profiles["migrate"] == profiles["proxy"] == []
     assert services["postgres"]["image"] == "postgres:18"
     assert services["postgres"]["volumes"] == ["postgres-data:/var/lib/postgresql"]
@@ -448,3 +448,25 @@ def check_rayjob(job: dict[str, Any], workers: int) -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     (ray,) = [d for d in pyproject["project"]["optional-dependencies"]["verl"] if d.startswith("ray")]
     assert ray.endswith(f"=={cluster['rayVersion']}"), (ray, cluster["rayVersion"])
+
+
+def test_prometheus_and_grafana_read_the_files_compose_mounts() -> None:
+    services = compose()["services"]
+    mounts = {
+        name: {m.split(":")[0]: m.split(":")[1] for m in services[name]["volumes"] if m.startswith("./")}
+        for name in ("prometheus", "grafana")
+    }
+    for name, found in mounts.items():
+        for source in found:
+            assert (DEPLOY / source).exists(), (name, source)
+    prometheus = yaml.safe_load((DEPLOY / "observability" / "prometheus.yml").read_text())
+    (proxy,) = [j for j in prometheus["scrape_configs"] if j["job_name"] == "lightloop-proxy"]
+    assert proxy["static_configs"][0]["targets"] == ["proxy:4000"]
+    # The key file the config reads is the one the entrypoint writes.
+    assert proxy["authorization"]["credentials_file"] in services["prometheus"]["command"][0]
+    datasource = yaml.safe_load(
+        (DEPLOY / "observability/grafana/provisioning/datasources/prometheus.yaml").read_text()
+    )["datasources"][0]
+    dashboard = json.loads((DEPLOY / "observability/grafana/dashboards/lightloop.json").read_text())
+    assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {datasource["uid"]}
+    assert datasource["url"] == "http://prometheus:9090"
