@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,11 +45,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(scope="session")
-def embedded_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("home") / "postgres")
+def embedded_pg() -> Iterator[EmbeddedPostgres]:
+    # Not under pytest's basetemp: pytest keeps only its three newest, so a fourth session run
+    # meanwhile on the same machine would delete this server's data under it.
+    home = Path(tempfile.mkdtemp(prefix="lightloop-test-pg-"))
+    server = EmbeddedPostgres(home / "postgres")
     server.ensure_running()
     yield server
     server.stop()
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def with_database(url: str, database: str) -> str:
