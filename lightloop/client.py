@@ -22,6 +22,7 @@ from urllib.parse import quote
 import httpx
 
 from lightloop.errors import LightloopError
+from lightloop.tracing import untraced
 
 __all__ = ["Rollout", "RolloutError", "rollout"]
 
@@ -55,9 +56,10 @@ class Rollout:
 
     def _post(self, path: str, body: dict[str, object]) -> None:
         try:
-            answer = httpx.post(
-                self.proxy + path, json=body, headers={"authorization": f"Bearer {self.key}"}, timeout=60
-            )
+            with untraced():  # lightloop's control call, no part of the agent's trace
+                answer = httpx.post(
+                    self.proxy + path, json=body, headers={"authorization": f"Bearer {self.key}"}, timeout=60
+                )
         except httpx.HTTPError as exc:
             raise RolloutError(f"cannot reach the proxy at {self.proxy}: {exc}") from None
         if answer.status_code != 200:

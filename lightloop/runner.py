@@ -28,6 +28,7 @@ import stamina
 from lightloop.agents import Agent, AgentCaller, load_agent
 from lightloop.errors import LightloopError
 from lightloop.llm import LLM
+from lightloop.tracing import untraced
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class QueueClient:
             async for attempt in stamina.retry_context(
                 on=_retryable, attempts=None, timeout=self.retry_s, wait_initial=0.1, wait_max=5.0
             ):
-                with attempt:
+                with attempt, untraced():  # the runner's own calls are no part of the agent's trace
                     answer = await self.http.request(method, path, json=body)
                     if answer.status_code in (502, 503, 504):
                         raise _Transient(answer)

@@ -8,11 +8,22 @@ Needs the `tracing` extra: `pip install 'lightloop[tracing]'`."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from lightloop.errors import LightloopError
 
-__all__ = ["init"]
+__all__ = ["init", "untraced"]
+
+
+def untraced() -> contextlib.AbstractContextManager[Any]:
+    """A block whose HTTP requests make no spans: lightloop's own control calls (the runner's
+    polls and heartbeats, rewards and finishes) in a process `init` instrumented."""
+    try:
+        from opentelemetry.instrumentation.utils import suppress_http_instrumentation
+    except ImportError:  # no tracing extra: nothing instruments HTTP
+        return contextlib.nullcontext()
+    return suppress_http_instrumentation()
 
 
 def init(

@@ -162,7 +162,7 @@ class ProxyApp:
         caller = None
         if route.scope != "public":
             try:
-                caller = await self._caller(scope, route)
+                caller = await self._caller(scope)
             except Unauthorized:
                 if route.ui:  # a page without a session: the sign-in form, then back here
                     return route.name, await ui.to_sign_in(send, scope)
@@ -277,15 +277,11 @@ class ProxyApp:
         queue = {"reaper": "ok" if error is None else f"failing: {error}", **self.queue.reaped}
         return await routes.get_health(self.recorder, self.versions, queue, send)
 
-    async def _caller(self, scope: Scope, route: Route | None = None) -> Caller:
+    async def _caller(self, scope: Scope) -> Caller:
         key = request_key(scope)
-        # The dashboard's session stands for a key on pages and on reads (GET) only: with
-        # SameSite=Strict no other site sends it, and nothing it opens writes.
-        cookie = (
-            session_cookie(scope)
-            if key is None and (scope.get("method") == "GET" or (route and route.ui))
-            else None
-        )
+        # The dashboard's session stands for a key on GET routes only (the pages and the reads):
+        # with SameSite=Strict no other site sends it, and nothing it opens writes.
+        cookie = session_cookie(scope) if key is None and scope.get("method") == "GET" else None
         if cookie is not None:
             key_digest = read_session(self.session_secret, cookie)
             caller = None if key_digest is None else await self.keys.identify_digest(key_digest)

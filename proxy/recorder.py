@@ -106,7 +106,9 @@ class Recorder:
         self._next_seq.put(rollout_id, seq + 1)
         trace_id, parent = trace_context(traceparent)
         if parent is not None:  # the agent's trace (a valid traceparent), not a new one
-            self._trace_rollouts.put(trace_id, rollout_id)
+            known = self._trace_rollouts.get(trace_id)
+            # A trace that spans several rollouts names none of them ("").
+            self._trace_rollouts.put(trace_id, rollout_id if known in (None, rollout_id) else "")
         return Call(
             span_id=new_span_id(),
             trace_id=trace_id,
@@ -167,7 +169,7 @@ class Recorder:
 
     def rollout_of_trace(self, trace_id: str) -> str | None:
         found = self._trace_rollouts.get(trace_id)
-        return found if isinstance(found, str) else None
+        return found if isinstance(found, str) and found else None
 
     def handed_out(self, rollout_id: str) -> None:
         """The queue made this rollout's row: its calls need not write one."""

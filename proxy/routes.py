@@ -90,6 +90,26 @@ async def with_db(pool: Pool, action: Callable[[asyncpg.Connection], Awaitable[A
         raise
 
 
+# The dashboard's and Prometheus' reads share the pool with the agents' calls: at most two at a
+# time per process, each bounded by a statement timeout, so an open dashboard (or a scrape over a
+# large table) cannot starve the calls, finishes and hand-outs.
+_READS = asyncio.Semaphore(2)
+READ_TIMEOUT_MS = 10_000
+
+
+async def read_bounded(pool: Pool, action: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+    async def bounded(conn: asyncpg.Connection) -> Any:
+        async with conn.transaction(readonly=True):
+            await conn.execute(f"SET LOCAL statement_timeout = {READ_TIMEOUT_MS}")
+            return await action(conn)
+
+    async with _READS:
+        try:
+            return await with_db(pool, bounded)
+        except asyncpg.QueryCanceledError:
+            raise DatabaseDown(f"the query took longer than {READ_TIMEOUT_MS // 1000} s; try again") from None
+
+
 async def with_written(
     pool: Pool, action: Callable[[asyncpg.Connection], Awaitable[Any]], wait_s: float
 ) -> Any:
@@ -214,8 +234,10 @@ async def post_finish(
         recorder.finished(rollout_id)
     # The agent's spans that share a trace with the rollout's calls but name no rollout (those
     # that arrived before this process saw the trace, or at another process) get its id.
-    with contextlib.suppress(Exception):  # best effort after the commit; the dashboard joins by trace too
+    try:
         await with_db(pool, lambda conn: attach_trace_spans(conn, rollout_id))
+    except Exception as exc:  # best effort after the commit: the dashboard joins by trace too
+        log.warning("could not name the spans of rollout %s's traces: %s", rollout_id, exc)
     if known and writer.marks.can_promise(accepted, writer.stats.rows_submitted):
         # Checked after the finish committed: a row arriving from here on came after finished_at.
         with contextlib.suppress(Exception):  # best effort after the commit: the next round will
@@ -281,7 +303,7 @@ async def get_metrics(metrics: Metrics, pool: Pool, send: Send) -> int:
     figures = None
     try:
         # Bounded: a scrape answers while Postgres is away or slow (lightloop_stats_up 0 says so).
-        figures = await asyncio.wait_for(with_db(pool, gauges), timeout=5)
+        figures = await asyncio.wait_for(read_bounded(pool, gauges), timeout=5)
     except Exception as exc:  # any failure: the process's own metrics are still served
         log.warning("metrics: the training figures could not be read (%s: %s)", type(exc).__name__, exc)
     await respond(send, 200, metrics.render(figures, with_training=True), CONTENT_TYPE)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
-from http.cookies import CookieError, SimpleCookie
 
 from lightloop.proxy.http import Scope, header
 
 COOKIE = "lightloop_session"
 LIFETIME_S = 12 * 3600
+_WELL_FORMED = re.compile(r"[0-9]{1,12}\.[0-9a-f]{64}\.[0-9a-f]{64}")
 
 
 def session_secret(master_key: bytes) -> bytes:
@@ -30,11 +31,10 @@ def make_session(secret: bytes, key_digest: str, now: float | None = None) -> st
 
 def read_session(secret: bytes, value: str, now: float | None = None) -> str | None:
     """The key digest a session cookie names; None when it is forged, malformed or expired."""
-    parts = value.split(".")
-    if len(parts) != 3 or not parts[0].isdigit():
+    if not _WELL_FORMED.fullmatch(value):  # before any comparison: ASCII hex only
         return None
-    expires, key_digest, signature = parts
-    if not hmac.compare_digest(signature, _sign(secret, f"{expires}.{key_digest}")):
+    expires, key_digest, signature = value.split(".")
+    if not hmac.compare_digest(signature.encode(), _sign(secret, f"{expires}.{key_digest}").encode()):
         return None
     if int(expires) <= (time.time() if now is None else now):
         return None
@@ -42,16 +42,16 @@ def read_session(secret: bytes, value: str, now: float | None = None) -> str | N
 
 
 def session_cookie(scope: Scope) -> str | None:
+    """The session cookie's value. Parsed by hand, not with SimpleCookie, which drops every
+    cookie of a header when one of them (another app's on the same host) is malformed."""
     raw = header(scope, b"cookie")
     if raw is None:
         return None
-    cookies: SimpleCookie = SimpleCookie()
-    try:
-        cookies.load(raw.decode("latin-1"))
-    except CookieError:
-        return None
-    morsel = cookies.get(COOKIE)
-    return morsel.value if morsel is not None else None
+    for part in raw.decode("latin-1").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == COOKIE:
+            return value.strip().strip('"')
+    return None
 
 
 def set_cookie(value: str, secure: bool) -> tuple[bytes, bytes]:

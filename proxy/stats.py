@@ -18,7 +18,7 @@ from lightloop.proxy.errors import BadRequest, NotFound
 from lightloop.proxy.http import Scope, Send, respond_json
 from lightloop.proxy.lane import upstream_base
 from lightloop.proxy.recorder import Recorder
-from lightloop.proxy.routes import with_db
+from lightloop.proxy.routes import read_bounded
 from lightloop.proxy.upstream import Upstreams
 from lightloop.settings import PolicyModelSettings
 from lightloop.store import rollout_calls, stats
@@ -50,6 +50,8 @@ class Query:
         value = values[0].strip()
         if not value:
             return None
+        if any(ch < " " for ch in value):  # NUL and other control characters: no text has them
+            raise BadRequest(f"{name} holds a control character", param=name)
         if choices is not None and value not in choices:
             raise BadRequest(f"{name} must be one of {', '.join(choices)}, not {value[:40]!r}", param=name)
         if len(value) > 200:
@@ -121,7 +123,7 @@ async def get_rollouts(scope: Scope, pool: Pool, send: Send) -> int:
     async def read(conn: asyncpg.Connection) -> tuple[int, list[dict[str, Any]]]:
         return await stats.rollouts(conn, where, size, (page - 1) * size)
 
-    total, rows = await with_db(pool, read)
+    total, rows = await read_bounded(pool, read)
     await respond_json(send, 200, {"total": total, "page": page, "page_size": size, "data": rows})
     return 200
 
@@ -132,7 +134,7 @@ async def get_rollout(rollout_id: str, pool: Pool, send: Send) -> int:
     async def read(conn: asyncpg.Connection) -> dict[str, Any] | None:
         return await stats.rollout(conn, rollout_id)
 
-    found = await with_db(pool, read)
+    found = await read_bounded(pool, read)
     if found is None:
         raise NotFound(f"rollout {rollout_id!r} does not exist")
     await respond_json(send, 200, found)
@@ -147,12 +149,12 @@ async def get_steps(scope: Scope, pool: Pool, send: Send) -> int:
     async def read(conn: asyncpg.Connection) -> list[dict[str, Any]]:
         return await stats.training_steps(conn, policy, limit)
 
-    await respond_json(send, 200, {"data": await with_db(pool, read)})
+    await respond_json(send, 200, {"data": await read_bounded(pool, read)})
     return 200
 
 
 async def get_rewards(pool: Pool, send: Send) -> int:
-    await respond_json(send, 200, {"data": await with_db(pool, stats.rewards_by_version)})
+    await respond_json(send, 200, {"data": await read_bounded(pool, stats.rewards_by_version)})
     return 200
 
 
@@ -174,7 +176,7 @@ async def get_overview(
             "queue": await stats.queue_depth(conn),
         }
 
-    data, engines = await asyncio.gather(with_db(pool, read), probe_engines(upstreams, policies))
+    data, engines = await asyncio.gather(read_bounded(pool, read), probe_engines(upstreams, policies))
     writer = recorder.writer
     data["writer"] = {
         "queue_rows": writer.queue_depth,
@@ -204,7 +206,7 @@ async def rollout_exists(rollout_id: str, pool: Pool) -> bool:
     async def read(conn: asyncpg.Connection) -> bool:
         return await stats.rollout_exists(conn, rollout_id)
 
-    return bool(await with_db(pool, read))
+    return bool(await read_bounded(pool, read))
 
 
 async def get_samples(
@@ -212,17 +214,26 @@ async def get_samples(
 ) -> int:
     """The trainer's view of a rollout: its calls as a claim hands them over, rebuilt into samples
     by the trainer's own code (the tokens trained on, and the context masked out)."""
-    # The trainer package imports torch (its backends): paid by the first view, not at start.
-    from lightloop.trainer.rebuild import rebuild, turns_from_calls
-
     check_id(rollout_id, "rollout id")
 
     async def read(conn: asyncpg.Connection) -> tuple[bool, list[Any]]:
         return await stats.rollout_exists(conn, rollout_id), await rollout_calls(conn, rollout_id)
 
-    exists, calls = await with_db(pool, read)
+    exists, calls = await read_bounded(pool, read)
     if not exists:
         raise NotFound(f"rollout {rollout_id!r} does not exist")
+    # In a thread: the trainer package imports torch on first use (about a second), and a long
+    # rollout's rebuild is CPU work; neither may stall the calls this process serves.
+    out = await asyncio.to_thread(_rebuild_all, rollout_id, calls, policies, agents)
+    await respond_json(send, 200, {"rollout_id": rollout_id, "policies": out})
+    return 200
+
+
+def _rebuild_all(
+    rollout_id: str, calls: list[Any], policies: list[PolicyModelSettings], agents: list[str]
+) -> list[dict[str, Any]]:
+    from lightloop.trainer.rebuild import rebuild, turns_from_calls
+
     wanted = set(agents)
 
     def trainable(call: Any) -> bool:  # as the trainer selects (LIGHTLOOP_TRAINER__AGENTS)
@@ -250,5 +261,4 @@ async def get_samples(
                 ],
             }
         )
-    await respond_json(send, 200, {"rollout_id": rollout_id, "policies": out})
-    return 200
+    return out

@@ -32,7 +32,7 @@ _PAGE_HEADERS = (
     (b"x-content-type-options", b"nosniff"),
 )
 # What /ui/static/{file} serves: a fixed list, so no path a client sends reaches the file system.
-STATIC = {
+_STATIC_FILES = {
     "app.js": (WEB / "static" / "app.js", b"text/javascript; charset=utf-8"),
     "style.css": (WEB / "static" / "style.css", b"text/css; charset=utf-8"),
     "uPlot.iife.min.js": (
@@ -41,6 +41,7 @@ STATIC = {
     ),
     "uPlot.min.css": (WEB / "static" / "vendor" / "uplot" / "uPlot.min.css", b"text/css; charset=utf-8"),
 }
+STATIC = {name: (path.read_bytes(), media) for name, (path, media) in _STATIC_FILES.items()}
 PAGES = {
     "overview": "Overview",
     "training": "Training",
@@ -81,7 +82,12 @@ async def to_sign_in(send: Send, scope: Scope) -> int:
 
 def safe_next(value: str | None) -> str:
     """Where to go after signing in: a dashboard path only, never another site (`//evil`)."""
-    if value and value.startswith("/ui") and not value.startswith("//") and "\\" not in value:
+    if (
+        value
+        and value.startswith("/ui")
+        and "\\" not in value
+        and all(" " < ch < "\x7f" for ch in value)  # no control characters in a Location header
+    ):
         return value
     return "/ui"
 
@@ -93,7 +99,10 @@ async def sign_in_form(scope: Scope, send: Send) -> int:
 
 async def sign_in(scope: Scope, body: bytes, keys: Keys, master_key: bytes, secret: bytes, send: Send) -> int:
     """POST /ui/session: the form's key, checked like any key; an admin key gets a session."""
-    form = parse_qs(body.decode("utf-8", errors="replace"), max_num_fields=8)
+    try:
+        form = parse_qs(body.decode("utf-8", errors="replace"), max_num_fields=8)
+    except ValueError:
+        return await page(send, "login", 400, next="/ui", error="The form could not be read.")
     key = (form.get("key") or [""])[0].strip()
     target = safe_next(next(iter(form.get("next", [])), None))
     if not key:
@@ -120,8 +129,8 @@ async def static(name: str, send: Send) -> int:
     found = STATIC.get(name)
     if found is None:
         raise NotFound(f"no static file {name[:60]!r}")
-    path, media = found
-    await respond(send, 200, path.read_bytes(), media, ((b"cache-control", b"no-cache"),))
+    body, media = found
+    await respond(send, 200, body, media, ((b"cache-control", b"no-cache"),))
     return 200
 
 

@@ -212,8 +212,9 @@ async def rollout(conn: asyncpg.Connection, rollout_id: str) -> dict[str, Any] |
                       status_code, status_message, attributes, rollout_id, model
                FROM spans
                WHERE rollout_id = $1
-                  OR trace_id IN (SELECT s.trace_id FROM spans s JOIN llm_calls c USING (span_id)
-                                  WHERE c.rollout_id = $1)
+                  OR (rollout_id IS NULL
+                      AND trace_id IN (SELECT s.trace_id FROM spans s JOIN llm_calls c USING (span_id)
+                                       WHERE c.rollout_id = $1))
                ORDER BY start_time, span_id""",
             rollout_id,
         ),
@@ -237,11 +238,20 @@ async def attach_trace_spans(conn: asyncpg.Connection, rollout_id: str) -> int:
     """Give the rollout's id to spans that share a trace with its calls but came without one (an
     agent's OpenTelemetry spans that carry only the W3C trace context): then one SQL query on
     `spans.rollout_id` returns the rollout's whole trace. Returns how many spans it named."""
+    # Only traces whose calls are all this rollout's: an agent that wraps several rollouts in
+    # one root span leaves its spans unnamed rather than given to whichever finishes first.
     status = await conn.execute(
-        """UPDATE spans s SET rollout_id = $1
-           WHERE s.rollout_id IS NULL
-             AND s.trace_id IN (SELECT p.trace_id FROM spans p JOIN llm_calls c ON c.span_id = p.span_id
-                                WHERE c.rollout_id = $1)""",
+        """WITH mine AS (
+               SELECT DISTINCT p.trace_id FROM spans p JOIN llm_calls c ON c.span_id = p.span_id
+               WHERE c.rollout_id = $1
+           ),
+           only_mine AS (
+               SELECT m.trace_id FROM mine m
+               WHERE NOT EXISTS (SELECT 1 FROM spans p JOIN llm_calls c ON c.span_id = p.span_id
+                                 WHERE p.trace_id = m.trace_id AND c.rollout_id <> $1)
+           )
+           UPDATE spans s SET rollout_id = $1 FROM only_mine o
+           WHERE s.trace_id = o.trace_id AND s.rollout_id IS NULL""",
         rollout_id,
     )
     return int(status.split()[-1])

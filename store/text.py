@@ -11,6 +11,7 @@ numbers and are stored exactly, so training is unaffected.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -38,5 +39,12 @@ def storable_json(document: str) -> str:
 
 def dump_json(value: Any) -> str:
     """`value` as a JSON text that `jsonb` accepts. orjson: about 5x the stdlib encoder on the
-    proxy's request and response documents; what JSON cannot hold is written as its str()."""
-    return storable_json(orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode())
+    proxy's request and response documents; what JSON cannot hold is written as its str(). An
+    integer past 64 bits, which orjson refuses and jsonb keeps, goes through the stdlib encoder;
+    what neither can encode (a key that is a tuple, a cycle) raises TypeError or ValueError."""
+    try:
+        text = orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    except orjson.JSONEncodeError:
+        text = json.dumps(value, default=str, allow_nan=False)
+    # Only the escape: neither encoder writes a raw NUL.
+    return _NUL_ESCAPE.sub(r"\1\\ufffd", text) if "\\u0000" in text else text

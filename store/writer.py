@@ -34,6 +34,7 @@ import contextlib
 import json
 import logging
 import operator
+import reprlib
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -375,9 +376,12 @@ class BatchWriter:
 
     def _spool_batch(self, batch: Batch, rows: int) -> None:
         encodable, refused = _for_spool(batch)
+        # The spool first: if it fails (a full disk), the task is restarted with this batch and
+        # nothing was kept aside twice.
+        if encodable:
+            self.spool.append(_encode(encodable))
         for table, record, exc in refused:
             self._reject(table, record, exc)
-        self.spool.append(_encode(encodable))
         self.stats.rows_spooled += rows - len(refused)
 
     async def _replay(self) -> bool:
@@ -569,8 +573,8 @@ def _encode_rejected(table: str, record: tuple[Any, ...]) -> bytes:
     else as its repr, so that keeping it aside cannot fail too."""
     try:
         return _encode({table: [record]})
-    except (TypeError, ValueError):
-        return json.dumps({table: repr(record)}).encode()
+    except Exception:  # anything at all (a document nested past the recursion limit): its repr
+        return json.dumps({table: reprlib.repr(record)}).encode()
 
 
 def _decode(line: bytes) -> Batch:

@@ -553,6 +553,33 @@ def test_agent_spans_that_name_no_rollout_join_it_by_their_trace(
     } == {trace_id}
 
 
+def test_a_trace_that_spans_two_rollouts_names_neither(
+    client: openai.OpenAI, proxy: Proxy, module_db: str
+) -> None:
+    trace_id, parent = "7" * 32, "8" * 16
+    for rollout in ("shared-a", "shared-b"):
+        client.chat.completions.create(
+            model="stub",
+            messages=HI,
+            extra_headers={"traceparent": f"00-{trace_id}-{parent}-01", "X-Lightloop-Rollout": rollout},
+        )
+    root = {
+        "traceId": trace_id,
+        "spanId": parent,
+        "name": "agent.batch",
+        "startTimeUnixNano": "1700000000000000000",
+    }
+    body = {"resourceSpans": [{"scopeSpans": [{"spans": [root]}]}]}
+    assert httpx.post(f"{proxy.url}/v1/traces", json=body, headers=proxy.headers).status_code == 200
+    for rollout in ("shared-a", "shared-b"):
+        assert finish(proxy, rollout).status_code == 200
+    rows = eventually(
+        lambda: sql(module_db, "SELECT rollout_id FROM spans WHERE span_id = $1", parent),
+        what="the root span",
+    )
+    assert rows[0]["rollout_id"] is None
+
+
 def test_otlp_json_gzip_and_bad_bodies(proxy: Proxy, module_db: str) -> None:
     span = {
         "traceId": "5b8efff798038103d269b633813fc60c",

@@ -22,6 +22,7 @@ import sys
 import openai
 from opentelemetry import trace
 from lightloop import tracing
+from lightloop.client import Rollout
 
 url, key = sys.argv[1], sys.argv[2]
 provider = tracing.init(url, key, service_name="traced-agent", batch=False)
@@ -32,6 +33,8 @@ with trace.get_tracer("agent").start_as_current_span("agent.step") as span:
         extra_headers={"X-Lightloop-Rollout": "traced-1"},
     )
     print(format(span.get_span_context().trace_id, "032x"), format(span.get_span_context().span_id, "016x"))
+    # lightloop's own control call, inside the traced block: it makes no span.
+    Rollout("traced-1", url, key).post_reward(1.0)
 provider.shutdown()
 """
 
@@ -93,6 +96,8 @@ def test_the_agents_spans_and_the_proxys_share_one_trace_and_the_rollout(
     assert len(genai) == 1 and genai[0]["attributes"].get("gen_ai.operation.name") == "chat", agent_spans
     assert {s["resource"]["service.name"] for s in agent_spans} == {"traced-agent"}
     assert {s["rollout_id"] for s in spans} == {"traced-1"}  # one query returns the whole trace
+    assert not [s for s in spans if "/v1/rewards" in str(s["attributes"])]  # control calls untraced
+    assert len(agent_spans) == 3, [s["name"] for s in agent_spans]  # step, GenAI span, its HTTP span
 
 
 def test_without_the_extra_init_says_what_to_install(tmp_path: Path) -> None:

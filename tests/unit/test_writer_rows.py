@@ -85,12 +85,12 @@ def test_a_spooled_row_reaches_copy_as_the_same_values_as_a_written_one() -> Non
 def test_the_spool_refuses_only_the_rows_the_json_encoder_refuses() -> None:
     spec = SPECS["spans"]
 
-    def row(span_id: str, n: int) -> tuple[object, ...]:
+    def row(span_id: str, attributes: dict[object, object]) -> tuple[object, ...]:
         return tuple(
-            ({c: None for c in spec.columns} | {"span_id": span_id, "attributes": {"k": n}}).values()
+            ({c: None for c in spec.columns} | {"span_id": span_id, "attributes": attributes}).values()
         )
 
-    good, bad = row("a", 1), row("b", 2**64)
+    good, bad = row("a", {"k": 2**64}), row("b", {("a", 1): 1})  # a tuple key: neither encoder's
     ready, refused = _for_spool({"spans": [good, bad]})
     assert [r[0] for r in ready["spans"]] == ["a"]
     assert [(t, r[0]) for t, r, _ in refused] == [("spans", "b")]
