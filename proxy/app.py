@@ -21,7 +21,7 @@ from urllib.parse import parse_qs
 
 import asyncpg
 
-from lightloop.proxy import routes, stats, ui
+from lightloop.proxy import agentops, routes, stats, ui
 from lightloop.proxy.attribution import HEADER_ROLLOUT, Attribution, resolve
 from lightloop.proxy.auth import request_key
 from lightloop.proxy.errors import BadRequest, MethodNotAllowed, NotFound, ProxyError, Unauthorized
@@ -268,6 +268,12 @@ class ProxyApp:
 
     async def _serve_ui_static(self, r: Request, send: Send) -> int:
         return await ui.static(r.params["file"], send)
+
+    async def _serve_agentops_auth(self, r: Request, send: Send) -> int:
+        return await agentops.auth_token(r.body, self.keys, send)
+
+    async def _serve_agentops_logs(self, r: Request, send: Send) -> int:
+        return await agentops.upload_logs(r.scope, r.body, self.recorder, send)
 
     async def _serve_metrics(self, r: Request, send: Send) -> int:
         return await routes.get_metrics(self.metrics, self._db, send)

@@ -106,9 +106,7 @@ class Recorder:
         self._next_seq.put(rollout_id, seq + 1)
         trace_id, parent = trace_context(traceparent)
         if parent is not None:  # the agent's trace (a valid traceparent), not a new one
-            known = self._trace_rollouts.get(trace_id)
-            # A trace that spans several rollouts names none of them ("").
-            self._trace_rollouts.put(trace_id, rollout_id if known in (None, rollout_id) else "")
+            self._note_trace(trace_id, rollout_id)
         return Call(
             span_id=new_span_id(),
             trace_id=trace_id,
@@ -170,6 +168,23 @@ class Recorder:
     def rollout_of_trace(self, trace_id: str) -> str | None:
         found = self._trace_rollouts.get(trace_id)
         return found if isinstance(found, str) and found else None
+
+    def rollout_of_span(self, span: dict[str, Any]) -> str | None:
+        """The rollout an agent's span names no rollout for belongs to: the call it reports (its
+        `gen_ai.response.id` is the id this proxy answered with: GenAI instrumentations, AgentOps
+        and OpenLLMetry record it), else the trace it shares with a call. A span tied by its
+        response id ties its trace too, so the agent's other spans follow."""
+        response_id = (span.get("attributes") or {}).get("gen_ai.response.id")
+        rollout = self._recent_responses.get(response_id) if isinstance(response_id, str) else None
+        if isinstance(rollout, str):
+            self._note_trace(span["trace_id"], rollout)
+            return rollout
+        return self.rollout_of_trace(span["trace_id"])
+
+    def _note_trace(self, trace_id: str, rollout_id: str) -> None:
+        known = self._trace_rollouts.get(trace_id)
+        # A trace that spans several rollouts names none of them ("").
+        self._trace_rollouts.put(trace_id, rollout_id if known in (None, rollout_id) else "")
 
     def handed_out(self, rollout_id: str) -> None:
         """The queue made this rollout's row: its calls need not write one."""

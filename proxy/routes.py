@@ -257,10 +257,13 @@ async def post_traces(
     max_body_bytes: int | None = None,
 ) -> int:
     rows, protobuf = otlp.decode(otlp.decompress(body, encoding, max_body_bytes), content_type)
+    # Spans that report a call first: they tie their trace, which the batch's other spans
+    # (the agent's root span, say) may share.
+    rows.sort(key=lambda row: "gen_ai.response.id" not in (row["attributes"] or {}))
     try:
         for row in rows:
-            if row["rollout_id"] is None:  # tied by the trace it shares with a call seen here
-                row["rollout_id"] = recorder.rollout_of_trace(row["trace_id"])
+            if row["rollout_id"] is None:  # tied by the call it reports or the trace it shares
+                row["rollout_id"] = recorder.rollout_of_span(row)
             # Backpressure rather than drops: an OTLP exporter retries a slow answer, not a lost
             # span (bounded: a writer that cannot take them is a 503, which it retries too).
             await recorder.writer.put("spans", row)

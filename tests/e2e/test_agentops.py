@@ -1,0 +1,120 @@
+"""AgentOps' API as its SDK (agentops 0.4.21) calls it, against a real proxy: the token trade,
+the span export (OTLP protobuf, the token as the bearer) and the captured-output upload, in the
+order the SDK makes them; its spans name no rollout and join the one whose call they report."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+from tests.e2e.conftest import Proxy, eventually, start_proxy
+from tests.e2e.test_proxy import sql
+from tests.support.stub_engine import StubEngine, running_stub
+
+TRACE = bytes(range(1, 17))
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[StubEngine]:
+    with running_stub() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory, stub: StubEngine, module_db: str) -> Iterator[Proxy]:
+    p = start_proxy(
+        tmp_path_factory.mktemp("agentops-home"),
+        module_db,
+        {"policy": [{"name": "policy", "base_model": "stub-base", "upstreams": [stub.url]}]},
+    )
+    yield p
+    p.stop()
+
+
+def agentops_spans(response_id: str) -> bytes:
+    """What AgentOps exports for one traced call: its session span, then the call's span (a
+    child) carrying the response id the proxy answered with; the root first, as in one batch."""
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    service = resource_spans.resource.attributes.add()
+    service.key, service.value.string_value = "service.name", "agentops"
+    for name, span_id, parent, attrs in (
+        ("default.session", bytes(range(1, 9)), b"", {"agentops.span.kind": "session"}),
+        (
+            "openai.chat.completion",
+            bytes(range(9, 17)),
+            bytes(range(1, 9)),
+            {"gen_ai.response.id": response_id},
+        ),
+    ):
+        scope_spans = resource_spans.scope_spans.add()
+        scope_spans.scope.name = "agentops" if parent == b"" else "openai"
+        span = scope_spans.spans.add()
+        span.trace_id, span.span_id, span.parent_span_id, span.name = TRACE, span_id, parent, name
+        span.start_time_unix_nano = 1_700_000_000_000_000_000
+        for key, value in attrs.items():
+            a = span.attributes.add()
+            a.key, a.value.string_value = key, value
+    return request.SerializeToString()
+
+
+def test_an_agentops_traced_agent_lands_in_spans_under_its_rollout(proxy: Proxy, module_db: str) -> None:
+    auth = httpx.post(f"{proxy.url}/v3/auth/token", json={"api_key": proxy.key})
+    assert auth.status_code == 200, auth.text
+    token = auth.json()["token"]
+    assert auth.json()["project_id"]
+    client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=proxy.key)
+    reply = client.chat.completions.create(
+        model="policy",
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"X-Lightloop-Rollout": "ao-1"},
+    )
+    exported = httpx.post(
+        f"{proxy.url}/v1/traces",
+        content=agentops_spans(reply.id),
+        headers={"authorization": f"Bearer {token}", "content-type": "application/x-protobuf"},
+    )
+    assert exported.status_code == 200, exported.text
+    logs = httpx.post(
+        f"{proxy.url}/v4/logs/upload/",
+        json={"body": "planning the answer\n"},
+        headers={"authorization": f"Bearer {token}", "trace-id": str(int.from_bytes(TRACE, "big"))},
+    )
+    assert logs.status_code == 200 and logs.json() == {}
+    assert (
+        httpx.post(f"{proxy.url}/v1/rollouts/ao-1/finish", json={}, headers=proxy.headers).status_code == 200
+    )
+    rows = eventually(
+        lambda: (
+            (r := sql(module_db, "SELECT * FROM spans WHERE trace_id = $1", TRACE.hex()))
+            and len(r) == 3
+            and r
+        ),
+        what="the session span, the call's span and the captured output",
+    )
+    assert {r["name"]: r["rollout_id"] for r in rows} == {
+        "default.session": "ao-1",
+        "openai.chat.completion": "ao-1",
+        "agentops.logs": "ao-1",
+    }
+    (output,) = [r for r in rows if r["name"] == "agentops.logs"]
+    assert output["attributes"]["agentops.logs"] == "planning the answer\n"
+
+
+def test_agentops_calls_with_bad_input(proxy: Proxy) -> None:
+    def auth(body: object) -> httpx.Response:
+        return httpx.post(f"{proxy.url}/v3/auth/token", json=body)
+
+    assert auth({"api_key": "sk-ll-" + "x" * 43}).status_code == 401  # never issued
+    assert auth({}).json()["error"]["param"] == "api_key"
+    assert httpx.post(f"{proxy.url}/v3/auth/token", content=b"{").status_code == 400
+    upload = f"{proxy.url}/v4/logs/upload/"
+    assert httpx.post(upload, json={"body": "x"}, headers={"trace-id": "1"}).status_code == 401  # no key
+    for trace_id in ("abc", "0", str(2**128)):
+        answer = httpx.post(upload, json={"body": "x"}, headers={**proxy.headers, "trace-id": trace_id})
+        assert answer.status_code == 400, trace_id
+    assert httpx.post(upload, json={"body": 5}, headers={**proxy.headers, "trace-id": "1"}).status_code == 400
