@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import LIGHTLOOP, _admin, with_database
-from tests.support.stub_engine import free_port
+from tests.support.stub_engine import StubEngine, free_port, running_stub
 
 T = TypeVar("T")
 MASTER_KEY = "sk-test-" + "0123456789abcdef" * 4
@@ -195,3 +195,23 @@ def start_proxy(
         proxy.stop()
         raise AssertionError(f"the proxy did not start:\n{proxy.log_text()[-5000:]}") from None
     return proxy
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[StubEngine]:
+    """A vLLM-shaped stub engine for one module (modules that steer it differently define their own)."""
+    with running_stub() as s:
+        yield s
+
+
+def stub_policy(stub: StubEngine) -> dict[str, Any]:
+    """lightloop.yaml for one policy model, `policy`, served by the stub."""
+    return {"policy": [{"name": "policy", "base_model": "stub-base", "upstreams": [stub.url]}]}
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory, stub: StubEngine, module_db: str) -> Iterator[Proxy]:
+    """A proxy process in front of the stub for one module (modules that need more define their own)."""
+    p = start_proxy(tmp_path_factory.mktemp("proxy-home"), module_db, stub_policy(stub))
+    yield p
+    p.stop()

@@ -4,35 +4,14 @@ order the SDK makes them; its spans name no rollout and join the one whose call 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import openai
-import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from tests.e2e.conftest import Proxy, eventually, start_proxy
+from tests.e2e.conftest import Proxy, eventually
 from tests.e2e.test_proxy import sql
-from tests.support.stub_engine import StubEngine, running_stub
 
 TRACE = bytes(range(1, 17))
-
-
-@pytest.fixture(scope="module")
-def stub() -> Iterator[StubEngine]:
-    with running_stub() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def proxy(tmp_path_factory: pytest.TempPathFactory, stub: StubEngine, module_db: str) -> Iterator[Proxy]:
-    p = start_proxy(
-        tmp_path_factory.mktemp("agentops-home"),
-        module_db,
-        {"policy": [{"name": "policy", "base_model": "stub-base", "upstreams": [stub.url]}]},
-    )
-    yield p
-    p.stop()
 
 
 def agentops_spans(response_id: str) -> bytes:

@@ -15,10 +15,10 @@ import openai
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.e2e.conftest import Proxy, eventually, start_proxy
+from tests.e2e.conftest import Proxy, eventually, start_proxy, stub_policy
 from tests.e2e.test_proxy import sql as _sql
 from tests.support.browser import Watched, running_browser
-from tests.support.stub_engine import Action, StubEngine, running_stub
+from tests.support.stub_engine import Action, StubEngine
 
 pytestmark = pytest.mark.timeout(300)
 _DB = ThreadPoolExecutor(1)
@@ -33,17 +33,11 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def stub() -> Iterator[StubEngine]:
-    with running_stub() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory, stub: StubEngine, module_db: str) -> Iterator[Proxy]:
     p = start_proxy(
         tmp_path_factory.mktemp("ui-home"),
         module_db,
-        {"policy": [{"name": "policy", "base_model": "stub-base", "upstreams": [stub.url]}]},
+        stub_policy(stub),
     )
     try:
         agent_run(p, stub, module_db)

@@ -14,19 +14,13 @@ import httpx
 import pytest
 
 from tests.conftest import REPO
-from tests.e2e.conftest import Proxy, start_proxy
+from tests.e2e.conftest import Proxy, start_proxy, stub_policy
 from tests.e2e.test_proxy import sql
-from tests.support.stub_engine import StubEngine, running_stub
+from tests.support.stub_engine import StubEngine
 
 NOW = datetime.now(UTC)
 SINCE = NOW - timedelta(minutes=10, seconds=30)
 VERSION = "coalesce((SELECT min(policy_version) FROM llm_calls WHERE rollout_id = id), policy_version)"
-
-
-@pytest.fixture(scope="module")
-def stub() -> Iterator[StubEngine]:
-    with running_stub() as s:
-        yield s
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +29,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, stub: StubEngine, module_db:
     p = start_proxy(
         tmp_path_factory.mktemp("stats-home"),
         module_db,
-        {"policy": [{"name": "policy", "base_model": "stub-base", "upstreams": [stub.url + "/v1"]}]},
+        stub_policy(stub),
     )
     yield p
     p.stop()

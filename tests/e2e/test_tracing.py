@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.e2e.conftest import Proxy, clean_env, eventually, start_proxy
+from tests.e2e.conftest import Proxy, clean_env, eventually
 from tests.e2e.test_proxy import sql
-from tests.support.stub_engine import StubEngine, running_stub
 
 AGENT = """
 import sys
@@ -37,23 +34,6 @@ with trace.get_tracer("agent").start_as_current_span("agent.step") as span:
     Rollout("traced-1", url, key).post_reward(1.0)
 provider.shutdown()
 """
-
-
-@pytest.fixture(scope="module")
-def stub() -> Iterator[StubEngine]:
-    with running_stub() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def proxy(tmp_path_factory: pytest.TempPathFactory, stub: StubEngine, module_db: str) -> Iterator[Proxy]:
-    p = start_proxy(
-        tmp_path_factory.mktemp("tracing-home"),
-        module_db,
-        {"policy": [{"name": "policy", "base_model": "stub-base", "upstreams": [stub.url]}]},
-    )
-    yield p
-    p.stop()
 
 
 def test_the_agents_spans_and_the_proxys_share_one_trace_and_the_rollout(
