@@ -143,12 +143,8 @@ class Metrics:
         self.requests.labels(route, str(status)).inc()
         self.latency.labels(route).observe(seconds)
 
-    def render(
-        self, figures: dict[str, list[dict[str, Any]]] | None = None, *, with_training: bool = False
-    ) -> bytes:
-        if not with_training:
-            return generate_latest(self.registry)
-        # The process's own metrics and this scrape's training figures, in one exposition.
+    def render(self, figures: dict[str, list[dict[str, Any]]] | None) -> bytes:
+        """The process's own metrics and this scrape's training figures, in one exposition."""
         scrape = CollectorRegistry()
         scrape.register(_Snapshot([*self.registry.collect(), *training_metrics(figures)]))
         return generate_latest(scrape)

@@ -309,5 +309,5 @@ async def get_metrics(metrics: Metrics, pool: Pool, send: Send) -> int:
         figures = await asyncio.wait_for(read_bounded(pool, gauges), timeout=5)
     except Exception as exc:  # any failure: the process's own metrics are still served
         log.warning("metrics: the training figures could not be read (%s: %s)", type(exc).__name__, exc)
-    await respond(send, 200, metrics.render(figures, with_training=True), CONTENT_TYPE)
+    await respond(send, 200, metrics.render(figures), CONTENT_TYPE)
     return 200

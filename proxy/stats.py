@@ -232,13 +232,9 @@ async def get_samples(
 def _rebuild_all(
     rollout_id: str, calls: list[Any], policies: list[PolicyModelSettings], agents: list[str]
 ) -> list[dict[str, Any]]:
-    from lightloop.trainer.rebuild import rebuild, turns_from_calls
+    from lightloop.trainer.rebuild import rebuild, selected_by, turns_from_calls
 
-    wanted = set(agents)
-
-    def trainable(call: Any) -> bool:  # as the trainer selects (LIGHTLOOP_TRAINER__AGENTS)
-        return not wanted or call["agent"] in wanted or call["model"] in wanted
-
+    trainable = selected_by(agents)  # as the trainer selects (TRAINER__AGENTS)
     out = []
     for policy in policies:
         own = [c for c in calls if c["model"] == policy.name]

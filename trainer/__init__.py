@@ -5,7 +5,7 @@ from lightloop.trainer.errors import PublishError, TrainerError
 from lightloop.trainer.local import LocalBackend, LocalConfig
 from lightloop.trainer.loop import StepOutcome, Trainer, select_samples
 from lightloop.trainer.publish import Engine, HttpEngine, Published, Publisher
-from lightloop.trainer.rebuild import RebuildStats, Sample, Turn, rebuild, turns_from_calls
+from lightloop.trainer.rebuild import RebuildStats, Sample, Turn, rebuild, selected_by, turns_from_calls
 from lightloop.trainer.verl_backend import VerlBackend, to_dataproto, verl_config, verl_overrides
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "rebuild",
     "rollout_advantages",
     "select_samples",
+    "selected_by",
     "to_dataproto",
     "turns_from_calls",
     "verl_config",

@@ -45,7 +45,7 @@ from lightloop.store.database import is_transient, is_unavailable
 from lightloop.trainer.algorithms import Scored, drop_flat_groups, rollout_advantages
 from lightloop.trainer.errors import PublishError, TrainerError
 from lightloop.trainer.publish import Published, Publisher
-from lightloop.trainer.rebuild import RebuildStats, Sample, rebuild, turns_from_calls
+from lightloop.trainer.rebuild import RebuildStats, Sample, rebuild, selected_by, turns_from_calls
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +113,7 @@ def select_samples(
     stats = RebuildStats()
     stale = 0
     by_rollout: dict[str, list[Sample]] = {}
-    wanted = set(agents)
-
-    def trainable(call: Any) -> bool:
-        return not wanted or call["agent"] in wanted or call["model"] in wanted
-
+    trainable = selected_by(agents)
     for rollout in rollouts:
         calls = [c for c in rollout.calls if c["model"] == policy]
         versions = [c["policy_version"] for c in calls if c["policy_version"] is not None]

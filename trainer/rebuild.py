@@ -123,6 +123,17 @@ def rebuild(rollout_id: str, turns: Sequence[Turn]) -> tuple[list[Sample], Rebui
     return [s for s in samples if any(s.loss_mask)], stats
 
 
+def selected_by(agents: Sequence[str]) -> Callable[[Any], bool]:
+    """Which calls are trained on (`TRAINER__AGENTS`): every call when no agent is listed, else
+    those whose agent or model is listed; the others are context."""
+    wanted = set(agents)
+
+    def trainable(call: Any) -> bool:
+        return not wanted or call["agent"] in wanted or call["model"] in wanted
+
+    return trainable
+
+
 def turns_from_calls(
     calls: Sequence[Any], trainable: Callable[[Any], bool] = lambda _call: True
 ) -> list[Turn]:

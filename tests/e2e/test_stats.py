@@ -20,17 +20,16 @@ from tests.support.stub_engine import StubEngine
 
 NOW = datetime.now(UTC)
 SINCE = NOW - timedelta(minutes=10, seconds=30)
+DEAD_ENGINE = "http://127.0.0.1:1"
 VERSION = "coalesce((SELECT min(policy_version) FROM llm_calls WHERE rollout_id = id), policy_version)"
 
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory, stub: StubEngine, module_db: str) -> Iterator[Proxy]:
     seed(module_db)
-    p = start_proxy(
-        tmp_path_factory.mktemp("stats-home"),
-        module_db,
-        stub_policy(stub),
-    )
+    config = stub_policy(stub)
+    config["policy"][0]["upstreams"].append(DEAD_ENGINE)  # an engine that is down: the overview says so
+    p = start_proxy(tmp_path_factory.mktemp("stats-home"), module_db, config)
     yield p
     p.stop()
 
@@ -133,7 +132,9 @@ def test_rewards_by_version_are_the_views_figures(proxy: Proxy, module_db: str) 
         assert g["policy"] == ("policy" if e["dataset"] else None)
 
 
-def test_the_overview_shows_versions_activity_queue_writer_and_engines(proxy: Proxy, module_db: str) -> None:
+def test_the_overview_shows_versions_activity_queue_writer_and_engines(
+    proxy: Proxy, module_db: str, stub: StubEngine
+) -> None:
     overview = get(proxy, "/v1/stats/overview", minutes=45)
     assert [(v["policy"], v["version"]) for v in overview["live_versions"]] == [("policy", 2)]
     activity = overview["activity"]
@@ -154,8 +155,10 @@ def test_the_overview_shows_versions_activity_queue_writer_and_engines(proxy: Pr
     ):
         assert queue[(row["dataset"], row["mode"])] == (row["queued"], row["running"])
     assert set(overview["writer"]) >= {"queue_rows", "spool_bytes", "dropped", "rejected", "degraded"}
-    (engine,) = overview["engines"]
-    assert engine["policy"] == "policy" and engine["healthy"] is True
+    engines = {e["url"]: e for e in overview["engines"]}
+    assert engines[stub.url]["healthy"] is True and engines[stub.url]["policy"] == "policy"
+    assert engines[DEAD_ENGINE]["healthy"] is False and engines[DEAD_ENGINE]["models"] == []
+    assert "Connect" in engines[DEAD_ENGINE]["error"], engines[DEAD_ENGINE]
 
 
 def test_steps_come_oldest_first_with_their_metrics(proxy: Proxy) -> None:
