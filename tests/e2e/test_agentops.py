@@ -4,12 +4,17 @@ order the SDK makes them; its spans name no rollout and join the one whose call 
 
 from __future__ import annotations
 
+import json
+import subprocess
+
 import httpx
 import openai
+import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from tests.e2e.conftest import Proxy, eventually
+from tests.e2e.conftest import Proxy, clean_env, eventually
 from tests.e2e.test_proxy import sql
+from tests.support.venvs import venv_with_extra
 
 TRACE = bytes(range(1, 17))
 
@@ -97,3 +102,69 @@ def test_agentops_calls_with_bad_input(proxy: Proxy) -> None:
         answer = httpx.post(upload, json={"body": "x"}, headers={**proxy.headers, "trace-id": trace_id})
         assert answer.status_code == 400, trace_id
     assert httpx.post(upload, json={"body": 5}, headers={**proxy.headers, "trace-id": "1"}).status_code == 400
+
+
+# An agent traced with the AgentOps SDK as its docs show, configured by the environment the
+# deployment plan names (AGENTOPS_API_KEY, a lightloop key) with its API and exporter pointed at
+# lightloop. It runs in a venv holding the `agentops` extra's
+# pins (tests/support/venvs.py); every other host is behind a proxy that refuses connections, so
+# nothing reaches AgentOps' service.
+AGENTOPS_AGENT = """
+import json, sys
+import agentops, openai
+url, rollout = sys.argv[1:3]
+agentops.init(auto_start_session=False)
+trace = agentops.start_trace("solve")
+client = openai.OpenAI(base_url=url + "/v1")  # OPENAI_API_KEY: the same lightloop key
+reply = client.chat.completions.create(
+    model="policy", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+    extra_headers={"X-Lightloop-Rollout": rollout},
+)
+agentops.end_trace(trace, "Success")
+print(json.dumps({"response_id": reply.id, "trace_id": format(trace.span.get_span_context().trace_id, "032x")}))
+"""
+
+
+@pytest.mark.timeout(900)  # the first run builds the venv from PyPI
+def test_the_agentops_sdk_with_no_account_and_no_network(proxy: Proxy, module_db: str) -> None:
+    python = venv_with_extra("agentops", "openai")
+    env = {
+        **clean_env(),
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "AGENTOPS_API_KEY": proxy.key,
+        "AGENTOPS_API_ENDPOINT": proxy.url,
+        "AGENTOPS_EXPORTER_ENDPOINT": f"{proxy.url}/v1/traces",
+        "OPENAI_API_KEY": proxy.key,
+    }
+    ran = subprocess.run(
+        [str(python), "-c", AGENTOPS_AGENT, proxy.url, "agentops-sdk-1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    sent = json.loads(ran.stdout.strip().splitlines()[-1])
+    finished = httpx.post(
+        f"{proxy.url}/v1/rollouts/agentops-sdk-1/finish", json={}, headers=proxy.headers
+    )
+    assert finished.status_code == 200, finished.text
+    rows = eventually(
+        lambda: (
+            (r := sql(module_db, "SELECT * FROM spans WHERE trace_id = $1", sent["trace_id"]))
+            and len(r) == 2
+            and r
+        ),
+        what="the AgentOps trace's spans: its session and the call",
+    )
+    by_name = {r["name"]: r for r in rows}
+    assert set(by_name) == {"solve.session", "openai.chat.completion"}, by_name
+    assert {r["rollout_id"] for r in rows} == {"agentops-sdk-1"}
+    assert by_name["openai.chat.completion"]["attributes"]["gen_ai.response.id"] == sent["response_id"]
+    assert by_name["openai.chat.completion"]["parent_span_id"] == by_name["solve.session"]["span_id"]
+    # One SQL query returns the rollout's whole trace: the proxy's span of the call with the agent's.
+    names = sql(module_db, "SELECT name FROM spans WHERE rollout_id = 'agentops-sdk-1'")
+    assert {"solve.session", "openai.chat.completion"} < {n["name"] for n in names}
