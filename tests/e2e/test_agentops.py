@@ -121,7 +121,8 @@ reply = client.chat.completions.create(
     extra_headers={"X-Lightloop-Rollout": rollout},
 )
 agentops.end_trace(trace, "Success")
-print(json.dumps({"response_id": reply.id, "trace_id": format(trace.span.get_span_context().trace_id, "032x")}))
+trace_id = format(trace.span.get_span_context().trace_id, "032x")
+print(json.dumps({"response_id": reply.id, "trace_id": trace_id}))
 """
 
 
@@ -148,9 +149,7 @@ def test_the_agentops_sdk_with_no_account_and_no_network(proxy: Proxy, module_db
     )
     assert ran.returncode == 0, ran.stderr[-3000:]
     sent = json.loads(ran.stdout.strip().splitlines()[-1])
-    finished = httpx.post(
-        f"{proxy.url}/v1/rollouts/agentops-sdk-1/finish", json={}, headers=proxy.headers
-    )
+    finished = httpx.post(f"{proxy.url}/v1/rollouts/agentops-sdk-1/finish", json={}, headers=proxy.headers)
     assert finished.status_code == 200, finished.text
     rows = eventually(
         lambda: (
