@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lightloop.demo_probe import earlier_messages, sample_replies
 from lightloop.demo_tasks import DemoTask, reward, split
-from lightloop.engine.models import load_model
+from lightloop.models import load_model
 
 
 def earlier_reward(task: DemoTask, reply: str) -> float:

@@ -20,8 +20,8 @@ import torch
 from lightloop.engine.batcher import Batcher, Choice, Event, Finished, Token
 from lightloop.engine.chat import encode, render_chat
 from lightloop.engine.lora import LoraRuntime
-from lightloop.engine.models import load_model
 from lightloop.engine.sampling import SamplingParams
+from lightloop.models import load_model
 
 PROMPTS = [
     "Write a long story about a lighthouse keeper.",

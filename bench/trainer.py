@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lightloop.engine.models import load_model, model_folder
+from lightloop.models import load_model, model_folder
 from lightloop.settings import TrainerSettings
 from lightloop.trainer.local import LocalBackend, LocalConfig
 from lightloop.trainer.loop import Backend

@@ -2,9 +2,8 @@
 
 from lightloop.engine.api import EngineServer, create_app
 from lightloop.engine.batcher import Batcher, Choice
-from lightloop.engine.errors import BadRequest, EngineError, ModelLoadError, NotFound
+from lightloop.engine.errors import BadRequest, EngineError, NotFound
 from lightloop.engine.lora import Adapter, LoraRuntime, read_adapter
-from lightloop.engine.models import LoadedModel, load_model
 from lightloop.engine.sampling import SamplingParams, processed_logprobs
 from lightloop.engine.server import build, serve
 
@@ -15,14 +14,11 @@ __all__ = [
     "Choice",
     "EngineError",
     "EngineServer",
-    "LoadedModel",
     "LoraRuntime",
-    "ModelLoadError",
     "NotFound",
     "SamplingParams",
     "build",
     "create_app",
-    "load_model",
     "processed_logprobs",
     "read_adapter",
     "serve",

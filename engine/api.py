@@ -24,8 +24,8 @@ from lightloop.engine.batcher import Batcher, Choice, Event, Failed, Finished, T
 from lightloop.engine.chat import Detokenizer, encode, parse_tool_calls, render_chat
 from lightloop.engine.errors import BadRequest, EngineError, Forbidden, NotFound
 from lightloop.engine.lora import Adapter, LoraRuntime, read_adapter
-from lightloop.engine.models import LoadedModel
 from lightloop.engine.sampling import SamplingParams, find_stop
+from lightloop.models import LoadedModel
 
 MAX_TOP_LOGPROBS = 20
 

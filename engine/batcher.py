@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from lightloop.engine.lora import Adapter, LoraRuntime
-from lightloop.engine.models import LoadedModel
 from lightloop.engine.sampling import SamplingParams, processed_logprobs, sample, top_k
+from lightloop.models import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,3 @@ class Forbidden(EngineError):
 class NotFound(EngineError):
     status = 404
     type = "NotFoundError"
-
-
-class ModelLoadError(EngineError):
-    """The model named on the command line cannot be loaded."""

@@ -10,7 +10,7 @@ import uvicorn
 from lightloop.engine.api import EngineServer, create_app
 from lightloop.engine.batcher import Batcher
 from lightloop.engine.lora import LoraRuntime
-from lightloop.engine.models import load_model
+from lightloop.models import load_model
 from lightloop.settings import EngineSettings, Settings
 
 log = logging.getLogger(__name__)

@@ -7,3 +7,7 @@ class LightloopError(Exception):
 
 class ConfigError(LightloopError):
     """Settings or the YAML file are invalid."""
+
+
+class ModelLoadError(LightloopError):
+    """The model named (`smollm2`, `tiny` or a folder) cannot be resolved or loaded."""

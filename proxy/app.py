@@ -47,6 +47,7 @@ from lightloop.proxy.queue import TaskQueue
 from lightloop.proxy.recorder import Recorder
 from lightloop.proxy.routing import TABLE, Route, match
 from lightloop.proxy.session import read_session, session_cookie, session_secret
+from lightloop.proxy.token_text import TokenText
 from lightloop.proxy.upstream import Upstreams
 from lightloop.proxy.versions import LiveVersions
 from lightloop.settings import Settings
@@ -101,6 +102,7 @@ class ProxyApp:
             reread_s=settings.proxy.versions_reread_s,
         )
         self.upstreams = Upstreams(settings.proxy.upstream_timeout_s, settings.proxy.upstream_retries)
+        self._token_text = TokenText(settings.model_cache)
         self.lane = PolicyLane(
             {p.name: p for p in settings.policy}, self.versions, self.upstreams, self.recorder
         )
@@ -237,7 +239,9 @@ class ProxyApp:
 
     async def _serve_stats_samples(self, r: Request, send: Send) -> int:
         agents = self.settings.trainer.agents
-        return await stats.get_samples(r.params["id"], self._db, self.settings.policy, agents, send)
+        return await stats.get_samples(
+            r.params["id"], self._db, self.settings.policy, agents, self._token_text, send
+        )
 
     async def _serve_ui_overview(self, r: Request, send: Send) -> int:
         return await ui.page(send, "overview")

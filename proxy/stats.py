@@ -19,6 +19,7 @@ from lightloop.proxy.http import Scope, Send, respond_json
 from lightloop.proxy.lane import upstream_base
 from lightloop.proxy.recorder import Recorder
 from lightloop.proxy.routes import read_bounded
+from lightloop.proxy.token_text import TokenText
 from lightloop.proxy.upstream import Upstreams
 from lightloop.settings import PolicyModelSettings
 from lightloop.store import rollout_calls, stats
@@ -210,7 +211,12 @@ async def rollout_exists(rollout_id: str, pool: Pool) -> bool:
 
 
 async def get_samples(
-    rollout_id: str, pool: Pool, policies: list[PolicyModelSettings], agents: list[str], send: Send
+    rollout_id: str,
+    pool: Pool,
+    policies: list[PolicyModelSettings],
+    agents: list[str],
+    token_text: TokenText,
+    send: Send,
 ) -> int:
     """The trainer's view of a rollout: its calls as a claim hands them over, rebuilt into samples
     by the trainer's own code (the tokens trained on, and the context masked out)."""
@@ -224,13 +230,17 @@ async def get_samples(
         raise NotFound(f"rollout {rollout_id!r} does not exist")
     # In a thread: the trainer package imports torch on first use (about a second), and a long
     # rollout's rebuild is CPU work; neither may stall the calls this process serves.
-    out = await asyncio.to_thread(_rebuild_all, rollout_id, calls, policies, agents)
+    out = await asyncio.to_thread(_rebuild_all, rollout_id, calls, policies, agents, token_text)
     await respond_json(send, 200, {"rollout_id": rollout_id, "policies": out})
     return 200
 
 
 def _rebuild_all(
-    rollout_id: str, calls: list[Any], policies: list[PolicyModelSettings], agents: list[str]
+    rollout_id: str,
+    calls: list[Any],
+    policies: list[PolicyModelSettings],
+    agents: list[str],
+    token_text: TokenText,
 ) -> list[dict[str, Any]]:
     from lightloop.trainer.rebuild import rebuild, selected_by, turns_from_calls
 
@@ -249,6 +259,8 @@ def _rebuild_all(
                     {
                         "prompt_len": s.prompt_len,
                         "input_ids": s.input_ids,
+                        # Each id decoded alone; null where this machine has no tokenizer for it.
+                        "tokens": token_text.texts(policy.base_model, s.input_ids),
                         "loss_mask": s.loss_mask,
                         "logprobs": s.logprobs,
                         "policy_versions": sorted(s.policy_versions),

@@ -33,7 +33,7 @@ def build(settings: Settings, database_url: str) -> tuple[Trainer, list[HttpEngi
 
 
 def make_backend(settings: Settings) -> Backend:
-    from lightloop.engine.models import load_model, model_folder
+    from lightloop.models import load_model, model_folder
 
     t = settings.trainer
     spec = t.model or settings.engine.model

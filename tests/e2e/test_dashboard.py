@@ -15,6 +15,7 @@ import openai
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
+from lightloop.models import load_tokenizer
 from tests.e2e.conftest import Proxy, eventually, start_proxy, stub_policy
 from tests.e2e.test_proxy import sql as _sql
 from tests.support.browser import Watched, running_browser
@@ -34,11 +35,9 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory, stub: StubEngine, module_db: str) -> Iterator[Proxy]:
-    p = start_proxy(
-        tmp_path_factory.mktemp("ui-home"),
-        module_db,
-        stub_policy(stub),
-    )
+    config = stub_policy(stub)
+    config["policy"][0]["base_model"] = "tiny"  # SmolLM2's tokenizer: the trainer's view shows text
+    p = start_proxy(tmp_path_factory.mktemp("ui-home"), module_db, config)
     try:
         agent_run(p, stub, module_db)
         trained(module_db)
@@ -264,9 +263,13 @@ def test_a_page_with_no_data_says_so_and_signing_out_ends_the_session(page: Watc
 def test_the_trainers_view_marks_trained_and_masked_tokens(page: Watched, proxy: Proxy) -> None:
     p = sign_in(page, proxy.key)
     p.goto("/ui/rollouts/tv-1")
-    expect(p.locator(".event.sample")).to_have_count(1)  # merged: one sample
+    # The first view reads the tokenizer from SmolLM2's GGUF (about 10 s here); later ones do not.
+    expect(p.locator(".event.sample")).to_have_count(1, timeout=60_000)  # merged: one sample
     expect(p.locator("#samples .tokens > .tok.trained")).to_have_count(5)  # both completions
     expect(p.locator("#samples .tokens > .tok.masked")).to_have_count(4)  # the tool result
     expect(p.locator("#samples .tok.trained").first).to_have_attribute("title", "id 11 · logprob -0.5000")
+    # Each token is shown as the policy's tokenizer decodes it, its id on hover.
+    tokenizer = load_tokenizer("tiny", proxy.home / "models")
+    expect(p.locator("#samples .tok.trained").first).to_have_text(tokenizer.decode([11]))
     expect(p.locator(".event.sample")).to_contain_text("3 prompt tokens")
     page.screenshot("trainers-view")

@@ -34,7 +34,7 @@ def client(engine: str) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def tiny(engine: str, engine_home: Path) -> Any:
     """The same model and tokenizer, loaded in the test process for direct forward passes."""
-    from lightloop.engine.models import load_model
+    from lightloop.models import load_model
 
     return load_model("tiny", engine_home / "models")
 

@@ -267,3 +267,40 @@ def test_prometheus_gets_the_training_figures_and_grafana_asks_only_for_real_met
         for name in re.findall(r"lightloop_[a-z_]+", target["expr"])
     }
     assert asked and asked <= exported, asked - exported
+
+
+def test_the_trainers_view_is_the_rollouts_stored_tokens(proxy: Proxy, module_db: str) -> None:
+    """Two turns, the second's prompt extending the first's whole sequence with a tool result:
+    one sample, the completions trained, the tool result masked, each logprob where it was."""
+    turns = (([1, 2, 3], [4, 5], [-0.1, -0.2]), ([1, 2, 3, 4, 5, 6], [7], [-0.3]))
+    for seq, (prompt, completion, logprobs) in enumerate(turns):
+        sql(
+            module_db,
+            """INSERT INTO llm_calls (span_id, rollout_id, seq, model, policy_version, request,
+                                      prompt_token_ids, completion_token_ids, completion_logprobs)
+               VALUES ($1, 'r07', $2, 'policy', 1, '{}', $3, $4, $5)""",
+            f"tv{seq}",
+            seq,
+            prompt,
+            completion,
+            logprobs,
+        )
+    stored = sql(
+        module_db,
+        "SELECT prompt_token_ids p, completion_token_ids c, completion_logprobs l FROM llm_calls "
+        "WHERE rollout_id = 'r07' ORDER BY seq",
+    )
+    first, second = stored
+    view = get(proxy, "/v1/stats/rollouts/r07/samples")
+    ((policy),) = view["policies"]
+    assert policy["policy"] == "policy" and policy["stats"]["calls"] == 2
+    ((sample),) = policy["samples"]
+    assert sample["input_ids"] == second["p"] + second["c"]
+    assert sample["prompt_len"] == len(first["p"])
+    tool_result = len(second["p"]) - len(first["p"]) - len(first["c"])
+    assert sample["loss_mask"] == [1] * len(first["c"]) + [0] * tool_result + [1] * len(second["c"])
+    trained = [lp for lp, m in zip(sample["logprobs"], sample["loss_mask"], strict=True) if m]
+    assert trained == pytest.approx(first["l"] + second["l"])
+    assert sample["policy_versions"] == [1]
+    assert sample["tokens"] is None  # `stub-base` has no tokenizer on this machine: ids only
+    assert httpx.get(f"{proxy.url}/v1/stats/rollouts/nope/samples", headers=proxy.headers).status_code == 404

@@ -20,7 +20,7 @@ import openai
 import pytest
 import yaml
 
-from lightloop.engine.models import load_model
+from lightloop.models import load_model
 from lightloop.settings import TrainerSettings
 from lightloop.store.database import dsn
 from lightloop.trainer import HttpEngine, LocalBackend, LocalConfig, Publisher, PublishError, Trainer

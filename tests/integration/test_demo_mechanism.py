@@ -12,7 +12,7 @@ import torch
 
 from lightloop.demo_probe import earlier_messages, sample_replies
 from lightloop.demo_tasks import DemoTask, Opposite, reward, split
-from lightloop.engine.models import LoadedModel, load_model
+from lightloop.models import LoadedModel, load_model
 from lightloop.trainer import Scored, drop_flat_groups, rollout_advantages
 
 TASKS, TRIES = 8, 4  # one demo step's worth of groups

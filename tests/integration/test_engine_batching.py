@@ -10,8 +10,8 @@ import pytest
 
 from lightloop.engine.batcher import Batcher, Choice, Event, Finished, Token
 from lightloop.engine.lora import LoraRuntime
-from lightloop.engine.models import load_model
 from lightloop.engine.sampling import SamplingParams
+from lightloop.models import load_model
 
 
 @pytest.fixture(scope="module")

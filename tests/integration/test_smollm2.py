@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightloop.engine.chat import encode, render_chat
-from lightloop.engine.models import load_model
+from lightloop.models import load_model
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightloop.engine.models import load_model
+from lightloop.models import load_model
 from lightloop.trainer.algorithms import Scored, drop_flat_groups, rollout_advantages
 from lightloop.trainer.local import LocalBackend, LocalConfig
 from lightloop.trainer.rebuild import Sample

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightloop.engine.models import load_model
+from lightloop.models import load_model
 from lightloop.trainer.local import LocalBackend, LocalConfig, pad, response_logprobs
 from lightloop.trainer.rebuild import Sample
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from lightloop.engine.models import load_model, model_folder
+from lightloop.models import load_model, model_folder
 from lightloop.settings import TrainerSettings
 from lightloop.trainer.algorithms import Scored, drop_flat_groups, rollout_advantages
 from lightloop.trainer.errors import TrainerError

