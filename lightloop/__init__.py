@@ -1,6 +1,6 @@
 """lightloop: turn the LLM traffic of real agents into better models."""
 
-from lightloop.errors import ConfigError, LightloopError
+from lightloop.errors import ConfigError, LightloopError, ModelLoadError
 from lightloop.llm import LLM
 from lightloop.runner import run
 from lightloop.settings import EngineSettings, Settings, WriterSettings, load_settings
@@ -10,6 +10,7 @@ __all__ = [
     "ConfigError",
     "EngineSettings",
     "LightloopError",
+    "ModelLoadError",
     "Settings",
     "WriterSettings",
     "load_settings",

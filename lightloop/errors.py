@@ -10,4 +10,5 @@ class ConfigError(LightloopError):
 
 
 class ModelLoadError(LightloopError):
-    """The model named (`smollm2`, `tiny` or a folder) cannot be resolved or loaded."""
+    """The model named (`smollm2`, `tiny`, a folder, or for a tokenizer a Hub id already in the
+    local cache) cannot be resolved or loaded."""

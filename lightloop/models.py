@@ -55,7 +55,7 @@ def model_folder(spec: str, cache_dir: Path) -> Path:
     folder = Path(spec).expanduser()
     if not (folder / "config.json").is_file():
         raise ModelLoadError(
-            f"--model {spec!r} is neither smollm2, tiny nor a Hugging Face model folder (no config.json)"
+            f"model {spec!r} is neither smollm2, tiny nor a Hugging Face model folder (no config.json)"
         )
     return folder
 
@@ -66,15 +66,21 @@ def load_tokenizer(spec: str, cache_dir: Path) -> Any:
     Hugging Face folder, or a Hub id already in the local cache (nothing is downloaded)."""
     from transformers import AutoTokenizer
 
-    if spec in ("smollm2", "tiny"):
-        converted = cache_dir / spec  # an engine on this machine made it: no GGUF to read (~10 s)
-        ready = (converted / "config.json").is_file()
-        return AutoTokenizer.from_pretrained(converted if ready else _cached_tokenizer(cache_dir))
-    folder = Path(spec).expanduser()
     try:
-        return AutoTokenizer.from_pretrained(folder if folder.is_dir() else spec, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"no tokenizer for {spec!r} on this machine: {exc}") from None
+        if spec in ("smollm2", "tiny"):
+            converted = cache_dir / spec  # an engine on this machine made it: no GGUF to read (~10 s)
+            ready = (converted / "config.json").is_file()
+            return AutoTokenizer.from_pretrained(converted if ready else _cached_tokenizer(cache_dir))
+        folder = Path(spec).expanduser()
+        return AutoTokenizer.from_pretrained(
+            folder if folder.is_dir() else spec, local_files_only=True, trust_remote_code=False
+        )
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # a missing or malformed tokenizer, an unwritable cache, a backend
+        raise ModelLoadError(
+            f"no tokenizer for {spec!r} on this machine: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def load_model(spec: str, cache_dir: Path, *, max_model_len: int | None = None) -> LoadedModel:

@@ -14,12 +14,13 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
 import asyncpg
+import orjson
 
 from lightloop.proxy import agentops, routes, stats, ui
 from lightloop.proxy.attribution import HEADER_ROLLOUT, Attribution, resolve
@@ -43,6 +44,7 @@ from lightloop.proxy.lane import PolicyLane
 from lightloop.proxy.litellm_lane import RecordingLogger, current_attribution
 from lightloop.proxy.litellm_routes import model_in_path, model_of, scope_of
 from lightloop.proxy.metrics import Metrics
+from lightloop.proxy.prompts import PromptRegistry, prompt_text
 from lightloop.proxy.queue import TaskQueue
 from lightloop.proxy.recorder import Recorder
 from lightloop.proxy.routing import TABLE, Route, match
@@ -103,6 +105,9 @@ class ProxyApp:
         )
         self.upstreams = Upstreams(settings.proxy.upstream_timeout_s, settings.proxy.upstream_retries)
         self._token_text = TokenText(settings.model_cache)
+        self.prompts = PromptRegistry(
+            database_url, settings.writer.retry_interval_s, reread_s=settings.proxy.versions_reread_s
+        )
         self.lane = PolicyLane(
             {p.name: p for p in settings.policy}, self.versions, self.upstreams, self.recorder
         )
@@ -112,7 +117,9 @@ class ProxyApp:
         self._pool_lock = asyncio.Lock()
         self.keys = Keys(self.master_key, self._db, settings.proxy.key_cache_s)
         self.session_secret = session_secret(self.master_key)
-        self.queue = TaskQueue(settings.queue, settings.trainer, self.versions, self.recorder, self._db)
+        self.queue = TaskQueue(
+            settings.queue, settings.trainer, self.versions, self.recorder, self._db, self.prompts
+        )
 
     # -- ASGI ----------------------------------------------------------------------------------
 
@@ -207,6 +214,9 @@ class ProxyApp:
 
     async def _serve_tasks_next(self, r: Request, send: Send) -> int:
         return await self.queue.next(r.scope, r.body, send)
+
+    async def _serve_prompt(self, r: Request, send: Send) -> int:
+        return await prompt_text(r.params["name"], r.attribution, self.prompts, self._db, send)
 
     async def _serve_datasets(self, r: Request, send: Send) -> int:
         return await self.queue.datasets(None, send)
@@ -322,6 +332,11 @@ class ProxyApp:
         model = params.get("model") or body.get("model")
         if not isinstance(model, str) or not model:
             raise BadRequest("model is required and must be a string")
+        swapped = await self.prompts.swap(body, model, attribution.agent, attribution.rollout_id)
+        if swapped is not None:
+            # The served text, not the agent's, is what the model and the record see.
+            raw = orjson.dumps(body)
+            attribution = replace(attribution, prompt_name=swapped.name, prompt_version=swapped.version)
         if model in self.lane.policies:
             if operation == "chat" and not isinstance(body.get("messages"), list):
                 raise BadRequest("messages is required and must be a list")
@@ -459,6 +474,8 @@ class ProxyApp:
             stack.push_async_callback(self.writer.close)
             await self.versions.start()
             stack.push_async_callback(self.versions.close)
+            await self.prompts.start()
+            stack.push_async_callback(self.prompts.close)
             await stack.enter_async_context(self.queue.running())
             stack.push_async_callback(self.upstreams.close)
             stack.push_async_callback(self._close_pool)

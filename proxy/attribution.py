@@ -39,6 +39,10 @@ class Attribution:
     task_id: str | None = None
     mode: str = "train"  # "val": evaluation rollouts, recorded but never trained on
     group_size: int | None = None  # declared: the trainer waits for that many finished rollouts
+    # Set by the proxy, not the agent: the registered prompt it swapped in, and its version
+    # (proxy/prompts.py); carried here so both lanes record it with the call.
+    prompt_name: str | None = None
+    prompt_version: int | None = None
 
 
 def check_id(value: str, what: str) -> str:

@@ -308,6 +308,8 @@ def build_rows(
             "response_id": response_id,
             "attempt": call.attribution.attempt,
             "upstream": call.upstream,
+            "prompt_name": call.attribution.prompt_name,
+            "prompt_version": call.attribution.prompt_version,
         }
         for choice in choices
     ]

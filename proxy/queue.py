@@ -14,6 +14,7 @@ from urllib.parse import quote
 from lightloop.proxy.attribution import check_id
 from lightloop.proxy.errors import BadRequest, NotFound
 from lightloop.proxy.http import Scope, Send, header, respond, respond_json
+from lightloop.proxy.prompts import PromptRegistry
 from lightloop.proxy.recorder import Recorder
 from lightloop.proxy.routes import Pool, _parse_lenient, with_db
 from lightloop.proxy.versions import LiveVersions
@@ -44,8 +45,10 @@ class TaskQueue:
         versions: LiveVersions,
         recorder: Recorder,
         pool: Pool,
+        prompts: PromptRegistry,
     ) -> None:
         self.settings = settings
+        self.prompts = prompts
         self.trainer = trainer
         self.versions = versions
         self.recorder = recorder
@@ -80,11 +83,14 @@ class TaskQueue:
         worker = _optional(data, "worker")
         if worker is not None and len(worker) > 200:
             raise BadRequest("worker must hold at most 200 characters")
+        prompt_run = _optional(data, "prompt_run")
+        if prompt_run is not None:
+            check_id(prompt_run, "prompt_run")
         splits = ("val", "train") if split is None else (split,)
 
         async def take(conn: Any) -> queue.Handout | queue.Empty:
             wanted = await queue.datasets(conn, dataset)
-            if "val" in splits:
+            if "val" in splits and prompt_run is None:
                 for name, policy in wanted.items():
                     key = (name, policy, self.live(policy))
                     if key not in self._rounds:
@@ -98,6 +104,7 @@ class TaskQueue:
                 lease_s=self.settings.lease_s,
                 live=self.live,
                 max_groups=self.max_groups,
+                prompt_run=prompt_run,
             )
 
         got = await with_db(self.pool, take)
@@ -106,6 +113,8 @@ class TaskQueue:
             await respond(send, 204, b"", extra_headers=[(b"x-lightloop-queue", state)])
             return 204
         self.recorder.handed_out(got.rollout_id)
+        if got.prompt_name is None:
+            self.prompts.pin(got.rollout_id, None)  # its calls need no look-up of a pinned prompt
         if got.split == "val" and got.policy_version is not None and got.policy in self.versions.policies:
             # A held-out round measures the version it was made for, even when a newer one goes
             # live while it runs.
@@ -126,6 +135,9 @@ class TaskQueue:
                 "group_size": got.group_size,
                 "model": got.policy,
                 "policy_version": got.policy_version,
+                "prompt": None
+                if got.prompt_name is None
+                else {"name": got.prompt_name, "version": got.prompt_version},
             },
         )
         return 200

@@ -51,6 +51,8 @@ TABLE: tuple[Route, ...] = (
     Route("POST", "/v1/tasks/next", "tasks_next"),
     Route("GET", "/v1/datasets", "datasets"),
     Route("GET", "/v1/datasets/{name}", "dataset"),
+    # The text of a registered prompt meant for the caller's rollout (path form) or the live one.
+    Route("GET", "/v1/prompts/{name}", "prompt", path_form=True),
     Route("POST", "/v1/traces", "traces"),
     # AgentOps' API, as its SDK calls it (proxy/agentops.py): the token trade takes the key in
     # its body, so the route itself asks none.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs
@@ -230,9 +231,15 @@ async def get_samples(
         raise NotFound(f"rollout {rollout_id!r} does not exist")
     # In a thread: the trainer package imports torch on first use (about a second), and a long
     # rollout's rebuild is CPU work; neither may stall the calls this process serves.
-    out = await asyncio.to_thread(_rebuild_all, rollout_id, calls, policies, agents, token_text)
+    loop = asyncio.get_running_loop()
+    out = await loop.run_in_executor(_VIEWS, _rebuild_all, rollout_id, calls, policies, agents, token_text)
     await respond_json(send, 200, {"rollout_id": rollout_id, "policies": out})
     return 200
+
+
+# The trainer's views rebuild (and, once per model, load a tokenizer) in threads of their own:
+# a slow one must not take the default executor's threads, which the policy lane uses too.
+_VIEWS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lightloop-trainer-view")
 
 
 def _rebuild_all(

@@ -35,7 +35,8 @@ WITH written AS MATERIALIZED ({MARKS_SQL}),
 ready AS MATERIALIZED (
     SELECT coalesce(group_id, id) AS g, min(id) AS head, max(finished_at) AS last_finished
     FROM rollouts
-    WHERE consumed_by_step IS NULL AND mode = $4
+    -- A prompt optimisation run's evaluations measure a candidate prompt: never trained on.
+    WHERE consumed_by_step IS NULL AND mode = $4 AND prompt_run IS NULL
     GROUP BY 1
     HAVING bool_and(status IN ('succeeded', 'failed') AND reward IS NOT NULL)
        AND bool_and(claimed_by IS NULL OR claim_expires_at < now())

@@ -30,6 +30,8 @@ _HAND_OUT_SQL = """
 WITH pick AS (
     SELECT id FROM rollouts
     WHERE status = 'queued' AND dataset = ANY($1::text[]) AND mode = ANY($2::text[])
+      -- A prompt optimisation run's evaluations go to its own runners only.
+      AND prompt_run IS NOT DISTINCT FROM $5
     ORDER BY (mode = 'val') DESC, created_at, id
     LIMIT 1
     FOR UPDATE SKIP LOCKED
@@ -38,7 +40,8 @@ taken AS (
     UPDATE rollouts r
     SET status = 'running', attempt = coalesce(r.attempt, 0) + 1
     FROM pick WHERE r.id = pick.id
-    RETURNING r.id, r.group_id, r.task_id, r.dataset, r.mode, r.attempt, r.group_size, r.policy_version
+    RETURNING r.id, r.group_id, r.task_id, r.dataset, r.mode, r.attempt, r.group_size, r.policy_version,
+              r.prompt_name, r.prompt_version
 ),
 leased AS (
     INSERT INTO rollout_attempts (rollout_id, attempt, worker, lease_expires_at)
@@ -163,6 +166,8 @@ class Handout:
     group_size: int
     policy: str
     policy_version: int | None
+    prompt_name: str | None = None  # the candidate an optimisation run pinned to it
+    prompt_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -199,17 +204,22 @@ async def next_rollout(
     lease_s: float,
     live: Callable[[str], int],
     max_groups: Callable[[str], int | None],
+    prompt_run: str | None = None,
 ) -> Handout | Empty:
     """Hand out one rollout of the `wanted` datasets ({name: policy}) and `splits`.
 
     `live(policy)` is the version being served; `max_groups(policy)` the most train groups the
     trainer can still use (None: no limit). A new train group is made only while fewer than
-    that are in flight, so every rollout handed out is trained within the staleness limit."""
+    that are in flight, so every rollout handed out is trained within the staleness limit.
+
+    With `prompt_run`, only that optimisation run's evaluations are handed out (and no group
+    is made); without it, never one of them."""
     names = list(wanted)
     modes = [s for s in ("val", "train") if s in splits]
+    args = (names, modes, worker, float(lease_s), prompt_run)
     async with conn.transaction():
-        row = await conn.fetchrow(_HAND_OUT_SQL, names, modes, worker, float(lease_s))
-        if row is None and "train" in modes:
+        row = await conn.fetchrow(_HAND_OUT_SQL, *args)
+        if row is None and "train" in modes and prompt_run is None:
             for policy in sorted(set(wanted.values())):
                 of_policy = [n for n in names if wanted[n] == policy]
                 if not await conn.fetchval(_STARTABLE_SQL, of_policy):
@@ -219,7 +229,7 @@ async def next_rollout(
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext('lightloop.queue.' || $1))", policy)
                 # Whoever held the lock before may have just made groups: take from those
                 # first, so that runners waiting on the lock do not each make another.
-                row = await conn.fetchrow(_HAND_OUT_SQL, names, modes, worker, float(lease_s))
+                row = await conn.fetchrow(_HAND_OUT_SQL, *args)
                 if row is not None:
                     break
                 batch = GROUP_BATCH
@@ -231,16 +241,18 @@ async def next_rollout(
                     batch = min(batch, limit - in_flight)
                 made = await conn.fetch(_NEW_GROUP_SQL, of_policy, live(policy), batch)
                 if made:
-                    row = await conn.fetchrow(_HAND_OUT_SQL, names, modes, worker, float(lease_s))
+                    row = await conn.fetchrow(_HAND_OUT_SQL, *args)
                     break
         if row is None:
             busy = await conn.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM rollouts WHERE dataset = ANY($1::text[]) "
-                "AND mode = ANY($2::text[]) AND status IN ('queued', 'running'))",
+                "AND mode = ANY($2::text[]) AND status IN ('queued', 'running') "
+                "AND prompt_run IS NOT DISTINCT FROM $3)",
                 names,
                 modes,
+                prompt_run,
             )
-            more = "train" in modes and await conn.fetchval(_STARTABLE_SQL, names)
+            more = "train" in modes and prompt_run is None and await conn.fetchval(_STARTABLE_SQL, names)
             return Empty(drained=not busy and not more)
     return Handout(
         rollout_id=row["id"],
@@ -253,6 +265,8 @@ async def next_rollout(
         group_size=int(row["group_size"] or 1),
         policy=row["policy"],
         policy_version=row["policy_version"],
+        prompt_name=row["prompt_name"],
+        prompt_version=row["prompt_version"],
     )
 
 

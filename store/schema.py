@@ -16,6 +16,7 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Text,
     func,
@@ -74,6 +75,11 @@ class Rollout(Base):
     dataset: Mapped[str | None] = mapped_column(Text)
     attempt: Mapped[int | None] = mapped_column(Integer)
     policy_version: Mapped[int | None] = mapped_column(Integer)
+    # A prompt optimisation run's evaluation (store/prompt_runs.py): the candidate it is pinned
+    # to. Such rollouts are handed out only to that run's runners and never trained on.
+    prompt_run: Mapped[str | None] = mapped_column(Text)
+    prompt_name: Mapped[str | None] = mapped_column(Text)
+    prompt_version: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         CheckConstraint("mode IN ('train', 'val')", name="mode"),
@@ -96,6 +102,15 @@ class Rollout(Base):
             postgresql_where=text("consumed_by_step IS NULL"),
         ),
         Index("ix_rollouts_created_at", "created_at"),
+        Index(
+            "uq_rollouts_prompt_evaluation",
+            "prompt_run",
+            "prompt_version",
+            "mode",
+            "task_id",
+            unique=True,
+            postgresql_where=text("prompt_run IS NOT NULL"),
+        ),
     )
 
 
@@ -235,6 +250,9 @@ class LlmCall(Base):
     response_id: Mapped[str | None] = mapped_column(Text)
     attempt: Mapped[int | None] = mapped_column(Integer)
     upstream: Mapped[str | None] = mapped_column(Text)
+    # The registered prompt the proxy swapped into this call, and its version (proxy/prompts.py).
+    prompt_name: Mapped[str | None] = mapped_column(Text)
+    prompt_version: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         Index("ix_llm_calls_rollout_id_seq", "rollout_id", "seq"),
@@ -282,6 +300,73 @@ class PolicyVersion(Base):
             postgresql_where=text("status = 'live'"),
         ),
     )
+
+
+_sql = text
+
+
+class Prompt(Base):
+    """A registered prompt: calls (of its agent or model; any call when neither is set) whose
+    message text equals its baseline (version 0) get the version chosen for their rollout."""
+
+    __tablename__ = "prompts"
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    agent: Mapped[str | None] = mapped_column(Text)
+    model: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=NOW)
+
+
+class PromptVersion(Base):
+    """One text of a prompt. At most one version per prompt is live."""
+
+    __tablename__ = "prompt_versions"
+    name: Mapped[str] = mapped_column(Text, ForeignKey("prompts.name"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+    parent: Mapped[int | None] = mapped_column(Integer)
+    origin: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text, server_default="staged")
+    # The mean val reward, where it was measured ("dataset/split"), and per val task.
+    score: Mapped[float | None] = mapped_column(Double)
+    scored_on: Mapped[str | None] = mapped_column(Text)
+    scores: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    run_id: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=NOW)
+    live_at: Mapped[datetime | None] = mapped_column(TZ)
+
+    __table_args__ = (
+        CheckConstraint("origin IN ('baseline', 'manual', 'optimiser')", name="origin"),
+        CheckConstraint("status IN ('staged', 'live', 'retired')", name="status"),
+        # `text` is a column of this class here, hence the module's alias for SQL text.
+        Index("uq_prompt_versions_one_live", "name", unique=True, postgresql_where=_sql("status = 'live'")),
+    )
+
+
+class PromptRun(Base):
+    """A prompt optimisation run (`lightloop optimize-prompt`): its settings, GEPA's state as of
+    its last iteration (to resume from), and how it ended."""
+
+    __tablename__ = "prompt_runs"
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    name: Mapped[str] = mapped_column(Text, ForeignKey("prompts.name"))
+    dataset: Mapped[str] = mapped_column(Text)
+    train_split: Mapped[str] = mapped_column(Text)
+    val_split: Mapped[str] = mapped_column(Text)
+    agent: Mapped[str] = mapped_column(Text)
+    reflection_model: Mapped[str] = mapped_column(Text)
+    budget: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer, server_default="0")
+    status: Mapped[str] = mapped_column(Text, server_default="running")
+    metric_calls: Mapped[int] = mapped_column(Integer, server_default="0")
+    proposals_failed: Mapped[int] = mapped_column(Integer, server_default="0")
+    best_version: Mapped[int | None] = mapped_column(Integer)
+    state: Mapped[bytes | None] = mapped_column(LargeBinary)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=NOW)
+    updated_at: Mapped[datetime] = mapped_column(TZ, server_default=NOW)
+    finished_at: Mapped[datetime | None] = mapped_column(TZ)
+
+    __table_args__ = (CheckConstraint("status IN ('running', 'finished', 'failed')", name="status"),)
 
 
 class TrainingStep(Base):

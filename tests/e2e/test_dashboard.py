@@ -15,7 +15,6 @@ import openai
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from lightloop.models import load_tokenizer
 from tests.e2e.conftest import Proxy, eventually, start_proxy, stub_policy
 from tests.e2e.test_proxy import sql as _sql
 from tests.support.browser import Watched, running_browser
@@ -125,7 +124,7 @@ def trained(db: str) -> None:
         sql(
             db,
             "INSERT INTO policy_versions (policy, version, base_model, status, live_at) "
-            "VALUES ('policy', $1, 'stub-base', $2, now())",
+            "VALUES ('policy', $1, 'tiny', $2, now())",
             step,
             "live" if step == STEPS else "retired",
         )
@@ -269,6 +268,8 @@ def test_the_trainers_view_marks_trained_and_masked_tokens(page: Watched, proxy:
     expect(p.locator("#samples .tokens > .tok.masked")).to_have_count(4)  # the tool result
     expect(p.locator("#samples .tok.trained").first).to_have_attribute("title", "id 11 · logprob -0.5000")
     # Each token is shown as the policy's tokenizer decodes it, its id on hover.
+    from lightloop.models import load_tokenizer  # here: importing it loads torch
+
     tokenizer = load_tokenizer("tiny", proxy.home / "models")
     expect(p.locator("#samples .tok.trained").first).to_have_text(tokenizer.decode([11]))
     expect(p.locator(".event.sample")).to_contain_text("3 prompt tokens")

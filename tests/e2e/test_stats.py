@@ -102,6 +102,22 @@ def seed(db: str) -> None:
         NOW - timedelta(seconds=11),
     )
     sql(db, "INSERT INTO rewards (rollout_id, span_id, name, value) VALUES ('r12', 'c1', 'reward', 0.5)")
+    # r07: two turns for the trainer's view, the second's prompt extending the first's whole
+    # sequence with a tool result (older than the overview's activity window).
+    turns = (([1, 2, 3], [4, 5], [-0.1, -0.2]), ([1, 2, 3, 4, 5, 6], [7], [-0.3]))
+    for seq, (prompt, completion, logprobs) in enumerate(turns):
+        sql(
+            db,
+            """INSERT INTO llm_calls (span_id, rollout_id, seq, model, policy_version, request,
+                                      prompt_token_ids, completion_token_ids, completion_logprobs,
+                                      created_at)
+               VALUES ($1, 'r07', $2, 'policy', 1, '{}', $3, $4, $5, now() - interval '2 hours')""",
+            f"tv{seq}",
+            seq,
+            prompt,
+            completion,
+            logprobs,
+        )
 
 
 def get(proxy: Proxy, path: str, **params: Any) -> Any:
@@ -272,19 +288,6 @@ def test_prometheus_gets_the_training_figures_and_grafana_asks_only_for_real_met
 def test_the_trainers_view_is_the_rollouts_stored_tokens(proxy: Proxy, module_db: str) -> None:
     """Two turns, the second's prompt extending the first's whole sequence with a tool result:
     one sample, the completions trained, the tool result masked, each logprob where it was."""
-    turns = (([1, 2, 3], [4, 5], [-0.1, -0.2]), ([1, 2, 3, 4, 5, 6], [7], [-0.3]))
-    for seq, (prompt, completion, logprobs) in enumerate(turns):
-        sql(
-            module_db,
-            """INSERT INTO llm_calls (span_id, rollout_id, seq, model, policy_version, request,
-                                      prompt_token_ids, completion_token_ids, completion_logprobs)
-               VALUES ($1, 'r07', $2, 'policy', 1, '{}', $3, $4, $5)""",
-            f"tv{seq}",
-            seq,
-            prompt,
-            completion,
-            logprobs,
-        )
     stored = sql(
         module_db,
         "SELECT prompt_token_ids p, completion_token_ids c, completion_logprobs l FROM llm_calls "
