@@ -74,15 +74,21 @@ class AgentCaller:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
 
-    async def call(self, task: dict[str, Any], llm: LLM) -> float | None:
-        """The reward the agent returned for `task` (None: no reward); its exception, if any."""
+    async def call(self, task: dict[str, Any], llm: LLM) -> tuple[float | None, str | None]:
+        """(reward, feedback) the agent returned for `task`: a reward alone, or `(reward,
+        feedback)` with feedback text for prompt optimisation (None: no reward); its exception,
+        if any."""
         if inspect.iscoroutinefunction(self.agent):
             result = await self._on_agent_loop(self.agent(task, llm))
         else:
             result = await _in_daemon_thread(lambda: self.agent(task, llm))
             if inspect.isawaitable(result):
                 result = await self._on_agent_loop(_awaited(result))
-        return _reward(result)
+        if isinstance(result, tuple):
+            if len(result) != 2 or not isinstance(result[1], str | None):
+                raise TypeError("the agent returned a tuple; return (reward, feedback text) or a reward")
+            return _reward(result[0]), result[1]
+        return _reward(result), None
 
     def close(self) -> None:
         with self._lock:

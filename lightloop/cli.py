@@ -22,6 +22,7 @@ import pydantic
 from tabulate import tabulate
 
 from lightloop.cli_keys import keys
+from lightloop.cli_prompts import optimize_prompt, prompts
 from lightloop.errors import LightloopError
 from lightloop.settings import Settings, describe_settings, load_settings
 
@@ -629,6 +630,12 @@ def tasks_list(ctx: click.Context, as_json: bool) -> None:
 @click.option(
     "--retry-s", type=float, default=30.0, show_default=True, help="How long an unreachable proxy is retried."
 )
+@click.option(
+    "--prompt-run",
+    default=None,
+    metavar="RUN",
+    help="Help a prompt optimisation run (`lightloop optimize-prompt`): take only its evaluations.",
+)
 @click.pass_context
 def run_agent(
     ctx: click.Context,
@@ -642,6 +649,7 @@ def run_agent(
     model: str | None,
     quiet: bool,
     retry_s: float,
+    prompt_run: str | None,
 ) -> None:
     """Run AGENT (path/to/file.py:function or package.module:function, a sync or async
     `(task: dict, llm: lightloop.LLM) -> float | None`) over the tasks of a dataset, taken from
@@ -667,7 +675,18 @@ def run_agent(
     key = key or default_key(
         settings.home, settings.master_key.get_secret_value() if settings.master_key else None
     )
-    runner = Runner(function, proxy_url, key, dataset, split, concurrency, max_tasks, model, retry_s)
+    runner = Runner(
+        function,
+        proxy_url,
+        key,
+        dataset,
+        split,
+        concurrency,
+        max_tasks,
+        model,
+        retry_s,
+        prompt_run=prompt_run,
+    )
     code = _run(run_cli(runner, quiet=quiet))
     if code:
         ctx.exit(code)
@@ -804,6 +823,8 @@ def demo(
 
 
 cli.add_command(keys)
+cli.add_command(prompts)
+cli.add_command(optimize_prompt)
 
 
 def main() -> NoReturn:

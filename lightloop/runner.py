@@ -98,8 +98,9 @@ class QueueClient:
     """The proxy's queue routes, with retries (stamina's backoff) for an unreachable proxy or a
     503 while its Postgres is down; past `retry_s`, ProxyUnreachable."""
 
-    def __init__(self, proxy: str, key: str, retry_s: float) -> None:
+    def __init__(self, proxy: str, key: str, retry_s: float, prompt_run: str | None = None) -> None:
         self.proxy = proxy.rstrip("/").removesuffix("/v1")
+        self.prompt_run = prompt_run  # only this prompt optimisation run's evaluations
         self.retry_s = retry_s
         self.http = httpx.AsyncClient(
             base_url=self.proxy, headers={"authorization": f"Bearer {key}"}, timeout=60
@@ -136,6 +137,8 @@ class QueueClient:
         body: dict[str, Any] = {"dataset": dataset, "worker": worker}
         if split is not None:
             body["split"] = split
+        if self.prompt_run is not None:
+            body["prompt_run"] = self.prompt_run
         answer = await self._post("/v1/tasks/next", body)
         if answer.status_code == 204:
             return bool(answer.headers.get("x-lightloop-queue") == "drained")
@@ -209,10 +212,11 @@ class Runner:
     on_progress: Callable[[Stats], None] | None = None
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     stats: Stats = field(default_factory=Stats)
+    prompt_run: str | None = None  # take only this prompt optimisation run's evaluations
 
     def __post_init__(self) -> None:
         self.stopping = asyncio.Event()
-        self._client = QueueClient(self.proxy, self.key, self.retry_s)
+        self._client = QueueClient(self.proxy, self.key, self.retry_s, self.prompt_run)
         self._caller = AgentCaller(self.agent)
 
     async def run(self) -> Stats:
@@ -286,7 +290,7 @@ class Runner:
         beating = asyncio.create_task(self._beat(got))
         body: dict[str, Any] = {"attempt": got.attempt}
         try:
-            reward = await self._caller.call(got.input, llm)
+            reward, feedback = await self._caller.call(got.input, llm)
         except Exception as exc:
             log.warning("rollout %s: the agent raised %s: %s", got.rollout_id, type(exc).__name__, exc)
             body.update(
@@ -299,6 +303,8 @@ class Runner:
             body["status"] = "succeeded"
             if reward is not None:
                 body["reward"] = reward
+            if feedback is not None:
+                body["feedback"] = feedback
         finally:
             beating.cancel()
             self.stats.running -= 1

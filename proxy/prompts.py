@@ -54,6 +54,7 @@ class PromptRegistry:
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.loaded = asyncio.Event()
+        self.changed = asyncio.Event()  # set at every read (tests wait on it)
         self._down = False
 
     # -- serving -------------------------------------------------------------------------------
@@ -159,6 +160,7 @@ class PromptRegistry:
         self._lengths = (min(lengths), max(lengths)) if lengths else (0, -1)
         self._by_baseline = by_baseline
         self.loaded.set()
+        self.changed.set()
 
     async def reload(self) -> None:
         conn = await connect(self.url, command_timeout=30)

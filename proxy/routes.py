@@ -208,8 +208,11 @@ async def post_finish(
     attempt = data.get("attempt")
     if attempt is not None and (isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1):
         raise BadRequest("attempt must be a positive integer")
-    # A runner's report of an agent that raised: kept in rollouts.metadata.
-    metadata = {k: str(data[k])[:20_000] for k in ("error", "traceback") if data.get(k) is not None}
+    # A runner's report of an agent that raised, or the agent's feedback text (for prompt
+    # optimisation's reflection): kept in rollouts.metadata.
+    metadata = {
+        k: str(data[k])[:20_000] for k in ("error", "traceback", "feedback") if data.get(k) is not None
+    }
     writer = recorder.writer
     accepted = writer.stats.rows_submitted
     known = recorder.knows(rollout_id, None)

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +46,9 @@ class StubEngine:
     lora_release: threading.Event = field(default_factory=threading.Event)  # ends a "hold"
     adapters: dict[str, str] = field(default_factory=dict)
     port: int = 0
+    # The chat reply's text from the request (a model whose answer depends on its prompt); the
+    # default is fixed filler text.
+    reply: Callable[[dict[str, Any]], str] | None = None
 
     @property
     def url(self) -> str:
@@ -82,6 +85,8 @@ class StubEngine:
             ids = [1000 + c * 100 + i for i in range(count)]
             lps = [-0.5 - i / 100 for i in range(count)]
             text = "".join(f" t{i}" for i in ids)
+            if operation == "chat" and self.reply is not None:
+                text = self.reply(body)
             if operation == "chat":
                 message: dict[str, Any] = {"role": "assistant", "content": text}
                 if action.tool_call:
