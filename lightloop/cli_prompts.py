@@ -208,7 +208,8 @@ def optimize_prompt(ctx: click.Context, /, **o: Any) -> None:
         ["start", outcome.baseline_version, _score(outcome.baseline_score)],
         ["best", outcome.best_version, _score(outcome.best_score)],
     ]
-    click.echo(tabulate(rows, headers=["", "version", f"val score ({o['val_split']})"], tablefmt="psql"))
+    headers = ["", "version", f"val score ({o['val_split']})"]
+    click.echo(tabulate(rows, headers=headers, tablefmt="psql", disable_numparse=True))
     if outcome.best_version == outcome.baseline_version:
         click.echo("no candidate beat the version the run started from; nothing to apply")
     elif o["apply"]:

@@ -49,3 +49,25 @@ def bad_return(task: dict[str, Any], llm: LLM) -> Any:
 
 
 not_callable = 42
+
+
+# The system prompt the prompt tests register as a baseline; the agent never changes it.
+KEYWORD_BASELINE = "Answer the question."
+
+
+def keyword_agent(task: dict[str, Any], llm: LLM) -> tuple[float, str]:
+    """Asks with an unchanged system prompt; the test's model echoes the system prompt it was
+    served, so the reward (the task's keyword in the reply) depends on the prompt's wording,
+    and the feedback says what was missing."""
+    answer = llm.openai(max_retries=2).chat.completions.create(
+        model=llm.model,
+        messages=[
+            {"role": "system", "content": KEYWORD_BASELINE},
+            {"role": "user", "content": f"A question about {task['keyword']}."},
+        ],
+        max_tokens=8,
+    )
+    reply = (answer.choices[0].message.content or "").lower()
+    if task["keyword"] in reply:
+        return 1.0, "correct"
+    return 0.0, f"MISSING keyword '{task['keyword']}'"
