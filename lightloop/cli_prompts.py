@@ -143,6 +143,9 @@ def prompts_set_live(ctx: click.Context, name: str, version: int) -> None:
     "--minibatch", type=click.IntRange(1), default=3, show_default=True, help="Tasks per reflection."
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--reflection-max-tokens", type=click.IntRange(16), default=1024, show_default=True, help="Per proposal."
+)
 @click.option("--apply", is_flag=True, help="Make the best version live at the end (if it beats the start).")
 @click.option("--fresh", is_flag=True, help="Start a new run even if one of NAME on DATASET did not finish.")
 @click.option(
@@ -195,6 +198,7 @@ def optimize_prompt(ctx: click.Context, /, **o: Any) -> None:
         val_split=o["val_split"],
         minibatch=o["minibatch"],
         seed=o["seed"],
+        reflection_max_tokens=o["reflection_max_tokens"],
         fresh=o["fresh"],
         on_progress=report,
     )

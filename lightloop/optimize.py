@@ -64,6 +64,7 @@ class OptimizeConfig:
     val_split: str = "val"
     minibatch: int = 3
     seed: int = 0
+    reflection_max_tokens: int = 1024
     fresh: bool = False
     on_progress: Callable[[Progress], None] | None = None
 
@@ -452,7 +453,11 @@ def _ask(config: OptimizeConfig, run_id: str, messages: list[dict[str, Any]]) ->
     with untraced():
         answer = httpx.post(
             f"{base}/v1/chat/completions",
-            json={"model": config.reflection_model, "messages": messages},
+            json={
+                "model": config.reflection_model,
+                "messages": messages,
+                "max_tokens": config.reflection_max_tokens,
+            },
             headers={
                 "authorization": f"Bearer {config.key}",
                 "x-lightloop-agent": REFLECTION_AGENT,

@@ -141,8 +141,9 @@ def test_an_unchanged_agent_gets_the_live_version_on_both_lanes(
             (
                 r := sql(
                     module_db,
-                    "SELECT rollout_id, model, prompt_name, prompt_version, request -> 'messages' -> 0 ->> 'content' AS sent "
-                    "FROM llm_calls WHERE rollout_id IN ('lane-policy', 'lane-litellm', 'untouched')",
+                    "SELECT rollout_id, model, prompt_name, prompt_version, "
+                    "request -> 'messages' -> 0 ->> 'content' AS sent FROM llm_calls "
+                    "WHERE rollout_id IN ('lane-policy', 'lane-litellm', 'untouched')",
                 )
             )
             and len(r) == 3
@@ -281,7 +282,8 @@ def test_gepa_finds_a_better_prompt_through_the_queue_and_resumes_after_kill_9(
             first.kill()
     (run,) = sql(
         module_db,
-        "SELECT id, status, state IS NOT NULL AS saved, metric_calls FROM prompt_runs WHERE status <> 'failed'",
+        "SELECT id, status, state IS NOT NULL AS saved, metric_calls FROM prompt_runs "
+        "WHERE status <> 'failed'",
     )
     assert run["status"] == "running" and run["saved"], run
     before = {
