@@ -103,9 +103,9 @@ def run(
         "--key", KEY, "--quiet")  # fmt: skip
     started = time.perf_counter()
     out = cli(
-        env, "optimize-prompt", "system", "--dataset", "opp", "--agent", AGENT, "--reflection-model", "policy",
-        "--budget", str(args.budget), "--minibatch", str(args.minibatch), "--concurrency", str(args.concurrency),
-        "--proxy", proxy, "--key", KEY, "--quiet",
+        env, "optimize-prompt", "system", "--dataset", "opp", "--agent", AGENT,
+        "--reflection-model", "policy", "--budget", str(args.budget), "--minibatch", str(args.minibatch),
+        "--concurrency", str(args.concurrency), "--proxy", proxy, "--key", KEY, "--quiet",
     )  # fmt: skip
     wall = time.perf_counter() - started
     rows = json.loads(
@@ -114,8 +114,9 @@ def run(
             "SELECT r.id, r.metric_calls, r.proposals_failed, r.best_version, "
             "(SELECT count(*) FROM rollouts WHERE prompt_run = r.id) AS rollouts, "
             "(SELECT count(*) FROM llm_calls WHERE agent = 'lightloop-optimizer') AS reflections, "
-            "(SELECT json_agg(json_build_object('version', v.version, 'parent', v.parent, 'score', v.score, "
-            "                 'text', v.text) ORDER BY v.version) FROM prompt_versions v WHERE v.name = r.name) "
+            "(SELECT json_agg(json_build_object('version', v.version, 'parent', v.parent, "
+            "                 'score', v.score, 'text', v.text) ORDER BY v.version) "
+            " FROM prompt_versions v WHERE v.name = r.name) "
             "AS versions FROM prompt_runs r",
         )
     )  # fmt: skip
