@@ -206,7 +206,8 @@ def optimize_prompt(ctx: click.Context, /, **o: Any) -> None:
         outcome = optimize(config)
     click.echo(
         f"run {outcome.run_id}{' (resumed)' if outcome.resumed else ''}: {outcome.metric_calls} evaluations, "
-        f"{outcome.candidates} candidates, {outcome.proposals_failed} failed proposals"
+        f"{outcome.candidates} candidates ({outcome.accepted} kept by GEPA), "
+        f"{outcome.proposals_failed} failed proposals"
     )
     rows = [
         ["start", outcome.baseline_version, _score(outcome.baseline_score)],

@@ -15,6 +15,7 @@ text of a registered prompt, and every evaluation it asks for is rollouts throug
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import tempfile
@@ -31,7 +32,9 @@ log = logging.getLogger(__name__)
 
 REFLECTION_AGENT = "lightloop-optimizer"
 STATE_FILE = "gepa_state.bin"  # where gepa keeps its state in its run_dir
-MAX_FAILED_IN_A_ROW = 4  # reflection calls failing one after another, none ever succeeding: stop
+MAX_FAILED_IN_A_ROW = 4  # proposals failing one after another, none ever succeeding: stop
+POLL_S = 0.25  # how often the optimiser looks whether a batch of evaluations finished
+WRITTEN_WAIT_S = 30.0  # at most this long for their calls to be written (then reflect anyway)
 BASELINE_CHECK_CALLS = 1000
 
 
@@ -89,7 +92,8 @@ class Outcome:
     best_version: int
     best_score: float | None
     metric_calls: int
-    candidates: int
+    candidates: int  # versions the run made
+    accepted: int  # of those, the ones GEPA kept in its pool (better on a minibatch)
     proposals_failed: int
     resumed: bool
 
@@ -110,9 +114,20 @@ class _Search:
     proposed: int = 0
     last_error: str | None = None
     val_ids: list[str] = field(default_factory=list)
+    iteration: int = -1
+    failed_iteration: int | None = None  # GEPA asks again once after a failure: same answer
+    callback_error: BaseException | None = None  # GEPA swallows callbacks' errors: kept here
 
     def wait(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
+
+    def check(self) -> None:
+        """Raise what a callback could not do (save the state, record a score): GEPA would
+        log it and go on, losing resumability or scores without a word."""
+        if self.callback_error is not None:
+            raise OptimizeError(
+                f"keeping the run's record failed: {self.callback_error}"
+            ) from self.callback_error
 
     # -- candidates ----------------------------------------------------------------------------
 
@@ -132,13 +147,13 @@ class _Search:
 
     def evaluate(self, tasks: list[Task], text: str) -> list[Any]:
         """Each task's evaluation of the candidate (one rollout each, reused when it exists)."""
+        self.check()
         version = self.version_of(text)
         evaluated: list[Any] = self.wait(self._evaluate(version, tasks))
         return evaluated
 
     async def _evaluate(self, version: int, tasks: list[Task]) -> list[Any]:
-        from lightloop.runner import Runner
-        from lightloop.store.prompt_runs import enqueue_evaluations, evaluations
+        from lightloop.store.prompt_runs import enqueue_evaluations
 
         by_split: dict[str, list[str]] = {}
         for t in tasks:
@@ -146,26 +161,51 @@ class _Search:
         found: dict[tuple[str, str], Any] = {}
         for split, ids in by_split.items():
             await enqueue_evaluations(self.conn, self.run, version, split, ids)
-            done = await evaluations(self.conn, self.run.id, version, split, ids)
-            if any(e.status not in ("succeeded", "failed") for e in done.values()) or len(done) < len(ids):
-                runner = Runner(
-                    self.config.agent,
-                    self.config.proxy,
-                    self.config.key,
-                    self.config.dataset,
-                    split,
-                    self.config.concurrency,
-                    prompt_run=self.run.id,
-                )
-                await runner.run()  # until this run's queued and running evaluations are done
-                done = await evaluations(self.conn, self.run.id, version, split, ids)
-            missing = [i for i in ids if i not in done or done[i].status not in ("succeeded", "failed")]
-            if missing:
-                raise OptimizeError(
-                    f"evaluations of v{version} on {split} tasks {missing[:5]} did not finish"
-                )
+            done = await self._run_until_finished(version, split, ids)
             found.update({(split, i): e for i, e in done.items()})
         return [found[(t.split, t.id)] for t in tasks]
+
+    async def _run_until_finished(self, version: int, split: str, ids: list[str]) -> dict[str, Any]:
+        """Run this run's queued evaluations of `split` with the agent here (runners elsewhere
+        with --prompt-run help) until those of `ids` are finished and their calls written."""
+        from lightloop.runner import Runner
+        from lightloop.store.prompt_runs import evaluations, written_through
+
+        def finished(done: dict[str, Any]) -> bool:
+            return len(done) == len(ids) and all(e.status in ("succeeded", "failed") for e in done.values())
+
+        done = await evaluations(self.conn, self.run.id, version, split, ids)
+        if not finished(done):
+            runner = Runner(
+                self.config.agent,
+                self.config.proxy,
+                self.config.key,
+                self.config.dataset,
+                split,
+                self.config.concurrency,
+                prompt_run=self.run.id,
+            )
+            running = asyncio.ensure_future(runner.run())
+            try:
+                # The queue never reports a running optimisation drained (helpers wait between
+                # batches), so this runner is stopped once the batch it is here for is done.
+                while not finished(done):
+                    if running.done():
+                        running.result()  # the runner's error (the proxy unreachable, say)
+                        raise OptimizeError(
+                            f"the runner stopped before v{version}'s {split} evaluations finished"
+                        )
+                    await asyncio.wait({running}, timeout=POLL_S)
+                    done = await evaluations(self.conn, self.run.id, version, split, ids)
+            finally:
+                runner.stop()
+                await running
+        # Their calls may be in another proxy process's writer still: wait until written.
+        for _ in range(int(WRITTEN_WAIT_S / POLL_S)):
+            if await written_through(self.conn, self.run.id, version, split, ids):
+                break
+            await asyncio.sleep(POLL_S)
+        return done
 
     # -- reflection ----------------------------------------------------------------------------
 
@@ -175,6 +215,9 @@ class _Search:
         this proposal and goes on."""
         from lightloop.store.prompt_runs import count_failed_proposal
 
+        if self.failed_iteration == self.iteration:
+            # GEPA retries a failed proposal once at once: one failure, one call, one count.
+            raise OptimizeError(self.last_error or "the proposal failed")
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         try:
             text = _ask(self.config, self.run.id, messages)
@@ -183,6 +226,7 @@ class _Search:
         except Exception as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
             self.failed_in_a_row += 1
+            self.failed_iteration = self.iteration
             self.progress.proposals_failed = self.wait(count_failed_proposal(self.conn, self.run.id))
             log.warning("a proposal failed (%s); the run goes on", self.last_error)
             self._report()
@@ -265,29 +309,42 @@ class _Adapter:
 
 
 class _Callbacks:
-    """GEPA's callbacks: the parent of the next candidate, val scores, the budget, the state."""
+    """GEPA's callbacks: the iteration, the parent of the next candidate, val scores, the
+    budget, the state. GEPA logs a callback's error and goes on; each is kept for `check`."""
 
     def __init__(self, search: _Search) -> None:
         self.search = search
 
+    def _kept(self, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except Exception as exc:
+            self.search.callback_error = self.search.callback_error or exc
+            raise
+
+    def on_iteration_start(self, event: dict[str, Any]) -> None:
+        self.search.iteration = int(event["iteration"])
+        used = getattr(event.get("state"), "total_num_evals", None)
+        if isinstance(used, int):
+            self.search.progress.used = used
+            self.search._report()
+
     def on_proposal_start(self, event: dict[str, Any]) -> None:
-        self.search.parent = self.search.version_of(event["parent_candidate"][self.search.config.name])
+        text = event["parent_candidate"][self.search.config.name]
+        self._kept(lambda: setattr(self.search, "parent", self.search.version_of(text)))
 
     def on_valset_evaluated(self, event: dict[str, Any]) -> None:
         complete = event["num_examples_evaluated"] == event["total_valset_size"]
-        self.search.record_val(
-            event["candidate"][self.search.config.name],
-            event["scores_by_val_id"],
-            event["average_score"],
-            complete,
-        )
+        text = event["candidate"][self.search.config.name]
+        scores, average = event["scores_by_val_id"], event["average_score"]
+        self._kept(lambda: self.search.record_val(text, scores, average, complete))
 
     def on_budget_updated(self, event: dict[str, Any]) -> None:
         self.search.progress.used = int(event["metric_calls_used"])
         self.search._report()
 
     def on_state_saved(self, event: dict[str, Any]) -> None:
-        self.search.save_state(event.get("run_dir"))
+        self._kept(lambda: self.search.save_state(event.get("run_dir")))
 
 
 class _Quiet:
@@ -311,86 +368,45 @@ def optimize(config: OptimizeConfig) -> Outcome:
 def _optimize(config: OptimizeConfig, loop: asyncio.AbstractEventLoop) -> Outcome:
     from gepa.api import optimize as gepa_optimize
 
-    from lightloop.store import connect, prompts
+    from lightloop.store import connect
     from lightloop.store import prompt_runs as runs
 
-    conn = loop.run_until_complete(connect(config.database_url))
+    def wait(coro: Any) -> Any:
+        return loop.run_until_complete(coro)
+
+    conn = wait(connect(config.database_url))
     try:
-        prompt = loop.run_until_complete(prompts.get_prompt(conn, config.name))
-        versions = loop.run_until_complete(prompts.get_versions(conn, config.name))
-        baseline = versions[0]
-        live = next(v for v in versions if v.status == "live")
-        train = loop.run_until_complete(runs.split_tasks(conn, config.dataset, config.train_split))
-        val = loop.run_until_complete(runs.split_tasks(conn, config.dataset, config.val_split))
-        if not val:
-            raise OptimizeError(
-                f"dataset {config.dataset!r} has no {config.val_split!r} tasks to score candidates on"
-            )
-        run = (
-            None
-            if config.fresh
-            else loop.run_until_complete(runs.unfinished_run(conn, config.name, config.dataset))
-        )
-        resumed = run is not None
-        if run is None:
-            checked, found = loop.run_until_complete(
-                runs.baseline_seen(
-                    conn,
-                    config.name,
-                    prompts.normalise(baseline.text),
-                    prompt["agent"],
-                    prompt["model"],
-                    BASELINE_CHECK_CALLS,
-                )
-            )
-            if found == 0:
-                scope = (
-                    " and ".join(
-                        f"{k} {v!r}" for k, v in (("agent", prompt["agent"]), ("model", prompt["model"])) if v
-                    )
-                    or "any agent or model"
-                )
-                raise OptimizeError(
-                    f"no recorded call holds prompt {config.name!r}'s baseline text: checked the {checked} "
-                    f"most recent calls of {scope}. Run the agent through the proxy first (the baseline "
-                    "must be a whole message's text, exact after trimming whitespace)"
-                )
-            run = loop.run_until_complete(
-                runs.start_run(
-                    conn,
-                    run_id=f"po-{uuid.uuid4().hex[:12]}",
-                    name=config.name,
-                    dataset=config.dataset,
-                    train_split=config.train_split,
-                    val_split=config.val_split,
-                    agent=config.agent_spec,
-                    reflection_model=config.reflection_model,
-                    budget=config.budget,
-                    seed=config.seed,
-                )
-            )
+        run, resumed = _start_or_resume(config, conn, wait)
+        versions = {v.text: v.version for v in wait(_versions(conn, config.name))}
+        start_text = next(text for text, v in versions.items() if v == run.start_version)
+        val = wait(runs.tasks_by_id(conn, run.dataset, run.val_split, run.val_tasks))
+        train = wait(runs.tasks_by_id(conn, run.dataset, run.train_split, run.train_tasks))
         progress = Progress(
-            run.id, run.budget, used=run.metric_calls, resumed=resumed, proposals_failed=run.proposals_failed
+            run.id,
+            run.budget,
+            used=run.metric_calls,
+            resumed=resumed,
+            proposals_failed=run.proposals_failed,
+            candidates=wait(runs.count_candidates(conn, run.id)),
         )
-        search = _Search(config, loop, conn, run, progress, val_ids=[i for i, _ in val])
-        # Versions the run made before (a resume): their texts map to the same rows.
-        search.versions.update({v.text: v.version for v in versions})
-        trainset = [Task(config.train_split, i, x) for i, x in train] or [
-            Task(config.val_split, i, x) for i, x in val
-        ]
-        valset = [Task(config.val_split, i, x) for i, x in val]
+        search = _Search(config, loop, conn, run, progress, val_ids=list(run.val_tasks))
+        search.versions.update(versions)  # texts the prompt has map to their rows (a resume)
+        valset = [Task(run.val_split, i, x) for i, x in val]
+        trainset = [Task(run.train_split, i, x) for i, x in train] or valset
         with tempfile.TemporaryDirectory(prefix="lightloop-gepa-") as run_dir:
             if run.state is not None:
                 (Path(run_dir) / STATE_FILE).write_bytes(run.state)
             try:
                 result: Any = gepa_optimize(
-                    seed_candidate={config.name: live.text},
+                    seed_candidate={config.name: start_text},
                     trainset=trainset,
                     valset=valset,
                     adapter=cast(Any, _Adapter(search)),
                     reflection_lm=search.reflect,
                     reflection_minibatch_size=min(config.minibatch, len(trainset)),
                     max_metric_calls=run.budget,
+                    # Rewards are any finite number: a minibatch of 1.0s is not "perfect".
+                    skip_perfect_score=False,
                     stop_callbacks=[cast(Any, search.hopeless)],
                     callbacks=[cast(Any, _Callbacks(search))],
                     logger=_Quiet(),
@@ -398,50 +414,149 @@ def _optimize(config: OptimizeConfig, loop: asyncio.AbstractEventLoop) -> Outcom
                     seed=run.seed,
                     display_progress_bar=False,
                 )
-            except BaseException as exc:
-                if isinstance(exc, Exception):
-                    loop.run_until_complete(
-                        runs.end_run(
-                            conn, run.id, "failed", best_version=None, error=f"{type(exc).__name__}: {exc}"
-                        )
-                    )
-                raise
+                search.check()
+            except Exception as exc:
+                # The run stays resumable (status running): the same command goes on from its
+                # last saved iteration once the proxy or Postgres is back. The error is kept.
+                with contextlib.suppress(Exception):
+                    wait(runs.note_error(conn, run.id, f"{type(exc).__name__}: {exc}"))
+                if isinstance(exc, LightloopError):
+                    raise
+                raise OptimizeError(
+                    f"the run stopped ({type(exc).__name__}: {exc}); run the same command to resume it"
+                ) from exc
         if search.proposed == 0 and search.last_error is not None:
-            loop.run_until_complete(
-                runs.end_run(conn, run.id, "failed", best_version=None, error=search.last_error)
-            )
+            wait(runs.end_run(conn, run.id, "failed", best_version=None, error=search.last_error))
             raise OptimizeError(f"every proposal failed; the reflection model said: {search.last_error}")
-        # Every candidate's val score as GEPA measured it (those it scored on the whole val split).
-        scored_on = f"{config.dataset}/{config.val_split}"
-        for index, candidate in enumerate(result.candidates):
-            subscores = result.val_subscores[index]
-            if len(subscores) == len(valset):
-                loop.run_until_complete(
-                    prompts.record_score(
-                        conn,
-                        config.name,
-                        search.version_of(candidate[config.name]),
-                        float(result.val_aggregate_scores[index]),
-                        {search.val_ids[int(i)]: float(s) for i, s in subscores.items()},
-                        scored_on,
-                    )
-                )
-        best_text: str = result.best_candidate[config.name]
-        best_version = search.version_of(best_text)
-        loop.run_until_complete(runs.end_run(conn, run.id, "finished", best_version=best_version))
+        _record_scores(search, result, len(valset), wait)
+        best_version = search.version_of(result.best_candidate[config.name])
+        wait(runs.end_run(conn, run.id, "finished", best_version=best_version))
         return Outcome(
             run_id=run.id,
-            baseline_version=live.version,
+            baseline_version=run.start_version,
             baseline_score=float(result.val_aggregate_scores[0]),
             best_version=best_version,
             best_score=float(result.val_aggregate_scores[result.best_idx]),
             metric_calls=int(result.total_metric_calls or progress.used),
-            candidates=len(result.candidates),
+            candidates=wait(runs.count_candidates(conn, run.id)),
+            accepted=len(result.candidates) - 1,
             proposals_failed=search.progress.proposals_failed,
             resumed=resumed,
         )
     finally:
-        loop.run_until_complete(conn.close())
+        with contextlib.suppress(Exception):
+            wait(conn.close())
+
+
+async def _versions(conn: Any, name: str) -> list[Any]:
+    from lightloop.store.prompts import get_versions
+
+    return await get_versions(conn, name)
+
+
+def _start_or_resume(config: OptimizeConfig, conn: Any, wait: Callable[[Any], Any]) -> tuple[Any, bool]:
+    """The newest unfinished run of the prompt on the dataset (taken for this process: two
+    optimisers never drive one run), or a new one after the baseline check."""
+    from lightloop.store import prompt_runs as runs
+    from lightloop.store import prompts
+
+    prompt = wait(prompts.get_prompt(conn, config.name))  # NotFound: one line
+    versions = wait(prompts.get_versions(conn, config.name))
+    run = None if config.fresh else wait(runs.unfinished_run(conn, config.name, config.dataset))
+    if run is not None:
+        if not wait(runs.lock_run(conn, run.id)):
+            raise OptimizeError(
+                f"run {run.id} of prompt {config.name!r} is being optimised by another process"
+            )
+        dropped = wait(runs.drop_queued(conn, run.id))
+        differs = [
+            f"--{flag.replace('_', '-')} {given} (the run's: {stored})"
+            for flag, given, stored in (
+                ("budget", config.budget, run.budget),
+                ("val_split", config.val_split, run.val_split),
+                ("train_split", config.train_split, run.train_split),
+                ("reflection_model", config.reflection_model, run.reflection_model),
+                ("agent", config.agent_spec, run.agent),
+            )
+            if given != stored
+        ]
+        if differs:
+            log.warning("resuming run %s with its own settings; ignored: %s", run.id, ", ".join(differs))
+        log.info("resuming run %s (%d unstarted evaluations dropped)", run.id, dropped)
+        return run, True
+    baseline = versions[0]
+    checked, found = wait(
+        runs.baseline_seen(
+            conn,
+            config.name,
+            prompts.normalise(baseline.text),
+            prompt["agent"],
+            prompt["model"],
+            BASELINE_CHECK_CALLS,
+        )
+    )
+    if found == 0:
+        scope = " and ".join(
+            f"{k} {v!r}" for k, v in (("agent", prompt["agent"]), ("model", prompt["model"])) if v
+        )
+        raise OptimizeError(
+            f"no recorded call holds prompt {config.name!r}'s baseline text: checked the {checked} most "
+            f"recent calls of {scope or 'any agent or model'}. Run the agent through the proxy first (the "
+            "baseline must be a whole message's text, exact after trimming whitespace)"
+        )
+    val = wait(runs.split_tasks(conn, config.dataset, config.val_split))
+    if not val:
+        raise OptimizeError(
+            f"dataset {config.dataset!r} has no {config.val_split!r} tasks to score candidates on"
+        )
+    train = wait(runs.split_tasks(conn, config.dataset, config.train_split))
+    live = next(v for v in versions if v.status == "live")
+    run_id = f"po-{uuid.uuid4().hex[:12]}"
+    run = wait(
+        runs.start_run(
+            conn,
+            run_id=run_id,
+            name=config.name,
+            dataset=config.dataset,
+            train_split=config.train_split,
+            val_split=config.val_split,
+            agent=config.agent_spec,
+            reflection_model=config.reflection_model,
+            budget=config.budget,
+            seed=config.seed,
+            start_version=live.version,
+            policy_version=wait(runs.live_policy_version(conn, config.dataset)),
+            train_tasks=[i for i, _ in train],
+            val_tasks=[i for i, _ in val],
+        )
+    )
+    wait(runs.lock_run(conn, run_id))
+    if config.fresh:
+        wait(runs.supersede_runs(conn, config.name, config.dataset, run_id))
+    return run, False
+
+
+def _record_scores(search: _Search, result: Any, val_size: int, wait: Callable[[Any], Any]) -> None:
+    """Every candidate's val score as GEPA measured it (those it scored on the whole val split)."""
+    from lightloop.store.prompts import record_score
+
+    config = search.config
+    scored_on = f"{config.dataset}/{search.run.val_split}"
+    for index, candidate in enumerate(result.candidates):
+        subscores = result.val_subscores[index]
+        if len(subscores) == val_size:
+            by_task = {search.val_ids[int(i)]: float(s) for i, s in subscores.items()}
+            version = search.version_of(candidate[config.name])
+            wait(
+                record_score(
+                    search.conn,
+                    config.name,
+                    version,
+                    float(result.val_aggregate_scores[index]),
+                    by_task,
+                    scored_on,
+                )
+            )
 
 
 def _ask(config: OptimizeConfig, run_id: str, messages: list[dict[str, Any]]) -> str:
@@ -477,28 +592,26 @@ def _ask(config: OptimizeConfig, run_id: str, messages: list[dict[str, Any]]) ->
 
 
 def _proposed_text(reply: str) -> bool:
-    """Whether GEPA will find a prompt in the reply: the text between the first and last ```
-    fences (a language tag dropped), or the whole reply when it has none."""
-    if "```" in reply:
-        first, last = reply.find("```"), reply.rfind("```")
-        inner = reply[first + 3 : last] if last > first else reply[first + 3 :]
-        lines = inner.split("\n", 1)
-        if len(lines) == 2 and lines[0].strip() and " " not in lines[0].strip():
-            inner = lines[1]  # a language tag
-        return bool(inner.strip())
-    return bool(reply.strip())
+    """Whether GEPA will find a prompt in the reply, by GEPA's own extraction (the text between
+    the first and last ``` fences, a language tag dropped; or the whole reply)."""
+    from gepa.strategies.instruction_proposal import InstructionProposalSignature
+
+    extracted = InstructionProposalSignature.output_extractor(reply)
+    return bool(extracted.get("new_instruction", "").strip())
 
 
 def _transcript(calls: list[dict[str, Any]]) -> str:
-    """The rollout's conversation as the model saw it: the last call's messages (which carry the
-    earlier turns) and each call's reply."""
+    """The rollout's conversation as the model saw it: the messages of the last call that
+    carried the prompt (they hold the earlier turns; an agent's other calls may not) and its
+    reply."""
     if not calls:
         return "(no recorded call)"
+    last = ([c for c in calls if c.get("prompt")] or calls)[-1]
     lines = []
-    for message in calls[-1]["messages"]:
+    for message in last["messages"]:
         if isinstance(message, dict):
             lines.append(f"{message.get('role', '?')}: {_content(message)}")
-    reply = calls[-1]["response"] or {}
+    reply = last["response"] or {}
     choices = reply.get("choices") if isinstance(reply, dict) else None
     if choices:
         lines.append(f"assistant: {_content(choices[0].get('message') or {})}")

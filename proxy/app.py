@@ -106,7 +106,10 @@ class ProxyApp:
         self.upstreams = Upstreams(settings.proxy.upstream_timeout_s, settings.proxy.upstream_retries)
         self._token_text = TokenText(settings.model_cache)
         self.prompts = PromptRegistry(
-            database_url, settings.writer.retry_interval_s, reread_s=settings.proxy.versions_reread_s
+            database_url,
+            self._db,
+            settings.writer.retry_interval_s,
+            reread_s=settings.proxy.versions_reread_s,
         )
         self.lane = PolicyLane(
             {p.name: p for p in settings.policy}, self.versions, self.upstreams, self.recorder

@@ -113,11 +113,13 @@ class TaskQueue:
             await respond(send, 204, b"", extra_headers=[(b"x-lightloop-queue", state)])
             return 204
         self.recorder.handed_out(got.rollout_id)
-        if got.prompt_name is None:
-            self.prompts.pin(got.rollout_id, None)  # its calls need no look-up of a pinned prompt
-        if got.split == "val" and got.policy_version is not None and got.policy in self.versions.policies:
-            # A held-out round measures the version it was made for, even when a newer one goes
-            # live while it runs.
+        if got.prompt_name is not None and got.prompt_version is not None and got.prompt_text is not None:
+            self.prompts.pin(got.rollout_id, (got.prompt_name, got.prompt_version, got.prompt_text))
+        measures = got.split == "val" or got.prompt_name is not None
+        if measures and got.policy_version is not None and got.policy in self.versions.policies:
+            # A held-out round measures the version it was made for, and an optimisation run's
+            # candidates are all measured with the policy version live when it started, even when
+            # a newer one goes live meanwhile.
             self.versions.pin(got.rollout_id, got.policy, got.policy_version)
         await respond_json(
             send,

@@ -61,7 +61,7 @@ heads AS MATERIALIZED (
 members AS MATERIALIZED (
     SELECT r.id
     FROM rollouts r JOIN heads ON coalesce(r.group_id, r.id) = heads.g
-    WHERE r.consumed_by_step IS NULL
+    WHERE r.consumed_by_step IS NULL AND r.prompt_run IS NULL
       -- A rollout that joined the group after `ready` looked is left for a later claim.
       AND r.status IN ('succeeded', 'failed') AND r.reward IS NOT NULL
     FOR UPDATE OF r

@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 
 from lightloop.store.errors import NotFound
+from lightloop.store.marks import MARKS_SQL
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,10 @@ class PromptRun:
     reflection_model: str
     budget: int
     seed: int
+    start_version: int
+    policy_version: int
+    train_tasks: list[str]
+    val_tasks: list[str]
     status: str
     metric_calls: int
     proposals_failed: int
@@ -43,7 +48,8 @@ class Evaluation:
 
 
 _RUN_COLUMNS = (
-    "id, name, dataset, train_split, val_split, agent, reflection_model, budget, seed, status, "
+    "id, name, dataset, train_split, val_split, agent, reflection_model, budget, seed, start_version, "
+    "policy_version, train_tasks, val_tasks, status, "
     "metric_calls, proposals_failed, best_version, state, error"
 )
 
@@ -52,8 +58,8 @@ _RUN_COLUMNS = (
 # on a task in this run (before a restart, or by GEPA asking twice) keeps its one rollout.
 _ENQUEUE_SQL = """
 INSERT INTO rollouts (id, task_id, dataset, mode, status, group_size, attempt, prompt_run,
-                      prompt_name, prompt_version, metadata)
-SELECT 'p-' || replace(gen_random_uuid()::text, '-', ''), t.id, $4, $5, 'queued', 1, 0, $1, $2, $3,
+                      prompt_name, prompt_version, policy_version, metadata)
+SELECT 'p-' || replace(gen_random_uuid()::text, '-', ''), t.id, $4, $5, 'queued', 1, 0, $1, $2, $3, $7,
        jsonb_build_object('attribution', 'queue', 'prompt_run', $1::text)
 FROM unnest($6::text[]) AS t (id)
 ON CONFLICT (prompt_run, prompt_version, mode, task_id) WHERE prompt_run IS NOT NULL DO NOTHING
@@ -98,11 +104,15 @@ async def start_run(
     reflection_model: str,
     budget: int,
     seed: int,
+    start_version: int,
+    policy_version: int,
+    train_tasks: list[str],
+    val_tasks: list[str],
 ) -> PromptRun:
     row = await conn.fetchrow(
         f"""INSERT INTO prompt_runs (id, name, dataset, train_split, val_split, agent, reflection_model,
-                                     budget, seed)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {_RUN_COLUMNS}""",
+                                     budget, seed, start_version, policy_version, train_tasks, val_tasks)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING {_RUN_COLUMNS}""",
         run_id,
         name,
         dataset,
@@ -112,6 +122,10 @@ async def start_run(
         reflection_model,
         budget,
         seed,
+        start_version,
+        policy_version,
+        train_tasks,
+        val_tasks,
     )
     return _run(row)
 
@@ -143,6 +157,16 @@ async def save_state(conn: asyncpg.Connection, run_id: str, state: bytes, metric
     )
 
 
+async def note_error(conn: asyncpg.Connection, run_id: str, error: str) -> None:
+    """Why the run stopped, kept while it stays resumable."""
+    await conn.execute("UPDATE prompt_runs SET error = $2, updated_at = now() WHERE id = $1", run_id, error)
+
+
+async def count_candidates(conn: asyncpg.Connection, run_id: str) -> int:
+    """The candidate versions this run made (a text proposed twice is one)."""
+    return int(await conn.fetchval("SELECT count(*) FROM prompt_versions WHERE run_id = $1", run_id))
+
+
 async def count_failed_proposal(conn: asyncpg.Connection, run_id: str) -> int:
     return int(
         await conn.fetchval(
@@ -166,6 +190,85 @@ async def end_run(
     )
 
 
+async def lock_run(conn: asyncpg.Connection, run_id: str) -> bool:
+    """Take the run for this session (released when the connection closes, a kill -9 included):
+    False when another optimiser holds it, so two never drive one run."""
+    return bool(
+        await conn.fetchval("SELECT pg_try_advisory_lock(hashtext('lightloop.prompt_run:' || $1))", run_id)
+    )
+
+
+async def supersede_runs(conn: asyncpg.Connection, name: str, dataset: str, by: str) -> None:
+    """`--fresh`: the unfinished runs of `name` on `dataset` end, so none is resumed later."""
+    await conn.execute(
+        """UPDATE prompt_runs SET status = 'failed', error = 'superseded by run ' || $3,
+                                  finished_at = now(), updated_at = now()
+           WHERE name = $1 AND dataset = $2 AND status = 'running' AND id <> $3""",
+        name,
+        dataset,
+        by,
+    )
+
+
+async def drop_queued(conn: asyncpg.Connection, run_id: str) -> int:
+    """A resumed run's evaluations that nobody took: GEPA draws its interrupted iteration again
+    (its random state is not saved), so what it asked for then may never be asked again."""
+    async with conn.transaction():
+        await conn.execute(
+            """DELETE FROM rollout_attempts WHERE rollout_id IN (
+                   SELECT id FROM rollouts WHERE prompt_run = $1 AND status = 'queued')""",
+            run_id,
+        )
+        status = await conn.execute(
+            "DELETE FROM rollouts WHERE prompt_run = $1 AND status = 'queued'", run_id
+        )
+    return int(status.split()[-1])
+
+
+async def live_policy_version(conn: asyncpg.Connection, dataset: str) -> int:
+    """The live version of the dataset's policy (0: the base model)."""
+    version = await conn.fetchval(
+        """SELECT v.version FROM datasets d
+           JOIN policy_versions v ON v.policy = d.policy AND v.status = 'live' WHERE d.name = $1""",
+        dataset,
+    )
+    return int(version or 0)
+
+
+async def tasks_by_id(
+    conn: asyncpg.Connection, dataset: str, split: str, ids: list[str]
+) -> list[tuple[str, dict[str, Any]]]:
+    """(task id, input) of `ids`, in that order; NotFound when one is gone from the dataset."""
+    rows = await conn.fetch(
+        "SELECT id, input FROM tasks WHERE dataset = $1 AND split = $2 AND id = ANY($3::text[])",
+        dataset,
+        split,
+        ids,
+    )
+    found = {r["id"]: r["input"] if isinstance(r["input"], dict) else json.loads(r["input"]) for r in rows}
+    gone = [i for i in ids if i not in found]
+    if gone:
+        raise NotFound(f"the run's {split} tasks {gone[:5]} are no longer in dataset {dataset!r}")
+    return [(i, found[i]) for i in ids]
+
+
+async def written_through(
+    conn: asyncpg.Connection, run_id: str, version: int, split: str, ids: list[str]
+) -> bool:
+    """Whether every live batch writer has written what it accepted before these evaluations
+    finished: their calls may have gone through another proxy process than their finish."""
+    return bool(
+        await conn.fetchval(
+            f"""SELECT coalesce(max(finished_at), '-infinity') <= ({MARKS_SQL}) FROM rollouts
+                WHERE prompt_run = $1 AND prompt_version = $2 AND mode = $3 AND task_id = ANY($4::text[])""",
+            run_id,
+            version,
+            split,
+            ids,
+        )
+    )
+
+
 async def split_tasks(conn: asyncpg.Connection, dataset: str, split: str) -> list[tuple[str, dict[str, Any]]]:
     """(task id, input) of one split, in id order."""
     rows = await conn.fetch(
@@ -178,7 +281,9 @@ async def enqueue_evaluations(
     conn: asyncpg.Connection, run: PromptRun, version: int, split: str, task_ids: list[str]
 ) -> int:
     """Queue `version`'s rollouts of `task_ids` (those not evaluated yet in this run)."""
-    status = await conn.execute(_ENQUEUE_SQL, run.id, run.name, version, run.dataset, split, task_ids)
+    status = await conn.execute(
+        _ENQUEUE_SQL, run.id, run.name, version, run.dataset, split, task_ids, run.policy_version
+    )
     return int(status.split()[-1])
 
 
@@ -201,16 +306,22 @@ async def evaluations(
 
 async def transcripts(conn: asyncpg.Connection, rollout_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
     """Each rollout's recorded calls, in order: the messages sent and the reply."""
+    # The current attempt's calls only (a superseded attempt's stay in llm_calls).
     rows = await conn.fetch(
-        """SELECT rollout_id, request -> 'messages' AS messages, response FROM llm_calls
-           WHERE rollout_id = ANY($1::text[]) ORDER BY rollout_id, seq, choice_index""",
+        """SELECT c.rollout_id, c.request -> 'messages' AS messages, c.response, c.prompt_name
+           FROM llm_calls c JOIN rollouts r ON r.id = c.rollout_id
+           WHERE c.rollout_id = ANY($1::text[])
+             AND (r.attempt IS NULL OR c.attempt IS NULL OR c.attempt = r.attempt)
+           ORDER BY c.rollout_id, c.seq, c.choice_index""",
         rollout_ids,
     )
     out: dict[str, list[dict[str, Any]]] = {i: [] for i in rollout_ids}
     for r in rows:
         messages = json.loads(r["messages"]) if isinstance(r["messages"], str) else r["messages"]
         response = json.loads(r["response"]) if isinstance(r["response"], str) else r["response"]
-        out[r["rollout_id"]].append({"messages": messages or [], "response": response})
+        out[r["rollout_id"]].append(
+            {"messages": messages or [], "response": response, "prompt": r["prompt_name"]}
+        )
     return out
 
 

@@ -58,9 +58,14 @@ class ServedPrompt:
     live_text: str
 
 
+# Trimmed as Postgres's btrim with these characters does (store/prompt_runs.py looks for the
+# baseline in recorded calls with it), not str.strip()'s Unicode whitespace.
+WHITESPACE = " \t\n\r\f\v"
+
+
 def normalise(text: str) -> str:
     """The form baselines are matched in: exact after trimming surrounding whitespace."""
-    return text.strip()
+    return text.strip(WHITESPACE)
 
 
 async def _lock(conn: asyncpg.Connection, name: str) -> None:
@@ -111,6 +116,8 @@ async def add_candidate(
     conn: asyncpg.Connection, name: str, text: str, *, parent: int | None, run_id: str
 ) -> tuple[PromptVersion, bool]:
     """An optimiser's candidate as a staged version (the same text twice is one version)."""
+    if not normalise(text):
+        raise ValueError("a candidate prompt must not be empty")
     async with conn.transaction():
         await _lock(conn, name)
         if await conn.fetchval("SELECT 1 FROM prompts WHERE name = $1", name) is None:

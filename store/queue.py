@@ -47,16 +47,17 @@ leased AS (
     INSERT INTO rollout_attempts (rollout_id, attempt, worker, lease_expires_at)
     SELECT id, attempt, $3, now() + make_interval(secs => $4) FROM taken
 )
-SELECT taken.*, t.input, d.policy
+SELECT taken.*, t.input, d.policy, pv.text AS prompt_text
 FROM taken
 JOIN tasks t ON t.dataset = taken.dataset AND t.split = taken.mode AND t.id = taken.task_id
 JOIN datasets d ON d.name = taken.dataset
+LEFT JOIN prompt_versions pv ON pv.name = taken.prompt_name AND pv.version = taken.prompt_version
 """
 
 # Groups the trainer has not consumed yet: queued, running, or finished and waiting for a step.
 _GROUPS_IN_FLIGHT_SQL = """
 SELECT count(DISTINCT r.group_id) FROM rollouts r JOIN datasets d ON d.name = r.dataset
-WHERE r.consumed_by_step IS NULL AND r.mode = 'train' AND d.policy = $1
+WHERE r.consumed_by_step IS NULL AND r.mode = 'train' AND d.policy = $1 AND r.prompt_run IS NULL
 """
 
 # New train groups ($3 of them): the tasks with the fewest epochs started (shuffled by the
@@ -168,6 +169,7 @@ class Handout:
     policy_version: int | None
     prompt_name: str | None = None  # the candidate an optimisation run pinned to it
     prompt_version: int | None = None
+    prompt_text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,11 @@ async def next_rollout(
     modes = [s for s in ("val", "train") if s in splits]
     args = (names, modes, worker, float(lease_s), prompt_run)
     async with conn.transaction():
+        run_status = None
+        if prompt_run is not None:
+            run_status = await conn.fetchval("SELECT status FROM prompt_runs WHERE id = $1", prompt_run)
+            if run_status is None:
+                raise NotFound(f"prompt optimisation run {prompt_run!r} does not exist")
         row = await conn.fetchrow(_HAND_OUT_SQL, *args)
         if row is None and "train" in modes and prompt_run is None:
             for policy in sorted(set(wanted.values())):
@@ -252,7 +259,10 @@ async def next_rollout(
                 modes,
                 prompt_run,
             )
-            more = "train" in modes and prompt_run is None and await conn.fetchval(_STARTABLE_SQL, names)
+            if prompt_run is not None:
+                # The run asks for more between its batches: drained only once it ended.
+                return Empty(drained=not busy and run_status != "running")
+            more = "train" in modes and await conn.fetchval(_STARTABLE_SQL, names)
             return Empty(drained=not busy and not more)
     return Handout(
         rollout_id=row["id"],
@@ -267,6 +277,7 @@ async def next_rollout(
         policy_version=row["policy_version"],
         prompt_name=row["prompt_name"],
         prompt_version=row["prompt_version"],
+        prompt_text=row["prompt_text"],
     )
 
 

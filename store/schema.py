@@ -99,7 +99,9 @@ class Rollout(Base):
         Index(
             "ix_rollouts_unconsumed_group",
             text("coalesce(group_id, id)"),
-            postgresql_where=text("consumed_by_step IS NULL"),
+            # An optimisation run's evaluations are never consumed: kept out, or they would stay
+            # in this index (and every claim's scan) for good.
+            postgresql_where=text("consumed_by_step IS NULL AND prompt_run IS NULL"),
         ),
         Index("ix_rollouts_created_at", "created_at"),
         Index(
@@ -356,6 +358,12 @@ class PromptRun(Base):
     reflection_model: Mapped[str] = mapped_column(Text)
     budget: Mapped[int] = mapped_column(Integer)
     seed: Mapped[int] = mapped_column(Integer, server_default="0")
+    # What the run started from and measures with, so that a resume goes on with the same: the
+    # prompt version it started from, the policy version its evaluations are served, the tasks.
+    start_version: Mapped[int] = mapped_column(Integer)
+    policy_version: Mapped[int] = mapped_column(Integer)
+    train_tasks: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    val_tasks: Mapped[list[str]] = mapped_column(ARRAY(Text))
     status: Mapped[str] = mapped_column(Text, server_default="running")
     metric_calls: Mapped[int] = mapped_column(Integer, server_default="0")
     proposals_failed: Mapped[int] = mapped_column(Integer, server_default="0")

@@ -153,7 +153,8 @@ async def dataset_progress(conn: asyncpg.Connection, dataset: str | None = None)
     counts = await conn.fetch(
         """
         SELECT dataset, mode, status, count(*) AS n FROM rollouts
-        WHERE dataset IS NOT NULL AND ($1::text IS NULL OR dataset = $1)
+        -- A prompt optimisation run's evaluations are no part of the dataset's progress.
+        WHERE dataset IS NOT NULL AND ($1::text IS NULL OR dataset = $1) AND prompt_run IS NULL
         GROUP BY 1, 2, 3
         """,
         dataset,
@@ -207,7 +208,7 @@ async def latest_val_reward(conn: asyncpg.Connection, dataset: str) -> tuple[int
 _DISCARD_UNSTARTED_SQL = """
 WITH open AS (
     SELECT id, group_id, task_id, status, attempt FROM rollouts
-    WHERE dataset = $1 AND mode = 'train' AND consumed_by_step IS NULL
+    WHERE dataset = $1 AND mode = 'train' AND consumed_by_step IS NULL AND prompt_run IS NULL
     FOR UPDATE
 ),
 untouched AS (
@@ -270,7 +271,7 @@ async def training_progress(conn: asyncpg.Connection, dataset: str) -> TrainingP
         SELECT count(DISTINCT consumed_by_step),
                count(*) FILTER (WHERE status IN ('succeeded', 'failed')),
                count(*) FILTER (WHERE mode = 'train' AND consumed_by_step IS NULL)
-        FROM rollouts WHERE dataset = $1
+        FROM rollouts WHERE dataset = $1 AND prompt_run IS NULL
         """,
         dataset,
     )
@@ -279,7 +280,7 @@ async def training_progress(conn: asyncpg.Connection, dataset: str) -> TrainingP
         SELECT policy_version AS version, count(*) AS rollouts,
                count(*) FILTER (WHERE status IN ('succeeded', 'failed')) AS finished,
                avg(reward) FILTER (WHERE status IN ('succeeded', 'failed')) AS mean_reward
-        FROM rollouts WHERE dataset = $1 AND mode = 'val'
+        FROM rollouts WHERE dataset = $1 AND mode = 'val' AND prompt_run IS NULL
         GROUP BY policy_version ORDER BY policy_version
         """,
         dataset,
@@ -287,7 +288,7 @@ async def training_progress(conn: asyncpg.Connection, dataset: str) -> TrainingP
     calls = await conn.fetch(
         """
         SELECT c.policy_version, count(*) AS n FROM llm_calls c JOIN rollouts r ON r.id = c.rollout_id
-        WHERE r.dataset = $1 AND c.policy_version IS NOT NULL GROUP BY 1
+        WHERE r.dataset = $1 AND c.policy_version IS NOT NULL AND r.prompt_run IS NULL GROUP BY 1
         """,
         dataset,
     )

@@ -119,6 +119,10 @@ def upgrade() -> None:
         sa.Column("reflection_model", sa.Text(), nullable=False),
         sa.Column("budget", sa.Integer(), nullable=False),
         sa.Column("seed", sa.Integer(), server_default="0", nullable=False),
+        sa.Column("start_version", sa.Integer(), nullable=False),
+        sa.Column("policy_version", sa.Integer(), nullable=False),
+        sa.Column("train_tasks", postgresql.ARRAY(sa.Text()), nullable=False),
+        sa.Column("val_tasks", postgresql.ARRAY(sa.Text()), nullable=False),
         sa.Column("status", sa.Text(), server_default="running", nullable=False),
         sa.Column("metric_calls", sa.Integer(), server_default="0", nullable=False),
         sa.Column("proposals_failed", sa.Integer(), server_default="0", nullable=False),
@@ -143,6 +147,14 @@ def upgrade() -> None:
         unique=True,
         postgresql_where=sa.text("prompt_run IS NOT NULL"),
     )
+    op.drop_index("ix_rollouts_unconsumed_group", table_name="rollouts")
+    op.create_index(
+        "ix_rollouts_unconsumed_group",
+        "rollouts",
+        [sa.literal_column("coalesce(group_id, id)")],
+        unique=False,
+        postgresql_where=sa.text("consumed_by_step IS NULL AND prompt_run IS NULL"),
+    )
     op.add_column("llm_calls", sa.Column("prompt_name", sa.Text(), nullable=True))
     op.add_column("llm_calls", sa.Column("prompt_version", sa.Integer(), nullable=True))
     op.execute(REWARD_BY_VERSION)
@@ -155,6 +167,14 @@ def downgrade() -> None:
     op.drop_column("llm_calls", "prompt_version")
     op.drop_column("llm_calls", "prompt_name")
     op.drop_index("uq_rollouts_prompt_evaluation", table_name="rollouts")
+    op.drop_index("ix_rollouts_unconsumed_group", table_name="rollouts")
+    op.create_index(
+        "ix_rollouts_unconsumed_group",
+        "rollouts",
+        [sa.literal_column("coalesce(group_id, id)")],
+        unique=False,
+        postgresql_where=sa.text("consumed_by_step IS NULL"),
+    )
     op.drop_column("rollouts", "prompt_version")
     op.drop_column("rollouts", "prompt_name")
     op.drop_column("rollouts", "prompt_run")

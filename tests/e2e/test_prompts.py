@@ -252,6 +252,18 @@ def test_gepa_finds_a_better_prompt_through_the_queue_and_resumes_after_kill_9(
         refused.returncode == 1 and "checked the" in refused.stderr and "most recent calls" in refused.stderr
     )
     assert sql(module_db, "SELECT count(*) AS n FROM prompt_runs")[0]["n"] == 0
+    unknown = subprocess.run(
+        [*_optimize(proxy)[:2], "nope", *_optimize(proxy)[3:]],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert unknown.returncode == 1 and "'nope' is not registered" in unknown.stderr
+    assert "Traceback" not in unknown.stderr + refused.stderr
+    no_run = cli(proxy, module_db, "run", AGENT, "--dataset", "kw", "--prompt-run", "po-nope",
+                 "--proxy", proxy.url, "--key", proxy.key, "--quiet")  # fmt: skip
+    assert no_run.returncode == 1 and "does not exist" in no_run.stderr
     ran = cli(proxy, module_db, "run", AGENT, "--dataset", "kw", "--split", "val", "--proxy", proxy.url,
               "--key", proxy.key, "--quiet")  # fmt: skip
     assert ran.returncode == 0, ran.stderr
@@ -259,6 +271,7 @@ def test_gepa_finds_a_better_prompt_through_the_queue_and_resumes_after_kill_9(
     # on, and once every proposal so far failed it stops with the model's answer.
     logic = reflector[1]
     logic.empty = True
+    asked = logic.requests
     hopeless = subprocess.run(
         _optimize(proxy), env=env, cwd=REPO, capture_output=True, text=True, timeout=200
     )
@@ -266,7 +279,9 @@ def test_gepa_finds_a_better_prompt_through_the_queue_and_resumes_after_kill_9(
     assert hopeless.returncode == 1 and "every proposal failed" in hopeless.stderr, hopeless.stderr[-2000:]
     assert "returned no prompt" in hopeless.stderr and "Traceback" not in hopeless.stderr
     (failed,) = sql(module_db, "SELECT status, proposals_failed, error FROM prompt_runs")
-    assert failed["status"] == "failed" and failed["proposals_failed"] >= 4 and "no prompt" in failed["error"]
+    # One count per failed proposal (GEPA's immediate retry of it is not another), four in a row.
+    assert failed["status"] == "failed" and failed["proposals_failed"] == 4 and "no prompt" in failed["error"]
+    assert logic.requests - asked == 4
     # The run, killed with SIGKILL while it waits for its second reflection.
     logic.hold_at = logic.requests + 2
     first = subprocess.Popen(
@@ -299,10 +314,22 @@ def test_gepa_finds_a_better_prompt_through_the_queue_and_resumes_after_kill_9(
         for r in sql(module_db, "SELECT version FROM prompt_versions WHERE name = 'kw' AND score IS NOT NULL")
     }
     assert scored_before, "no candidate was scored before the kill"
-    # The same command resumes it.
-    second = subprocess.run(
-        _optimize(proxy, "--apply"), env=env, cwd=REPO, capture_output=True, text=True, timeout=400
-    )
+    # The same command resumes it, with a runner on "another machine" helping.
+    helper = subprocess.Popen(
+        [LIGHTLOOP, "run", AGENT, "--dataset", "kw", "--prompt-run", run["id"], "--proxy", proxy.url,
+         "--key", proxy.key, "--quiet"],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        second = subprocess.run(
+            _optimize(proxy, "--apply"), env=env, cwd=REPO, capture_output=True, text=True, timeout=400
+        )
+        # It waited between the batches, and stops once the run ended.
+        _, helped = helper.communicate(timeout=60)
+    finally:
+        if helper.poll() is None:
+            helper.kill()
+    assert helper.returncode == 0, helped[-2000:]
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"run {run['id']} (resumed)" in second.stdout
     # GEPA went on from its saved state: its count of evaluations never fell back below what

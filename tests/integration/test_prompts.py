@@ -11,9 +11,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from lightloop.proxy.errors import RecordingUnavailable
+from lightloop.proxy.errors import DatabaseDown
 from lightloop.proxy.prompts import PromptRegistry
-from lightloop.store import Conflict, NotFound, claim_groups, connect
+from lightloop.store import Conflict, NotFound, claim_groups, connect, create_pool
 from lightloop.store import prompt_runs as runs
 from lightloop.store.prompts import add_candidate, add_prompt, get_versions, served_prompts, set_live
 from lightloop.store.queue import Empty, next_rollout
@@ -72,6 +72,10 @@ async def _run(conn: asyncpg.Connection, run_id: str = "po-1") -> Any:
         reflection_model="m",
         budget=10,
         seed=0,
+        start_version=0,
+        policy_version=0,
+        train_tasks=["c"],
+        val_tasks=["a", "b"],
     )
 
 
@@ -99,7 +103,8 @@ async def test_evaluations_go_to_their_run_only_once_each_and_are_never_trained(
     assert await runs.enqueue_evaluations(conn, run, v1.version, "val", ["a", "b"]) == 0  # once each
     # Ordinary runners never see them, and another run's runners neither.
     assert isinstance(await _take(conn, None), Empty)
-    assert isinstance(await _take(conn, "po-other"), Empty)
+    with pytest.raises(NotFound, match="po-other"):
+        await _take(conn, "po-other")
     got = await _take(conn, run.id)
     assert (got.prompt_name, got.prompt_version, got.split) == ("system", v1.version, "val")
     second = await _take(conn, run.id)
@@ -112,6 +117,10 @@ async def test_evaluations_go_to_their_run_only_once_each_and_are_never_trained(
             rollout.rollout_id,
             reward,
         )
+    # Between its batches a running optimisation is not drained (helpers wait); ended, it is.
+    waiting = await _take(conn, run.id)
+    assert isinstance(waiting, Empty) and not waiting.drained
+    await runs.end_run(conn, run.id, "finished", best_version=None)
     drained = await _take(conn, run.id)
     assert isinstance(drained, Empty) and drained.drained
     found = await runs.evaluations(conn, run.id, v1.version, "val", ["a", "b"])
@@ -126,8 +135,26 @@ async def test_evaluations_go_to_their_run_only_once_each_and_are_never_trained(
         run.id,
     )
     assert await claim_groups(conn, "trainer", max_groups=10, lease_s=60, settle_s=0) is None
-    # reward_by_version leaves them out; reward_by_prompt_version counts them apart (with calls).
+    # reward_by_version leaves them out; reward_by_prompt_version counts them apart, and a
+    # rollout counts under the prompt version its calls were served.
     assert await conn.fetch("SELECT * FROM reward_by_version") == []
+    await conn.execute(
+        "INSERT INTO rollouts (id, mode, status, reward, finished_at) "
+        "VALUES ('free', 'val', 'succeeded', 0.5, now())"
+    )
+    for span, rollout, version in (("s1", got.rollout_id, v1.version), ("s2", "free", 0), ("s3", "free", 0)):
+        await conn.execute(
+            "INSERT INTO llm_calls (span_id, rollout_id, seq, model, request, prompt_name, prompt_version) "
+            "VALUES ($1, $2, 0, 'policy', '{}', 'system', $3)",
+            span,
+            rollout,
+            version,
+        )
+    rows = await conn.fetch(
+        "SELECT prompt_version, val_reward, val_rollouts, evaluations FROM reward_by_prompt_version "
+        "ORDER BY prompt_version"
+    )
+    assert [tuple(r) for r in rows] == [(0, 0.5, 1, 0), (v1.version, 1.0, 1, 1)]
 
 
 async def test_baseline_seen_counts_recent_calls_of_the_scope(conn: asyncpg.Connection) -> None:
@@ -154,25 +181,37 @@ async def test_baseline_seen_counts_recent_calls_of_the_scope(conn: asyncpg.Conn
     assert await runs.baseline_seen(conn, "system", BASELINE, "nobody", None, 1000) == (0, 0)
 
 
+def _pool(url: str) -> Any:
+    made: list[asyncpg.Pool] = []
+
+    async def pool() -> asyncpg.Pool:
+        if not made:
+            made.append(await create_pool(url, min_size=0, max_size=2))
+        return made[0]
+
+    return pool
+
+
 async def test_the_registry_swaps_only_whole_baselines_for_the_rollouts_version(
     conn: asyncpg.Connection, db_url: str
 ) -> None:
     await _dataset(conn)
-    await add_prompt(conn, "system", BASELINE, model="policy")
+    # Scoped to an agent the queue's runner never names: a pinned evaluation is served anyway.
+    await add_prompt(conn, "system", BASELINE, model="policy", agent="solver")
     await add_prompt(conn, "system", "Live text.")
     await set_live(conn, "system", 1)
     run = await _run(conn)
     v2, _ = await add_candidate(conn, "system", "Candidate text.", parent=1, run_id=run.id)
     await runs.enqueue_evaluations(conn, run, v2.version, "val", ["a"])
     pinned = await _take(conn, run.id)
-    registry = PromptRegistry(db_url, retry_interval_s=0.1)
+    registry = PromptRegistry(db_url, _pool(db_url), retry_interval_s=0.1)
     await registry.reload()
 
     def body(content: Any) -> dict[str, Any]:
         return {"messages": [{"role": "system", "content": content}, {"role": "user", "content": "q"}]}
 
     plain = body(f"{BASELINE}\n")
-    swap = await registry.swap(plain, "policy", None, "ordinary-rollout")
+    swap = await registry.swap(plain, "policy", "solver", "ordinary-rollout")
     assert (swap.name, swap.version) == ("system", 1) and plain["messages"][0]["content"] == "Live text."
     parts = body([{"type": "text", "text": BASELINE}, {"type": "image_url", "image_url": {"url": "x"}}])
     swap = await registry.swap(parts, "policy", None, pinned.rollout_id)
@@ -180,21 +219,28 @@ async def test_the_registry_swaps_only_whole_baselines_for_the_rollouts_version(
     assert parts["messages"][0]["content"][1]["type"] == "image_url"
     for untouched in (body(f"{BASELINE} And more."), body("hello")):
         before = repr(untouched)
-        assert await registry.swap(untouched, "policy", None, None) is None
+        assert await registry.swap(untouched, "policy", "solver", None) is None
         assert repr(untouched) == before
-    other_model = body(BASELINE)
-    assert await registry.swap(other_model, "gpt-4o", None, None) is None  # the prompt is the policy's
-    # A pin that cannot be read is a 503 to retry, never the wrong text.
-    down = PromptRegistry("postgresql://nobody@127.0.0.1:1/none", retry_interval_s=0.1)
+    assert await registry.swap(body(BASELINE), "gpt-4o", "solver", None) is None  # another model
+    assert await registry.swap(body(BASELINE), "policy", "checker", None) is None  # another agent
+    # An evaluation's pin that cannot be read is a 503 to retry, never the wrong text; every
+    # other call is served from memory, Postgres or not.
+    down = PromptRegistry(
+        "postgresql://nobody@127.0.0.1:1/none", _pool("postgresql://nobody@127.0.0.1:1/none"), 0.1
+    )
+    with pytest.raises(DatabaseDown, match="not read yet"):
+        await down.swap(body(BASELINE), "policy", "solver", "p-before-the-first-read")
     down.set_prompts(await served_prompts(conn))
-    with pytest.raises(RecordingUnavailable, match="retry"):
-        await down.swap(body(BASELINE), "policy", None, "unknown-rollout")
+    with pytest.raises(DatabaseDown, match="retry"):
+        await down.swap(body(BASELINE), "policy", "solver", "p-unknown")
+    served = body(BASELINE)
+    assert (await down.swap(served, "policy", "solver", "ordinary")).version == 1
 
 
 async def test_the_registry_follows_set_live_at_once(conn: asyncpg.Connection, db_url: str) -> None:
     await add_prompt(conn, "system", BASELINE)
     await add_prompt(conn, "system", "Second.")
-    registry = PromptRegistry(db_url, retry_interval_s=0.1, reread_s=3600)  # no polling: NOTIFY only
+    registry = PromptRegistry(db_url, _pool(db_url), retry_interval_s=0.1, reread_s=3600)  # NOTIFY only
     await registry.start()
     try:
         await registry.loaded.wait()
