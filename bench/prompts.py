@@ -6,7 +6,7 @@ always does. The proxy serves each candidate to it unchanged.
 
 Reported, as one JSON object: the val reward of the baseline and of the best candidate (GEPA's
 own scores, on the same val tasks, greedy), rollouts used (evaluations), reflection calls,
-candidates, failed proposals, and wall time.
+candidates (each with its parent, val score and text), failed proposals, and wall time.
 
 Usage: python bench/prompts.py [--budget 60] [--val 16] [--train 32] [--minibatch 3]
                                [--concurrency 4] [--model smollm2]
@@ -135,6 +135,11 @@ def run(
         "metric_calls": row["metric_calls"],
         "reflection_calls": row["reflections"],
         "candidates": len(versions) - 1,
+        # What the reflection model proposed, with each candidate's val score where GEPA scored it.
+        "versions": [
+            {"version": v["version"], "parent": v["parent"], "score": v["score"], "text": v["text"][:300]}
+            for v in versions
+        ],
         "proposals_failed": row["proposals_failed"],
         "wall_s": round(wall, 1),
         "cli_output": out.strip().splitlines(),

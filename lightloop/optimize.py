@@ -430,14 +430,15 @@ def _optimize(config: OptimizeConfig, loop: asyncio.AbstractEventLoop) -> Outcom
             raise OptimizeError(f"every proposal failed; the reflection model said: {search.last_error}")
         _record_scores(search, result, len(valset), wait)
         best_version = search.version_of(result.best_candidate[config.name])
-        wait(runs.end_run(conn, run.id, "finished", best_version=best_version))
+        used = int(result.total_metric_calls or progress.used)
+        wait(runs.end_run(conn, run.id, "finished", best_version=best_version, metric_calls=used))
         return Outcome(
             run_id=run.id,
             baseline_version=run.start_version,
             baseline_score=float(result.val_aggregate_scores[0]),
             best_version=best_version,
             best_score=float(result.val_aggregate_scores[result.best_idx]),
-            metric_calls=int(result.total_metric_calls or progress.used),
+            metric_calls=used,
             candidates=wait(runs.count_candidates(conn, run.id)),
             accepted=len(result.candidates) - 1,
             proposals_failed=search.progress.proposals_failed,

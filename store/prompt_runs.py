@@ -178,15 +178,23 @@ async def count_failed_proposal(conn: asyncpg.Connection, run_id: str) -> int:
 
 
 async def end_run(
-    conn: asyncpg.Connection, run_id: str, status: str, *, best_version: int | None, error: str | None = None
+    conn: asyncpg.Connection,
+    run_id: str,
+    status: str,
+    *,
+    best_version: int | None,
+    error: str | None = None,
+    metric_calls: int | None = None,
 ) -> None:
     await conn.execute(
         """UPDATE prompt_runs SET status = $2, best_version = $3, error = $4, finished_at = now(),
-                                  updated_at = now() WHERE id = $1""",
+                                  metric_calls = coalesce($5, metric_calls), updated_at = now()
+           WHERE id = $1""",
         run_id,
         status,
         best_version,
         error,
+        metric_calls,
     )
 
 

@@ -31,7 +31,7 @@ async def test_an_async_agent_that_blocks_its_loop_does_not_block_the_runner() -
         reward, ticks = await _ticks_while(caller)
     finally:
         caller.close()
-    assert reward == 0.75
+    assert reward == (0.75, None)
     # Heartbeats run on the caller's loop: it kept running while the agent blocked.
     assert ticks >= 10, ticks
 
@@ -42,16 +42,26 @@ async def test_sync_agents_and_awaitables_they_return_are_called_too() -> None:
 
     caller = AgentCaller(lambda task, llm: later())
     try:
-        assert await caller.call({}, None) == 0.25  # type: ignore[arg-type]
+        assert await caller.call({}, None) == (0.25, None)  # type: ignore[arg-type]
         caller.agent = lambda task, llm: None
-        assert await caller.call({}, None) is None  # type: ignore[arg-type]
+        assert await caller.call({}, None) == (None, None)  # type: ignore[arg-type]
+        # Feedback text for prompt optimisation's reflection rides along with the reward.
+        caller.agent = lambda task, llm: (1, "right answer")
+        assert await caller.call({}, None) == (1.0, "right answer")  # type: ignore[arg-type]
     finally:
         caller.close()
 
 
 @pytest.mark.parametrize(
     ("returned", "error"),
-    [("1.0", "return a float reward"), (True, "return a float reward"), (float("nan"), "finite")],
+    [
+        ("1.0", "return a float reward"),
+        (True, "return a float reward"),
+        (float("nan"), "finite"),
+        ((1.0, 2), "feedback text"),
+        ((1.0, "x", "y"), "feedback text"),
+        (("1", "x"), "return a float reward"),
+    ],
 )
 async def test_a_reward_that_is_not_a_finite_number_is_an_error(returned: Any, error: str) -> None:
     async def agent(task: dict[str, Any], llm: Any) -> Any:
