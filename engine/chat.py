@@ -124,18 +124,27 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
 
 class Detokenizer:
     """Text of a growing list of token ids, handing out only the new part each time. A token
-    that ends inside a multi-byte character is held back until the character is complete."""
+    that ends inside a multi-byte character is held back until the character is complete.
+
+    Incremental, as vLLM detokenizes: each step decodes only a short window (the tokens since the
+    last text handed out, after the previous step's tokens as context, so that a word's leading
+    space and a character split across tokens come out right), not the whole completion again,
+    which made a long answer quadratic in its length."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""
+        self._prefix = 0  # window start: context, already turned into text
+        self._read = 0  # window split: tokens before it are in `text`
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        full: str = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if full.endswith("\ufffd"):
-            return ""
-        delta: str = full[len(self.text) :] if full.startswith(self.text) else full
-        self.text = full
+        before: str = self.tokenizer.decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+        after: str = self.tokenizer.decode(self.ids[self._prefix :], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""  # nothing new yet, or a character still incomplete
+        delta = after[len(before) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += delta
         return delta
