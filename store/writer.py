@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import logging
 import operator
@@ -50,7 +49,6 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from lightloop.settings import WriterSettings
 from lightloop.store import database, marks
-from lightloop.store.copy_binary import Encoder, encode_rows, encoder
 from lightloop.store.errors import WriterUnavailable
 from lightloop.store.schema import metadata
 from lightloop.store.spool import Spool
@@ -76,7 +74,6 @@ class TableSpec:
     static_defaults: dict[str, Any]
     callable_defaults: tuple[tuple[str, Callable[[], Any]], ...]
     values: Callable[[dict[str, Any]], tuple[Any, ...]]
-    encoders: tuple[Encoder, ...]  # binary COPY, one per column (store/copy_binary.py)
 
     @classmethod
     def from_table(cls, table: Table) -> TableSpec:
@@ -102,7 +99,6 @@ class TableSpec:
             static_defaults=static,
             callable_defaults=tuple(dynamic),
             values=operator.itemgetter(*cols),
-            encoders=tuple(encoder(c.type) for c in table.columns),
         )
 
 
@@ -428,19 +424,21 @@ class BatchWriter:
         return await self._write_rowwise(conn, batch)
 
     async def _copy(self, conn: asyncpg.Connection, spec: TableSpec, records: list[tuple[Any, ...]]) -> None:
-        data = encode_rows(spec.encoders, [_to_copy(spec, r) for r in records])  # Unencodable: a bad row
+        encoded = [_to_copy(spec, r) for r in records]
         try:
             async with conn.transaction():  # a savepoint: a duplicate key only undoes this COPY
-                await _copy_binary(conn, spec.name, spec.columns, data)
+                await conn.copy_records_to_table(spec.name, records=encoded, columns=spec.columns)
             return
         except asyncpg.UniqueViolationError:
             self.stats.batches_deduplicated += 1
-        await self._copy_deduplicated(conn, spec, data)
+        await self._copy_deduplicated(conn, spec, encoded)
 
-    async def _copy_deduplicated(self, conn: asyncpg.Connection, spec: TableSpec, data: bytes) -> None:
+    async def _copy_deduplicated(
+        self, conn: asyncpg.Connection, spec: TableSpec, encoded: list[tuple[Any, ...]]
+    ) -> None:
         stage = _stage_table(spec.name)
         cols = ", ".join(spec.columns)
-        await _copy_binary(conn, stage, spec.columns, data)
+        await conn.copy_records_to_table(stage, records=encoded, columns=spec.columns)
         await conn.execute(
             f"INSERT INTO {spec.name} ({cols}) SELECT {cols} FROM {stage} ON CONFLICT DO NOTHING"
         )
@@ -455,8 +453,7 @@ class BatchWriter:
                     for record in batch.get(table, []):
                         try:
                             async with conn.transaction():
-                                data = encode_rows(spec.encoders, [_to_copy(spec, record)])
-                                await self._copy_deduplicated(conn, spec, data)
+                                await self._copy_deduplicated(conn, spec, [_to_copy(spec, record)])
                             written += 1
                         except Exception as exc:
                             if not database.is_bad_row(exc):
@@ -519,10 +516,6 @@ class BatchWriter:
     def _count_error(self, exc: BaseException) -> None:
         name = type(exc).__name__
         self.stats.errors[name] = self.stats.errors.get(name, 0) + 1
-
-
-async def _copy_binary(conn: asyncpg.Connection, table: str, columns: tuple[str, ...], data: bytes) -> None:
-    await conn.copy_to_table(table, source=io.BytesIO(data), columns=columns, format="binary")
 
 
 def _stage_table(table: str) -> str:
