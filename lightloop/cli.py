@@ -654,27 +654,12 @@ def run_agent(
     """Run AGENT (path/to/file.py:function or package.module:function, a sync or async
     `(task: dict, llm: lightloop.LLM) -> float | None`) over the tasks of a dataset, taken from
     the proxy's queue; any number of runners share it. Returning a float finishes the rollout
-    with that reward; None means the agent posted its own. Ctrl-C stops taking tasks and lets
+    with that reward, `(reward, feedback)` adds feedback text; None means the agent posted its
+    own. Ctrl-C stops taking tasks and lets
     running ones finish; a second Ctrl-C abandons them (exit 130)."""
-    from lightloop.agents import AgentLoadError, load_agent
-    from lightloop.runner import Runner, default_key, run_cli
+    from lightloop.runner import Runner, run_cli
 
-    settings = _settings(ctx)
-    if settings.log_level != "debug":
-        # One line per HTTP request (the agent's and the runner's own) would drown the progress.
-        for noisy in ("httpx", "openai", "httpcore"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-        # stamina logs each scheduled retry at WARNING; the runner says once if it gives up.
-        logging.getLogger("stamina").setLevel(logging.ERROR)
-    try:
-        function = load_agent(agent)
-    except AgentLoadError as exc:
-        click.echo(f"lightloop: error: {exc}", err=True)
-        ctx.exit(2)
-    proxy_url = proxy_url or f"http://{settings.proxy.host}:{settings.proxy.port}"
-    key = key or default_key(
-        settings.home, settings.master_key.get_secret_value() if settings.master_key else None
-    )
+    function, proxy_url, key = _agent_and_proxy(ctx, agent, proxy_url, key)
     runner = Runner(
         function,
         proxy_url,
@@ -690,6 +675,35 @@ def run_agent(
     code = _run(run_cli(runner, quiet=quiet))
     if code:
         ctx.exit(code)
+
+
+def _agent_and_proxy(
+    ctx: click.Context, agent: str, proxy_url: str | None, key: str | None
+) -> tuple[Any, str, str]:
+    """What a command that runs an agent needs (`run`, `optimize-prompt`): the agent function
+    (one that cannot be loaded: one line, exit 2), the proxy and its key (by default the
+    configured address, and LITELLM_MASTER_KEY or the key `lightloop up` keeps)."""
+    from lightloop.agents import AgentLoadError, load_agent
+    from lightloop.runner import default_key
+
+    settings = _settings(ctx)
+    if settings.log_level != "debug":
+        # One line per HTTP request (the agent's and the runner's own) would drown the progress.
+        for noisy in ("httpx", "openai", "httpcore"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        # stamina logs each scheduled retry at WARNING; the runner says once if it gives up.
+        logging.getLogger("stamina").setLevel(logging.ERROR)
+    try:
+        function = load_agent(agent)
+    except AgentLoadError as exc:
+        click.echo(f"lightloop: error: {exc}", err=True)
+        ctx.exit(2)
+    master = settings.master_key.get_secret_value() if settings.master_key else None
+    return (
+        function,
+        proxy_url or f"http://{settings.proxy.host}:{settings.proxy.port}",
+        key or default_key(settings.home, master),
+    )
 
 
 # -- demo ----------------------------------------------------------------------------------------

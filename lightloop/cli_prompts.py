@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -160,37 +159,21 @@ def optimize_prompt(ctx: click.Context, /, **o: Any) -> None:
     to the unchanged agent), and the reflection model reads those rollouts' calls, rewards and
     feedback to propose the next. Every candidate is kept as a staged version. Stopped (even by
     kill -9), the same command resumes the run from Postgres."""
-    from lightloop.agents import AgentLoadError, load_agent
-    from lightloop.cli import _database_url, _migrate_if_reachable, _settings
-    from lightloop.optimize import OptimizeConfig, Progress, optimize
-    from lightloop.runner import default_key
+    from lightloop.cli import _agent_and_proxy, _database_url, _migrate_if_reachable, _settings
+    from lightloop.optimize import OptimizeConfig, optimize
 
-    settings = _settings(ctx)
-    if settings.log_level != "debug":
-        for noisy in ("httpx", "openai", "httpcore"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-        logging.getLogger("stamina").setLevel(logging.ERROR)
-    try:
-        agent = load_agent(o["agent_spec"])
-    except AgentLoadError as exc:
-        click.echo(f"lightloop: error: {exc}", err=True)
-        ctx.exit(2)
-    url = _database_url(settings)
+    agent, proxy_url, key = _agent_and_proxy(ctx, o["agent_spec"], o["proxy_url"], o["key"])
+    url = _database_url(_settings(ctx))
     _migrate_if_reachable(url)
-    master = settings.master_key.get_secret_value() if settings.master_key else None
     progress = _ProgressDisplay(quiet=o["quiet"])
-
-    def report(p: Progress) -> None:
-        progress.update(p)
-
     config = OptimizeConfig(
         name=o["name"],
         dataset=o["dataset"],
         agent_spec=o["agent_spec"],
         agent=agent,
         reflection_model=o["reflection_model"],
-        proxy=o["proxy_url"] or f"http://{settings.proxy.host}:{settings.proxy.port}",
-        key=o["key"] or default_key(settings.home, master),
+        proxy=proxy_url,
+        key=key,
         database_url=url,
         budget=o["budget"],
         concurrency=o["concurrency"],
@@ -200,7 +183,7 @@ def optimize_prompt(ctx: click.Context, /, **o: Any) -> None:
         seed=o["seed"],
         reflection_max_tokens=o["reflection_max_tokens"],
         fresh=o["fresh"],
-        on_progress=report,
+        on_progress=progress.update,
     )
     with progress:
         outcome = optimize(config)
@@ -224,10 +207,6 @@ def optimize_prompt(ctx: click.Context, /, **o: Any) -> None:
         click.echo(f"version {outcome.best_version} is live")
     else:
         click.echo(f"make it live with: lightloop prompts set-live {o['name']} {outcome.best_version}")
-
-
-def _blank(value: Any) -> Any:
-    return "" if value is None else value
 
 
 def _score(value: float | None) -> str:

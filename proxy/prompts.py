@@ -128,10 +128,11 @@ class PromptRegistry:
         # Lengths first: most messages are no baseline, and trimming a long one costs a copy.
         if len(text) < low or len(text) > high + 4096:
             return None
-        for prompt in self._by_baseline.get(normalise(text), ()):
+        candidates = self._by_baseline.get(normalise(text), ())
+        for prompt in candidates:
             if prompt.name == pinned[0]:
                 return pinned
-        for prompt in self._by_baseline.get(normalise(text), ()):
+        for prompt in candidates:
             if (prompt.model is None or prompt.model == model) and (
                 prompt.agent is None or prompt.agent == agent
             ):

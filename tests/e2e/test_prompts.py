@@ -118,6 +118,11 @@ def test_an_unchanged_agent_gets_the_live_version_on_both_lanes(
         in cli(proxy, module_db, "prompts", "add", "system", "--text-file", str(tmp_path / "v1.txt")).stdout
     )
     assert cli(proxy, module_db, "prompts", "set-live", "system", "1").returncode == 0
+    listed = cli(proxy, module_db, "prompts", "list").stdout
+    assert "system" in listed and "| 1 " in listed  # live version 1, of 2 versions
+    shown = cli(proxy, module_db, "prompts", "show", "system").stdout
+    assert "retired" in shown and "baseline" in shown and shown.endswith("Be precise.\n")
+    assert cli(proxy, module_db, "prompts", "show", "system", "--version", "0").stdout == BASELINE + "\n\n"
     client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=proxy.key, max_retries=0)
 
     def ask(model_name: str, system: str, rollout: str) -> str:
