@@ -43,7 +43,7 @@ pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	@for f in bench/*.py; do [ $$f = bench/common.py ] && continue; echo "== $$f" >&2; $(BIN)/python $$f || exit 1; done
+	@for f in bench/*.py; do case $$f in bench/common.py|bench/agl_gateway.py) continue;; esac; echo "== $$f" >&2; $(BIN)/python $$f || exit 1; done
 
 # Builds the images and runs the CPU stack with Docker Compose, checked from the host
 # (deploy/smoke.sh: installs Docker from Debian's packages and starts dockerd when needed, as root).

@@ -53,6 +53,14 @@ def cpu_seconds(p: psutil.Process) -> float:
     return total
 
 
+def server_cpu_seconds(p: psutil.Process) -> float:
+    """User + system CPU seconds of a server and every process it ever forked: its live children
+    and, through its own children_* times, the ones it has reaped (a Postgres backend whose
+    connection closed mid-measurement still counts)."""
+    t = p.cpu_times()
+    return t.user + t.system + t.children_user + t.children_system + cpu_seconds(p) - (t.user + t.system)
+
+
 CLI = [sys.executable, "-c", "from lightloop.cli import main; main()"]
 
 

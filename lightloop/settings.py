@@ -280,6 +280,17 @@ class TrainerSettings(BaseModel):
     algorithm: str = Field(
         "grpo", pattern="^(grpo|rloo|reinforce_plus_plus)$", description="grpo, rloo or reinforce_plus_plus."
     )
+    credit: str = Field(
+        "rollout",
+        pattern="^(rollout|turn)$",
+        description=(
+            "rollout: one reward per rollout, shared by its turns; turn: rewards posted for a call "
+            "(response_id or span_id) credit that call and the ones before it (grpo only)."
+        ),
+    )
+    gamma: float = Field(
+        1.0, ge=0, le=1, description="Discount of later turns' rewards in a turn's return (credit=turn)."
+    )
     groups_per_step: int = Field(8, ge=1, description="Rollout groups claimed per training step.")
     min_groups: int = Field(1, ge=1, description="Wait until at least this many groups are ready.")
     learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate of the LoRA weights.")
@@ -317,6 +328,14 @@ class TrainerSettings(BaseModel):
         gt=0,
         description="A longer step stops the heartbeat, so `trainer --check` fails and restarts it.",
     )
+
+    @model_validator(mode="after")
+    def _turn_credit_needs_grpo(self) -> TrainerSettings:
+        # RLOO's leave-one-out and REINFORCE++'s batch whitening are defined over rollouts; what
+        # they would mean over turns of unequal count per rollout is not settled, so refuse.
+        if self.credit == "turn" and self.algorithm != "grpo":
+            raise ValueError(f"credit=turn works with algorithm grpo, not {self.algorithm}")
+        return self
 
 
 class Settings(BaseSettings):

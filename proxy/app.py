@@ -251,9 +251,15 @@ class ProxyApp:
         return await stats.get_rollout(r.params["id"], self._db, send)
 
     async def _serve_stats_samples(self, r: Request, send: Send) -> int:
-        agents = self.settings.trainer.agents
+        trainer = self.settings.trainer
         return await stats.get_samples(
-            r.params["id"], self._db, self.settings.policy, agents, self._token_text, send
+            r.params["id"],
+            self._db,
+            self.settings.policy,
+            trainer.agents,
+            self._token_text,
+            send,
+            credit=(trainer.credit, trainer.gamma),
         )
 
     async def _serve_ui_overview(self, r: Request, send: Send) -> int:

@@ -40,7 +40,9 @@ class Call:
     started_ns: int  # wall clock, ns since the epoch
     upstream: str | None = None
     # The agent's request body as it came (JSON text): stored as is rather than encoded again.
-    request_json: str | None = None
+    request_json: bytes | str | None = None
+    # The inferred session's chain of message digests (proxy/sessions.py), when one was looked up.
+    session_keys: list[bytes] | None = None
 
 
 @dataclass

@@ -75,7 +75,9 @@ class PolicyLane:
             traceparent=traceparent,
             admit=True,
         )
-        call.request_json = raw.decode("utf-8", errors="replace")
+        # Stored as the agent sent it (orjson parsed it, so it is valid UTF-8): no decode here,
+        # no encode in the writer.
+        call.request_json = raw
         forwarded = dict(body)
         forwarded["model"] = served
         forwarded["return_token_ids"] = True

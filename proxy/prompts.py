@@ -26,6 +26,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
+from lightloop.aio import stop_task
 from lightloop.proxy.attribution import Attribution, check_id
 from lightloop.proxy.errors import DatabaseDown, NotFound
 from lightloop.proxy.http import Send, respond_json
@@ -198,9 +199,7 @@ class PromptRegistry:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
 
     async def _run(self) -> None:
         while True:

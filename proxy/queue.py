@@ -11,6 +11,7 @@ import time
 from typing import Any
 from urllib.parse import quote
 
+from lightloop.aio import stop_task
 from lightloop.proxy.attribution import check_id
 from lightloop.proxy.errors import BadRequest, NotFound
 from lightloop.proxy.http import Scope, Send, header, respond, respond_json
@@ -228,9 +229,7 @@ class TaskQueue:
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
 
 
 def _optional(data: dict[str, Any], key: str) -> str | None:

@@ -12,7 +12,7 @@ from lightloop.proxy.attribution import Attribution
 from lightloop.proxy.capture import Call, Outcome, build_rows
 from lightloop.proxy.errors import TooManyRollouts
 from lightloop.proxy.export import SpanExport
-from lightloop.proxy.sessions import SessionIndex
+from lightloop.proxy.sessions import SessionIndex, chain
 from lightloop.proxy.spans import new_span_id, trace_context
 from lightloop.store import BatchWriter
 
@@ -76,10 +76,13 @@ class Recorder:
         """Open a call. `admit`: the call is about to be served, so it counts against (and may be
         refused by) the cap on rollouts in flight."""
         rollout_id = attribution.rollout_id
+        session_keys = None
         if rollout_id is None:
             messages = request.get("messages")
             if isinstance(messages, list):
-                rollout_id = self.sessions.find(messages)
+                # Kept on the call: remembering its reply at close then hashes the reply alone.
+                session_keys = chain(messages)
+                rollout_id = self.sessions.find(messages, session_keys)
             if rollout_id is None:
                 rollout_id = new_rollout_id()
         # The queue's rollouts (the path form with an attempt) are capped by the queue instead.
@@ -121,6 +124,7 @@ class Recorder:
             policy_version=policy_version,
             request=request,
             started_ns=time.time_ns(),
+            session_keys=session_keys,
         )
 
     def close(
@@ -146,7 +150,7 @@ class Recorder:
             # its rollouts keeps naming them.
             if call.attribution.source == "session" and isinstance(messages, list) and error is None:
                 for choice in outcome.choices:
-                    self.sessions.remember(messages, choice.message(), call.rollout_id)
+                    self.sessions.remember(messages, choice.message(), call.rollout_id, call.session_keys)
         if self.export is not None:
             self.export.export(span)
 

@@ -155,10 +155,13 @@ async def post_reward(
     data = _parse_lenient(body)
     rollout_id = _optional_str(data, "rollout_id") or path_rollout
     response_id = _optional_str(data, "response_id")
-    if data.get("rollout_id") and data.get("response_id"):
-        raise BadRequest("name either rollout_id or response_id, not both")
-    if rollout_id is None and response_id is None:
-        raise BadRequest("name the rollout_id or the response_id (the `id` of a completion) to reward")
+    span_id = _optional_str(data, "span_id")
+    if response_id is not None and span_id is not None:
+        raise BadRequest("name the call once: response_id or span_id, not both")
+    if rollout_id is None and response_id is None and span_id is None:
+        raise BadRequest(
+            "name the rollout_id, or a call: the response_id (the `id` of a completion) or its span_id"
+        )
     if "value" not in data:
         raise BadRequest("value is required")
     value = _finite(data["value"], "value")
@@ -166,8 +169,7 @@ async def post_reward(
     attempt = path_attempt if rollout_id == path_rollout else None
     if rollout_id is not None:
         check_id(rollout_id, "rollout id")
-        response_id = None
-    if recorder.knows(rollout_id, response_id):
+    if span_id is not None or recorder.knows(rollout_id, response_id):
         await flushed(recorder)  # its calls may still be on their way to Postgres
     record = await with_written(
         pool,
@@ -176,6 +178,7 @@ async def post_reward(
             value=value,
             rollout_id=rollout_id,
             response_id=response_id,
+            span_id=span_id,
             name=name,
             source=SOURCE,
             attempt=attempt,

@@ -71,9 +71,10 @@ class SessionIndex:
     def __len__(self) -> int:
         return len(self._rollouts)
 
-    def find(self, messages: Sequence[Any]) -> str | None:
-        """The rollout of the longest earlier conversation (messages + reply) this one extends."""
-        keys = chain(messages)
+    def find(self, messages: Sequence[Any], keys: list[bytes] | None = None) -> str | None:
+        """The rollout of the longest earlier conversation (messages + reply) this one extends.
+        `keys`: `chain(messages)` when the caller has it."""
+        keys = chain(messages) if keys is None else keys
         for i in range(len(messages) - 1, -1, -1):
             message = messages[i]
             if isinstance(message, Mapping) and message.get("role") == "assistant":
@@ -83,8 +84,19 @@ class SessionIndex:
                     return rollout
         return None
 
-    def remember(self, messages: Sequence[Any], reply: Mapping[str, Any], rollout_id: str) -> None:
-        key = chain([*messages, reply])[-1]
+    def remember(
+        self,
+        messages: Sequence[Any],
+        reply: Mapping[str, Any],
+        rollout_id: str,
+        keys: list[bytes] | None = None,
+    ) -> None:
+        """`keys`: `chain(messages)` when the caller has it (found when the call was opened), so
+        only the reply is hashed here."""
+        if keys is None:
+            keys = chain(messages)
+        previous = keys[-1] if keys else b""
+        key = hashlib.blake2b(previous + _canonical(reply), digest_size=16).digest()
         self._rollouts[key] = rollout_id
         self._rollouts.move_to_end(key)
         while len(self._rollouts) > self.capacity:

@@ -23,7 +23,7 @@ from lightloop.proxy.routes import read_bounded
 from lightloop.proxy.token_text import TokenText
 from lightloop.proxy.upstream import Upstreams
 from lightloop.settings import PolicyModelSettings
-from lightloop.store import rollout_calls, stats
+from lightloop.store import rollout_calls, rollout_training_rewards, stats
 
 Pool = Callable[[], Awaitable[asyncpg.Pool]]
 
@@ -218,22 +218,46 @@ async def get_samples(
     agents: list[str],
     token_text: TokenText,
     send: Send,
+    credit: tuple[str, float] = ("rollout", 1.0),
 ) -> int:
     """The trainer's view of a rollout: its calls as a claim hands them over, rebuilt into samples
-    by the trainer's own code (the tokens trained on, and the context masked out)."""
+    by the trainer's own code (the tokens trained on, and the context masked out), with each
+    trained turn's reward and return as turn credit computes them (`credit`: the trainer's
+    CREDIT and GAMMA)."""
     check_id(rollout_id, "rollout id")
 
-    async def read(conn: asyncpg.Connection) -> tuple[bool, list[Any]]:
-        return await stats.rollout_exists(conn, rollout_id), await rollout_calls(conn, rollout_id)
+    async def read(conn: asyncpg.Connection) -> tuple[bool, list[Any], Any]:
+        exists = await stats.rollout_exists(conn, rollout_id)
+        return exists, await rollout_calls(conn, rollout_id), await rollout_training_rewards(conn, rollout_id)
 
-    exists, calls = await read_bounded(pool, read)
+    exists, calls, (turn_rewards, own_reward) = await read_bounded(pool, read)
     if not exists:
         raise NotFound(f"rollout {rollout_id!r} does not exist")
     # In a thread: the trainer package imports torch on first use (about a second), and a long
     # rollout's rebuild is CPU work; neither may stall the calls this process serves.
     loop = asyncio.get_running_loop()
-    out = await loop.run_in_executor(_VIEWS, _rebuild_all, rollout_id, calls, policies, agents, token_text)
-    await respond_json(send, 200, {"rollout_id": rollout_id, "policies": out})
+    final = own_reward if own_reward is not None else 0.0
+    out = await loop.run_in_executor(
+        _VIEWS,
+        _rebuild_all,
+        rollout_id,
+        calls,
+        policies,
+        agents,
+        token_text,
+        (turn_rewards, final, credit[1]),
+    )
+    body = {
+        "rollout_id": rollout_id,
+        "credit": {
+            "mode": credit[0],
+            "gamma": credit[1],
+            "final_reward": own_reward,
+            "turn_rewards": turn_rewards,
+        },
+        "policies": out,
+    }
+    await respond_json(send, 200, body)
     return 200
 
 
@@ -248,10 +272,15 @@ def _rebuild_all(
     policies: list[PolicyModelSettings],
     agents: list[str],
     token_text: TokenText,
+    rewards: tuple[dict[str, float], float, float],
 ) -> list[dict[str, Any]]:
+    from lightloop.trainer.credit import call_returns
     from lightloop.trainer.rebuild import rebuild, selected_by, turns_from_calls
 
     trainable = selected_by(agents)  # as the trainer selects (TRAINER__AGENTS)
+    turn_rewards, final, gamma = rewards
+    # Every call's return under turn credit (trainer/credit.py), shown beside its trained tokens.
+    returns = call_returns([c["span_id"] for c in calls], turn_rewards, final, gamma)
     out = []
     for policy in policies:
         own = [c for c in calls if c["model"] == policy.name]
@@ -271,6 +300,16 @@ def _rebuild_all(
                         "loss_mask": s.loss_mask,
                         "logprobs": s.logprobs,
                         "policy_versions": sorted(s.policy_versions),
+                        "turns": [
+                            {
+                                "start": start,
+                                "end": end,
+                                "span_id": span_id,
+                                "reward": turn_rewards.get(span_id or "", 0.0),
+                                "return": returns.get(span_id or "", 0.0),
+                            }
+                            for start, end, span_id in s.turns
+                        ],
                     }
                     for s in samples
                 ],

@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections import OrderedDict
 
+from lightloop.aio import stop_task
 from lightloop.settings import PolicyModelSettings
 from lightloop.store import PolicyChange, PolicyListener, adapter_name, connect, get_version, live_version
 
@@ -88,9 +89,7 @@ class LiveVersions:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
 
     async def uri_of(self, policy: str, version: int) -> str | None:
         """Where a version's adapter lies (policy_versions.uri), to load it again on an engine

@@ -10,6 +10,7 @@ from lightloop.store.claims import (
     release_claim,
     release_expired,
     rollout_calls,
+    rollout_training_rewards,
 )
 from lightloop.store.database import connect, create_engine, create_pool, dsn, translated
 from lightloop.store.embedded import EmbeddedPostgres, resolve_database_url
@@ -153,6 +154,7 @@ __all__ = [
     "revoke_key",
     "reward_curve",
     "rollout_calls",
+    "rollout_training_rewards",
     "run_sql",
     "set_live",
     "stage_version",

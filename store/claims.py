@@ -88,6 +88,36 @@ ORDER BY c.rollout_id, c.created_at, c.seq, c.choice_index
 """
 
 
+# The training rewards of claimed rollouts, oldest first: per call (span_id set) for turn credit,
+# and the rollout's own (span_id NULL), of which the latest is its final reward.
+_REWARDS_SQL = """
+SELECT rollout_id, span_id, value FROM rewards
+WHERE rollout_id = ANY($1::text[]) AND name = 'reward'
+ORDER BY rollout_id, id
+"""
+
+
+def _split_rewards(rows: list[asyncpg.Record]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Per rollout: its calls' training rewards summed per call, and its latest own reward."""
+    turn_rewards: dict[str, dict[str, float]] = {}
+    final: dict[str, float] = {}
+    for reward in rows:
+        if reward["span_id"] is None:
+            final[reward["rollout_id"]] = float(reward["value"])
+        else:
+            per_call = turn_rewards.setdefault(reward["rollout_id"], {})
+            per_call[reward["span_id"]] = per_call.get(reward["span_id"], 0.0) + float(reward["value"])
+    return turn_rewards, final
+
+
+async def rollout_training_rewards(
+    conn: asyncpg.Connection, rollout_id: str
+) -> tuple[dict[str, float], float | None]:
+    """One rollout's training rewards as a claim hands them over: (per call, its own latest)."""
+    turn_rewards, final = _split_rewards(list(await conn.fetch(_REWARDS_SQL, [rollout_id])))
+    return turn_rewards.get(rollout_id, {}), final.get(rollout_id)
+
+
 async def rollout_calls(conn: asyncpg.Connection, rollout_id: str) -> list[asyncpg.Record]:
     """One rollout's calls exactly as a claim hands them to the trainer (the dashboard's
     trainer's view rebuilds them with the trainer's own code)."""
@@ -105,6 +135,10 @@ class ClaimedRollout:
     metadata: dict[str, Any]
     finished_at: datetime | None
     calls: list[asyncpg.Record] = field(default_factory=list)
+    # Training rewards posted for its calls (by response_id or span_id), summed per call.
+    turn_rewards: dict[str, float] = field(default_factory=dict)
+    # The latest training reward posted for the rollout itself (finish, or by rollout id).
+    final_reward: float | None = None
 
     @property
     def group(self) -> str:
@@ -162,10 +196,13 @@ async def claim_groups(
         rows = await conn.fetch(_CLAIM_SQL, max_groups, claimer, float(lease_s), mode, float(settle_s))
         if not rows:
             return None
-        calls = await conn.fetch(_CALLS_SQL, [r["id"] for r in rows])
+        ids = [r["id"] for r in rows]
+        calls = await conn.fetch(_CALLS_SQL, ids)
+        rewards = await conn.fetch(_REWARDS_SQL, ids)
     by_rollout: dict[str, list[asyncpg.Record]] = {}
     for call in calls:
         by_rollout.setdefault(call["rollout_id"], []).append(call)
+    turn_rewards, final = _split_rewards(rewards)
     rollouts = [
         ClaimedRollout(
             id=r["id"],
@@ -177,6 +214,8 @@ async def claim_groups(
             metadata=_json(r["metadata"]),
             finished_at=r["finished_at"],
             calls=by_rollout.get(r["id"], []),
+            turn_rewards=turn_rewards.get(r["id"], {}),
+            final_reward=final.get(r["id"]),
         )
         for r in sorted(rows, key=lambda r: (r["group_id"] or r["id"], r["id"]))
     ]

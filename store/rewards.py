@@ -31,21 +31,31 @@ async def add_reward(
     value: float,
     rollout_id: str | None = None,
     response_id: str | None = None,
+    span_id: str | None = None,
     name: str = TRAINING_REWARD,
     source: str | None = None,
     attempt: int | None = None,
 ) -> RewardRecord:
-    """Record a reward for a rollout, or for the call that returned `response_id`. With
-    `attempt` (the path form `/rollout/{id}/attempt/{n}`), a superseded attempt is a Conflict."""
-    assert (rollout_id is None) != (response_id is None), "name exactly one of rollout_id, response_id"
+    """Record a reward for a rollout, or for one call of it: the call that returned
+    `response_id`, or the call `span_id`. A call and a rollout named together must agree
+    (Conflict otherwise: a reward for another rollout's call). With `attempt` (the path form
+    `/rollout/{id}/attempt/{n}`), a superseded attempt is a Conflict."""
+    assert response_id is None or span_id is None, "name the call once: response_id or span_id"
+    assert rollout_id is not None or response_id is not None or span_id is not None, "name what to reward"
     async with conn.transaction():
-        span_id: str | None = None
-        if response_id is not None:
+        if response_id is not None or span_id is not None:
+            column, key = ("response_id", response_id) if response_id is not None else ("span_id", span_id)
             row = await conn.fetchrow(
-                "SELECT rollout_id, span_id FROM llm_calls WHERE response_id = $1 LIMIT 1", response_id
+                f"SELECT rollout_id, span_id FROM llm_calls WHERE {column} = $1 LIMIT 1", key
             )
             if row is None:
-                raise NotFound(f"no call returned response id {response_id!r}")
+                what = "returned response id" if response_id is not None else "has span id"
+                raise NotFound(f"no call {what} {key!r}")
+            if rollout_id is not None and row["rollout_id"] != rollout_id:
+                raise Conflict(
+                    f"call {key!r} belongs to rollout {row['rollout_id']!r}, not {rollout_id!r}: "
+                    "a call's reward goes to its own rollout"
+                )
             rollout_id, span_id = row["rollout_id"], row["span_id"]
         assert rollout_id is not None
         # FOR UPDATE: a concurrent finish must not overwrite the reward this statement sets.
@@ -63,6 +73,8 @@ async def add_reward(
             source,
         )
         if name == TRAINING_REWARD:
+            # Also the rollout's reward (the latest posted, a call's included): what claims
+            # require and rollout credit trains on. Turn credit reads the rewards table instead.
             await conn.execute("UPDATE rollouts SET reward = $2 WHERE id = $1", rollout_id, value)
     return RewardRecord(reward_id, rollout_id, span_id, name, value)
 

@@ -37,6 +37,23 @@ def storable_json(document: str) -> str:
     return storable_text(document)
 
 
+def storable_json_bytes(document: bytes) -> bytes:
+    """`storable_json` for a JSON text as UTF-8 bytes (as the agent or engine sent it): the same
+    object when it holds neither the escape nor a raw NUL, which is almost always."""
+    if b"\\u0000" in document or b"\x00" in document:
+        return storable_json(document.decode("utf-8", errors="replace")).encode()
+    return document
+
+
+def dump_json_bytes(value: Any) -> bytes:
+    """`dump_json` as UTF-8 bytes, without the round trip through str in the common case."""
+    try:
+        data = orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)
+    except orjson.JSONEncodeError:
+        return dump_json(value).encode()
+    return storable_json_bytes(data) if b"\\u0000" in data else data
+
+
 def dump_json(value: Any) -> str:
     """`value` as a JSON text that `jsonb` accepts. orjson: about 5x the stdlib encoder on the
     proxy's request and response documents; what JSON cannot hold is written as its str(). An

@@ -47,12 +47,14 @@ import asyncpg
 from sqlalchemy import DateTime, Table, Text
 from sqlalchemy.dialects.postgresql import JSONB
 
+from lightloop.aio import stop_task
 from lightloop.settings import WriterSettings
 from lightloop.store import database, marks
+from lightloop.store.copy_binary import HEADER, TRAILER, Encoder, encode_rows, encode_tuples, encoder
 from lightloop.store.errors import WriterUnavailable
 from lightloop.store.schema import metadata
 from lightloop.store.spool import Spool
-from lightloop.store.text import dump_json, storable_json, storable_text
+from lightloop.store.text import dump_json_bytes, storable_json, storable_json_bytes, storable_text
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,8 @@ log = logging.getLogger(__name__)
 # before the calls that reference it). Rewards and policy versions are written synchronously:
 # their callers need the answer (unknown rollout, new version number).
 WRITABLE = ("rollouts", "spans", "llm_calls")
+# The longest one COPY may take before its connection is given up as lost (its batch is spooled).
+_COPY_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class TableSpec:
     static_defaults: dict[str, Any]
     callable_defaults: tuple[tuple[str, Callable[[], Any]], ...]
     values: Callable[[dict[str, Any]], tuple[Any, ...]]
+    encoders: tuple[Encoder, ...]  # binary COPY, one per column (store/copy_binary.py)
 
     @classmethod
     def from_table(cls, table: Table) -> TableSpec:
@@ -99,6 +104,7 @@ class TableSpec:
             static_defaults=static,
             callable_defaults=tuple(dynamic),
             values=operator.itemgetter(*cols),
+            encoders=tuple(encoder(c.type) for c in table.columns),
         )
 
 
@@ -151,6 +157,12 @@ class BatchWriter:
         # that a replica's memory limit holds when calls carry 10 MB bodies.
         self._bytes_queued = 0
         self._arrived = asyncio.Event()
+        # Set when a whole batch is queued (or a flush asks): the collector then stops waiting
+        # for its interval. One wake-up per batch, not one per row: waking the writer task for
+        # every row cost more than the rest of recording together at a thousand calls a second.
+        self._batch_ready = asyncio.Event()
+        self._flushes_queued = 0
+        self._batch_bytes = self.settings.queue_bytes // 4
         self._room = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._conn: asyncpg.Connection | None = None
@@ -189,7 +201,7 @@ class BatchWriter:
                     self.stats.rows_dropped,
                 )
             return False
-        self._enqueue((table, record, approx_size(record)))
+        self._enqueue((table, record, record_size(record)))
         return True
 
     async def put(self, table: str, row: Mapping[str, Any]) -> None:
@@ -201,7 +213,7 @@ class BatchWriter:
                 await asyncio.wait_for(self._room.wait(), self.settings.flush_timeout_s)
             except TimeoutError:
                 raise self._unavailable("had no room") from None
-        self._enqueue((table, record, approx_size(record)))
+        self._enqueue((table, record, record_size(record)))
 
     def _full(self) -> bool:
         # An empty queue takes any row, however large: a row bigger than the bound still lands.
@@ -216,6 +228,8 @@ class BatchWriter:
         self.stats.rows_submitted += 1
         if not self._arrived.is_set():
             self._arrived.set()
+        if self._batch_due():
+            self._batch_ready.set()
 
     @property
     def queue_depth(self) -> int:
@@ -234,7 +248,19 @@ class BatchWriter:
             if name not in row:
                 merged[name] = make()
         values: tuple[Any, ...] = spec.values(merged)
-        return values
+        if not spec.json_columns:
+            return values
+        # JSON documents are encoded here, once: the queue then holds bytes whose size is their
+        # length (no walk over nested documents to bound its memory), and COPY and the spool
+        # take them as they are. A document the encoder refuses stays as it is; the writer keeps
+        # its row aside later instead of failing the caller.
+        encoded = list(values)
+        for i in spec.json_columns:
+            v = encoded[i]
+            if v is not None and not isinstance(v, bytes):
+                with contextlib.suppress(TypeError, ValueError):
+                    encoded[i] = v.encode() if isinstance(v, str) else dump_json_bytes(v)
+        return tuple(encoded)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -249,7 +275,9 @@ class BatchWriter:
         assert self._task is not None, "start() the writer first"
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._items.append(_Flush(done))
+        self._flushes_queued += 1
         self._arrived.set()
+        self._batch_ready.set()
         try:
             await asyncio.wait_for(asyncio.shield(done), self.settings.flush_timeout_s)
         except TimeoutError:
@@ -265,18 +293,14 @@ class BatchWriter:
             return
         self._closing = True
         if self._mark_task is not None:
-            self._mark_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._mark_task
+            await stop_task(self._mark_task)
             self._mark_task = None
         try:
             await self.flush()
         except WriterUnavailable as exc:
             log.error("closing the writer with %d rows not written or spooled: %s", self._rows_queued, exc)
         await self.marks.remove()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await stop_task(self._task)
         self._task = None
         self.spool.close()
         if self._conn is not None:
@@ -319,24 +343,24 @@ class BatchWriter:
 
     async def _collect(self) -> tuple[Batch, list[asyncio.Future[None]]]:
         """One batch: up to batch_size rows, ending flush_interval after its first row."""
-        loop = asyncio.get_running_loop()
         batch: Batch = {}
         waiters: list[asyncio.Future[None]] = []
         count = 0
         idle = self.settings.retry_interval_s if self.spool.has_pending() else None
         if not await self._wait_for_items(idle):
             return batch, waiters
-        deadline = loop.time() + self.settings.flush_interval_ms / 1000
+        # Rows accumulate until the interval ends, a whole batch is queued or a flush asks: one
+        # wait per batch. The batch is bounded in bytes too (a quarter of the queue's bound): it
+        # is held in memory until it is written or spooled.
+        if not self._batch_due():
+            self._batch_ready.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._batch_ready.wait(), self.settings.flush_interval_ms / 1000)
         size = 0
-        # A batch is bounded in bytes too (a quarter of the queue's bound): it is held in memory
-        # until it is written or spooled.
-        while count < self.settings.batch_size and size < self.settings.queue_bytes // 4:
-            if not self._items:
-                remaining = deadline - loop.time()
-                if remaining <= 0 or not await self._wait_for_items(remaining):
-                    break
+        while count < self.settings.batch_size and size < self._batch_bytes and self._items:
             item = self._items.popleft()
             if isinstance(item, _Flush):
+                self._flushes_queued -= 1
                 waiters.append(item.done)
                 break
             table, record, row_size = item
@@ -352,6 +376,13 @@ class BatchWriter:
         if not self._full():
             self._room.set()
         return batch, waiters
+
+    def _batch_due(self) -> bool:
+        return (
+            self._flushes_queued > 0
+            or self._rows_queued >= self.settings.batch_size
+            or self._bytes_queued >= self._batch_bytes
+        )
 
     async def _wait_for_items(self, wait_s: float | None) -> bool:
         if self._items:
@@ -424,21 +455,19 @@ class BatchWriter:
         return await self._write_rowwise(conn, batch)
 
     async def _copy(self, conn: asyncpg.Connection, spec: TableSpec, records: list[tuple[Any, ...]]) -> None:
-        encoded = [_to_copy(spec, r) for r in records]
+        data = await _encode_yielding(spec, records)  # Unencodable: a bad row
         try:
             async with conn.transaction():  # a savepoint: a duplicate key only undoes this COPY
-                await conn.copy_records_to_table(spec.name, records=encoded, columns=spec.columns)
+                await _copy_binary(conn, spec.name, spec.columns, data)
             return
         except asyncpg.UniqueViolationError:
             self.stats.batches_deduplicated += 1
-        await self._copy_deduplicated(conn, spec, encoded)
+        await self._copy_deduplicated(conn, spec, data)
 
-    async def _copy_deduplicated(
-        self, conn: asyncpg.Connection, spec: TableSpec, encoded: list[tuple[Any, ...]]
-    ) -> None:
+    async def _copy_deduplicated(self, conn: asyncpg.Connection, spec: TableSpec, data: bytes) -> None:
         stage = _stage_table(spec.name)
         cols = ", ".join(spec.columns)
-        await conn.copy_records_to_table(stage, records=encoded, columns=spec.columns)
+        await _copy_binary(conn, stage, spec.columns, data)
         await conn.execute(
             f"INSERT INTO {spec.name} ({cols}) SELECT {cols} FROM {stage} ON CONFLICT DO NOTHING"
         )
@@ -453,7 +482,8 @@ class BatchWriter:
                     for record in batch.get(table, []):
                         try:
                             async with conn.transaction():
-                                await self._copy_deduplicated(conn, spec, [_to_copy(spec, record)])
+                                data = encode_rows(spec.encoders, [_to_copy(spec, record)])
+                                await self._copy_deduplicated(conn, spec, data)
                             written += 1
                         except Exception as exc:
                             if not database.is_bad_row(exc):
@@ -518,18 +548,53 @@ class BatchWriter:
         self.stats.errors[name] = self.stats.errors.get(name, 0) + 1
 
 
+# Rows encoded between two yields to the event loop: a 5,000-row batch of realistic calls is
+# some 100 ms of encoding, which would otherwise hold every request the loop serves.
+_ENCODE_SLICE = 128
+
+
+async def _encode_yielding(spec: TableSpec, records: list[tuple[Any, ...]]) -> bytes:
+    """`encode_rows` of `records`, a slice at a time with the event loop let in between."""
+    parts = [HEADER]
+    for start in range(0, len(records), _ENCODE_SLICE):
+        if start:
+            await asyncio.sleep(0)  # a yield, not a wait: requests run between slices
+        piece = records[start : start + _ENCODE_SLICE]
+        parts.append(encode_tuples(spec.encoders, [_to_copy(spec, r) for r in piece]))
+    parts.append(TRAILER)
+    return b"".join(parts)
+
+
+async def _copy_binary(conn: asyncpg.Connection, table: str, columns: tuple[str, ...], data: bytes) -> None:
+    """COPY `data` (a whole binary COPY stream) into `table`.
+
+    The stream is handed over as one buffer, never as a file or an iterator: asyncpg then writes
+    it in one go and waits only for the server's answer, which a lost connection ends. Between
+    the chunks of a file, asyncpg waits for the transport to resume writing, and a connection lost
+    while paused never resumes: the COPY, and the writer with it, would hang (seen in about a
+    third of runs of test_writer_outage before this). The timeout bounds the one wait left
+    (a transport paused before the COPY starts); the caller treats it as a lost connection."""
+    async with asyncio.timeout(_COPY_TIMEOUT_S):
+        # A memoryview, not the bytes: asyncpg takes bytes for a file's path.
+        await conn.copy_to_table(table, source=memoryview(data), columns=columns, format="binary")
+
+
 def _stage_table(table: str) -> str:
     return f"_lightloop_stage_{table}"
 
 
 def _to_copy(spec: TableSpec, record: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The record as COPY takes it: JSON columns as text (asyncpg's jsonb codec takes str), and
+    """The record as COPY takes it: JSON columns as UTF-8 JSON text (store/copy_binary.py), and
     no U+0000 in any text or JSON value, since Postgres refuses it (store/text.py)."""
     values = list(record)
     for i in spec.json_columns:
         v = values[i]
-        if v is not None:
-            values[i] = storable_json(v) if isinstance(v, str) else dump_json(v)
+        if isinstance(v, bytes):
+            values[i] = storable_json_bytes(v)
+        elif isinstance(v, str):
+            values[i] = storable_json(v).encode()
+        elif v is not None:
+            values[i] = dump_json_bytes(v)
     for i in spec.text_columns:
         v = values[i]
         if isinstance(v, str):
@@ -565,6 +630,8 @@ def _encode_value(value: Any) -> Any:
     path's JSON encoder does (`dump_json`)."""
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, bytes):  # a JSON column's text (`_to_copy`)
+        return value.decode("utf-8", errors="replace")
     return str(value)
 
 
@@ -590,6 +657,22 @@ def _decode(line: bytes) -> Batch:
             for record in records
         ]
     return batch
+
+
+def record_size(record: tuple[Any, ...]) -> int:
+    """`approx_size` of a queued record, in one flat pass: its JSON documents are bytes already
+    (`_record`), so only a document the encoder refused needs the walk."""
+    size = 56 + 8 * len(record)
+    for value in record:
+        if isinstance(value, bytes | str):
+            size += 49 + len(value)
+        elif isinstance(value, list) and value and isinstance(value[0], int | float):
+            size += 56 + 36 * len(value)
+        elif isinstance(value, list | dict | tuple):
+            size += approx_size(value)
+        else:
+            size += 28
+    return size
 
 
 def approx_size(value: Any, depth: int = 0) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from lightloop.trainer.algorithms import policy_loss
-from lightloop.trainer.rebuild import Sample
+from lightloop.trainer.rebuild import Advantage, Sample
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def micro_batches(samples: Sequence[Sample], size: int) -> list[list[int]]:
 
 
 def pad(
-    samples: Sequence[Sample], advantages: Sequence[float], pad_id: int, share: bool = True
+    samples: Sequence[Sample], advantages: Sequence[Advantage], pad_id: int, share: bool = True
 ) -> MicroBatch:
     b = len(samples)
     p = shared_prefix(samples) if share else 0
@@ -103,7 +103,7 @@ def pad(
         attention[i, p:n] = 1
         mask[i, :r] = torch.tensor(s.loss_mask, dtype=torch.float32)
         served[i, :r] = torch.tensor(s.logprobs)
-        adv[i, :r] = a * mask[i, :r]
+        adv[i, :r] = torch.as_tensor(a, dtype=torch.float32) * mask[i, :r]  # a: a number or [r]
         # Position t predicts token t + 1: response token j (absolute prompt_len + j) comes
         # from absolute position prompt_len + j - 1, which is rest index that minus p.
         predictors[i, :r] = torch.arange(r) + s.prompt_len - 1 - p
@@ -169,7 +169,7 @@ class LocalBackend:
     def save_adapter(self, path: Path) -> None:
         self.model.save_pretrained(str(path))
 
-    def step(self, samples: Sequence[Sample], advantages: Sequence[float]) -> dict[str, float]:
+    def step(self, samples: Sequence[Sample], advantages: Sequence[Advantage]) -> dict[str, float]:
         """One optimiser step over all samples (micro-batched, token-mean over the whole batch)."""
         assert len(samples) == len(advantages) and samples
         total_tokens = sum(sum(s.loss_mask) for s in samples)

@@ -43,9 +43,10 @@ from lightloop.store import (
 )
 from lightloop.store.database import is_transient, is_unavailable
 from lightloop.trainer.algorithms import Scored, drop_flat_groups, rollout_advantages
+from lightloop.trainer.credit import turn_scores
 from lightloop.trainer.errors import PublishError, TrainerError
 from lightloop.trainer.publish import Published, Publisher
-from lightloop.trainer.rebuild import RebuildStats, Sample, rebuild, selected_by, turns_from_calls
+from lightloop.trainer.rebuild import Advantage, RebuildStats, Sample, rebuild, selected_by, turns_from_calls
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def backoff_s(attempt: int, base_s: float) -> float:
 
 
 class Backend(Protocol):
-    def step(self, samples: Sequence[Sample], advantages: Sequence[float]) -> dict[str, float]: ...
+    def step(self, samples: Sequence[Sample], advantages: Sequence[Advantage]) -> dict[str, float]: ...
 
     def save_adapter(self, path: Any) -> None: ...
 
@@ -125,6 +126,30 @@ def select_samples(
         if samples:
             by_rollout[rollout.id] = samples
     return by_rollout, {**stats.as_dict(), "stale_rollouts": stale}
+
+
+def turn_credit(
+    rollouts: Sequence[ClaimedRollout], by_rollout: dict[str, list[Sample]], gamma: float
+) -> tuple[list[Sample], list[Advantage], int, int]:
+    """Turn credit (trainer/credit.py): each trained turn's return, normalised over its group's
+    trained turns by VERL's GRPO, on that turn's own tokens. (samples, their [R] advantages,
+    groups dropped as flat, turns scored)."""
+    scores = turn_scores(rollouts, by_rollout, gamma)
+    # GRPO over turns: each turn is one entry of its group, keyed by rollout and call.
+    scored = [Scored(f"{t.rollout_id}\n{t.span_id}", t.group, t.ret) for t in scores]
+    kept, flat_groups = drop_flat_groups(scored)
+    advantages = rollout_advantages(kept, "grpo")
+    per_rollout: dict[str, dict[str | None, float]] = {}
+    for key, value in advantages.items():
+        rollout_id, _, span_id = key.partition("\n")
+        per_rollout.setdefault(rollout_id, {})[span_id] = value
+    samples: list[Sample] = []
+    sample_advantages: list[Advantage] = []
+    for rollout_id, by_span in per_rollout.items():  # a rollout of a flat group has none
+        for sample in by_rollout[rollout_id]:
+            samples.append(sample)
+            sample_advantages.append(sample.token_advantages(by_span))  # [R]
+    return samples, sample_advantages, flat_groups, len(kept)
 
 
 class Trainer:
@@ -326,11 +351,18 @@ class Trainer:
             agents=s.agents,
         )
         rewards = {r.id: r.reward for r in claim.rollouts}
-        scored = [Scored(r.id, r.group_id or r.id, r.reward) for r in claim.rollouts if r.id in by_rollout]
-        kept, flat_groups = drop_flat_groups(scored)
-        advantages = rollout_advantages(kept, s.algorithm)
-        samples = [sample for rid in advantages for sample in by_rollout[rid]]
-        sample_advantages = [advantages[sample.rollout_id] for sample in samples]
+        samples: list[Sample]
+        sample_advantages: list[Advantage]
+        if s.credit == "turn":
+            samples, sample_advantages, flat_groups, turns = turn_credit(claim.rollouts, by_rollout, s.gamma)
+            metrics.update(credit="turn", gamma=s.gamma, turns=turns)
+        else:
+            scored = [Scored(r.id, r.group, r.reward) for r in claim.rollouts if r.id in by_rollout]
+            kept, flat_groups = drop_flat_groups(scored)
+            advantages = rollout_advantages(kept, s.algorithm)
+            samples = [sample for rid in advantages for sample in by_rollout[rid]]
+            sample_advantages = [advantages[sample.rollout_id] for sample in samples]
+            metrics.update(credit="rollout")
         metrics.update(flat_groups=flat_groups, samples=len(samples), algorithm=s.algorithm)
         loss = None
         n_tokens = 0

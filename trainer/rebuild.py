@@ -21,6 +21,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+# A sample's advantage: one number for all its trained tokens (rollout credit), or one per
+# response position, [R] (turn credit: each turn its own).
+Advantage = float | Sequence[float]
+
 
 @dataclass(frozen=True)
 class Turn:
@@ -33,6 +37,7 @@ class Turn:
     policy_version: int | None = None
     # The sampling temperature the engine's logprobs were taken at (processed logprobs).
     temperature: float = 1.0
+    span_id: str | None = None  # the call's, so turn-level rewards find its tokens
 
 
 @dataclass
@@ -51,6 +56,8 @@ class Sample:
     logprobs: list[float]
     policy_versions: set[int] = field(default_factory=set)
     temperature: float = 1.0
+    # The trained turns: (start, end, span id), a range of response positions (loss_mask's).
+    turns: list[tuple[int, int, str | None]] = field(default_factory=list)
 
     @property
     def response_len(self) -> int:
@@ -58,6 +65,14 @@ class Sample:
 
     def check(self) -> None:
         assert len(self.loss_mask) == len(self.logprobs) == self.response_len, "sample arrays disagree"
+        assert all(0 <= a < b <= self.response_len for a, b, _ in self.turns), "turn outside the sample"
+
+    def token_advantages(self, by_span: dict[str | None, float]) -> list[float]:
+        """[R]: each trained turn's advantage on its own completion tokens, 0 elsewhere."""
+        out = [0.0] * self.response_len
+        for start, end, span_id in self.turns:
+            out[start:end] = [by_span[span_id]] * (end - start)
+        return out
 
 
 @dataclass
@@ -112,6 +127,9 @@ def rebuild(rollout_id: str, turns: Sequence[Turn]) -> tuple[list[Sample], Rebui
             current = Sample(rollout_id, list(prompt), len(prompt), [], [], temperature=turn.temperature)
             samples.append(current)
         mask = 1 if turn.trainable else 0
+        if mask:
+            start = current.response_len
+            current.turns.append((start, start + len(turn.completion_ids), turn.span_id))
         current.input_ids += list(turn.completion_ids)
         current.loss_mask += [mask] * len(turn.completion_ids)
         current.logprobs += [float(v) if mask else 0.0 for v in turn.logprobs]
@@ -146,6 +164,7 @@ def turns_from_calls(
             trainable=trainable(c),
             policy_version=c["policy_version"],
             temperature=_temperature(c),
+            span_id=c.get("span_id"),
         )
         for c in calls
     ]

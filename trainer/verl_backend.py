@@ -23,7 +23,7 @@ from lightloop.trainer.algorithms import tis_weights
 from lightloop.trainer.errors import PublishError, TrainerError
 from lightloop.trainer.local import LORA_TARGETS
 from lightloop.trainer.publish import sha256_manifest
-from lightloop.trainer.rebuild import Sample
+from lightloop.trainer.rebuild import Advantage, Sample
 from lightloop.trainer.verl_cpu import use_cpu_platform
 
 _ESTIMATORS = {"grpo": "grpo", "rloo": "rloo", "reinforce_plus_plus": "reinforce_plus_plus"}
@@ -31,7 +31,7 @@ _ESTIMATORS = {"grpo": "grpo", "rloo": "rloo", "reinforce_plus_plus": "reinforce
 
 def to_dataproto(
     samples: Sequence[Sample],
-    advantages: Sequence[float],
+    advantages: Sequence[Advantage],
     pad_id: int,
     rewards: Sequence[float] | None = None,
     groups: Sequence[str] | None = None,
@@ -56,6 +56,7 @@ def to_dataproto(
     response_mask = torch.zeros(b, r)
     logprobs = torch.zeros(b, r)
     token_rewards = torch.zeros(b, r)
+    adv = torch.zeros(b, r)  # [B, R]
     for i, s in enumerate(samples):
         prompt, response = s.input_ids[: s.prompt_len], s.input_ids[s.prompt_len :]
         prompts[i, p - len(prompt) :] = torch.tensor(prompt)
@@ -65,9 +66,12 @@ def to_dataproto(
         response_mask[i, : len(response)] = torch.tensor(s.loss_mask, dtype=torch.float32)
         logprobs[i, : len(response)] = torch.tensor(s.logprobs)
         token_rewards[i, len(response) - 1] = rewards[i]  # outcome reward on the last token
+        # A number for the whole sample, or one per response position (turn credit).
+        adv[i, : len(response)] = (
+            torch.as_tensor(advantages[i], dtype=torch.float32) * response_mask[i, : len(response)]
+        )
     attention = torch.cat([prompt_attention, response_attention], dim=1)  # [B, P + R]
     position_ids = torch.clamp(torch.cumsum(attention, dim=1) - 1, min=0)
-    adv = torch.tensor(list(advantages), dtype=torch.float32).unsqueeze(1) * response_mask  # [B, R]
     return DataProto.from_dict(
         tensors={
             "prompts": prompts,
@@ -198,7 +202,7 @@ class VerlBackend:
                 self._workers = _ray_group(config.actor_rollout_ref, v.nodes, v.gpus_per_node, cpu=cpu)
         return self._workers
 
-    def step(self, samples: Sequence[Sample], advantages: Sequence[float]) -> dict[str, float]:
+    def step(self, samples: Sequence[Sample], advantages: Sequence[Advantage]) -> dict[str, float]:
         from verl.utils import tensordict_utils as tu
 
         assert len(samples) == len(advantages) and samples
@@ -245,8 +249,8 @@ class VerlBackend:
 
 
 def _fill(
-    samples: Sequence[Sample], advantages: Sequence[float], workers: int
-) -> tuple[list[Sample], list[float]]:
+    samples: Sequence[Sample], advantages: Sequence[Advantage], workers: int
+) -> tuple[list[Sample], list[Advantage]]:
     """Pad the batch to a multiple of the workers (VERL splits it evenly) with copies that carry
     no loss: their mask is zero, so the token-mean over the batch is unchanged."""
     samples, advantages = list(samples), list(advantages)

@@ -105,6 +105,10 @@ def merged_rollout(db: str) -> None:
             completion,
             [-0.5] * len(completion),
         )
+    # A turn reward for the first call, and the rollout's own (final) reward.
+    sql(
+        db, "INSERT INTO rewards (rollout_id, span_id, value) VALUES ('tv-1', 'tv-0', 0.5), ('tv-1', NULL, 1)"
+    )
 
 
 def trained(db: str) -> None:
@@ -266,7 +270,21 @@ def test_the_trainers_view_marks_trained_and_masked_tokens(page: Watched, proxy:
     expect(p.locator(".event.sample")).to_have_count(1, timeout=60_000)  # merged: one sample
     expect(p.locator("#samples .tokens > .tok.trained")).to_have_count(5)  # both completions
     expect(p.locator("#samples .tokens > .tok.masked")).to_have_count(4)  # the tool result
-    expect(p.locator("#samples .tok.trained").first).to_have_attribute("title", "id 11 · logprob -0.5000")
+    # Each trained token says its turn's return: the first call's is its own 0.5 plus the final 1.
+    first_turn, second_turn = (
+        "id 11 · logprob -0.5000 · turn return 1.500",
+        "id 31 · logprob -0.5000 · turn return 1",
+    )
+    expect(p.locator("#samples .tok.trained").first).to_have_attribute("title", first_turn)
+    expect(p.locator("#samples .tok.trained").nth(3)).to_have_attribute("title", second_turn)
+    credit = p.locator(".event.credit")
+    expect(credit).to_have_attribute("data-credit", "rollout")
+    expect(credit).to_contain_text("final reward 1")
+    expect(credit).to_contain_text("1 call rewarded")
+    expect(credit.locator(".formula")).to_contain_text("A = (R − mean_g R) / (std_g R + 1e−6)")
+    p.click(".sample .turns summary")
+    expect(p.locator(".sample .turns tbody tr")).to_have_count(2)
+    expect(p.locator(".sample .turns tbody tr").nth(0)).to_contain_text("0.500")
     # Each token is shown as the policy's tokenizer decodes it, its id on hover.
     from lightloop.models import load_tokenizer  # here: importing it loads torch
 

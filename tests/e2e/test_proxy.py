@@ -452,6 +452,49 @@ def test_rewards_by_rollout_and_by_response_id(client: openai.OpenAI, proxy: Pro
     assert path_reward.status_code == 200 and path_reward.json()["rollout_id"] == "rw-1"
 
 
+def test_a_reward_for_a_call_lands_on_that_call_and_only_in_its_own_rollout(
+    client: openai.OpenAI, proxy: Proxy, module_db: str
+) -> None:
+    """Turn rewards: by response id or span id, also in the path form (which names the
+    rollout); a call of another rollout is a 409, and nothing is written."""
+    first = client.chat.completions.create(
+        model="stub", messages=HI, extra_headers={"X-Lightloop-Rollout": "turn-1"}
+    )
+    other = client.chat.completions.create(
+        model="stub", messages=HI, extra_headers={"X-Lightloop-Rollout": "turn-2"}
+    )
+    in_path = httpx.post(
+        f"{proxy.url}/rollout/turn-1/v1/rewards",
+        json={"response_id": first.id, "value": 0.5},
+        headers=proxy.headers,
+    )
+    assert in_path.status_code == 200, in_path.text
+    span = in_path.json()["span_id"]
+    assert (
+        span == sql(module_db, "SELECT span_id FROM llm_calls WHERE response_id = $1", first.id)[0]["span_id"]
+    )
+    by_span = httpx.post(
+        f"{proxy.url}/v1/rewards", json={"span_id": span, "value": 0.25}, headers=proxy.headers
+    )
+    assert by_span.status_code == 200 and by_span.json()["rollout_id"] == "turn-1"
+    wrong = [
+        (f"{proxy.url}/rollout/turn-1/v1/rewards", {"response_id": other.id, "value": 1}, {}),
+        (f"{proxy.url}/v1/rewards", {"rollout_id": "turn-1", "response_id": other.id, "value": 1}, {}),
+        (f"{proxy.url}/v1/rewards", {"span_id": span, "value": 1}, {"x-lightloop-rollout": "turn-2"}),
+    ]
+    for url, body, extra in wrong:
+        answer = httpx.post(url, json=body, headers={**proxy.headers, **extra})
+        assert answer.status_code == 409, (body, answer.text)
+        assert "belongs to rollout" in answer.json()["error"]["message"]
+    rows = sql(
+        module_db, "SELECT rollout_id, span_id, value FROM rewards WHERE rollout_id LIKE 'turn-%' ORDER BY id"
+    )
+    assert [(r["rollout_id"], r["span_id"], r["value"]) for r in rows] == [
+        ("turn-1", span, 0.5),
+        ("turn-1", span, 0.25),
+    ]
+
+
 def test_finish_sets_status_and_reward_once(client: openai.OpenAI, proxy: Proxy, module_db: str) -> None:
     client.chat.completions.create(model="stub", messages=HI, extra_headers={"X-Lightloop-Rollout": "fin-1"})
     done = finish(proxy, "fin-1", status="failed", reward=-1)
@@ -685,7 +728,8 @@ def test_reward_errors(proxy: Proxy) -> None:
         ({"rollout_id": "rw-x", "value": True}, 422),
         ({"rollout_id": "rw-x", "value": 1e400}, 422),
         ({"value": 1}, 400),
-        ({"rollout_id": "a", "response_id": "b", "value": 1}, 400),
+        ({"response_id": "b", "span_id": "c", "value": 1}, 400),
+        ({"span_id": "no-such-span", "value": 1}, 404),
         ({"rollout_id": "a"}, 400),
     ]
     for body, status in cases:
@@ -830,3 +874,37 @@ def test_the_client_helper_attributes_calls_and_posts_the_reward(proxy: Proxy, m
     assert sql(module_db, "SELECT status FROM rollouts WHERE id = $1", failing_id)[0][0] == "failed"
     with pytest.raises(RolloutError, match="404"), rollout(proxy.url, proxy.key):
         pass  # no call made: there is no rollout to finish
+
+
+@pytest.mark.parametrize("model", ["policy", "stub"])
+def test_a_streamed_call_is_recorded_exactly_as_its_non_streamed_twin(
+    client: openai.OpenAI, proxy: Proxy, module_db: str, model: str
+) -> None:
+    """The same greedy call, once streamed and once not (the real CPU engine, and the stub whose
+    chunks carry logprobs): the rows the trainer reads are the same, value for value."""
+    messages = [{"role": "user", "content": "Count: one, two,"}]
+    rows = {}
+    for stream in (False, True):
+        rollout = f"twin-{model}-{stream}"
+        answer = client.chat.completions.create(
+            model=model,
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=8,
+            temperature=0,
+            seed=7,
+            stream=stream,
+            extra_headers={"x-lightloop-rollout": rollout},
+        )
+        if stream:
+            list(answer)  # type: ignore[arg-type]
+        assert finish(proxy, rollout).status_code == 200
+        (rows[stream],) = calls(module_db, rollout)
+    plain, streamed = rows[False], rows[True]
+    assert len(plain["completion_token_ids"]) == 8
+    for column in ("prompt_token_ids", "completion_token_ids", "completion_logprobs", "finish_reason"):
+        assert streamed[column] == plain[column], column
+    assert streamed["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"] == 8
+    assert streamed["request"]["messages"] == plain["request"]["messages"] == messages
+    plain_message = plain["response"]["choices"][0]["message"]
+    streamed_message = streamed["response"]["choices"][0]["message"]
+    assert streamed_message["content"] == plain_message["content"]

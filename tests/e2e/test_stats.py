@@ -306,4 +306,13 @@ def test_the_trainers_view_is_the_rollouts_stored_tokens(proxy: Proxy, module_db
     assert trained == pytest.approx(first["l"] + second["l"])
     assert sample["policy_versions"] == [1]
     assert sample["tokens"] is None  # `stub-base` has no tokenizer on this machine: ids only
+    # Each trained turn with its range, reward and return (turn credit's, gamma 1 by default).
+    n1, n2 = len(first["c"]), len(second["c"])
+    turns = sample["turns"]
+    assert [(t["start"], t["end"]) for t in turns] == [(0, n1), (n1 + tool_result, n1 + tool_result + n2)]
+    credit = view["credit"]
+    assert credit["mode"] == "rollout" and credit["gamma"] == 1.0
+    final = credit["final_reward"] or 0.0
+    assert turns[1]["return"] == pytest.approx(final + turns[1]["reward"])
+    assert turns[0]["return"] == pytest.approx(final + turns[0]["reward"] + turns[1]["reward"])
     assert httpx.get(f"{proxy.url}/v1/stats/rollouts/nope/samples", headers=proxy.headers).status_code == 404

@@ -93,3 +93,29 @@ async def test_a_failure_whose_error_holds_nul_is_recorded(conn: asyncpg.Connect
     assert await finish_rollout(conn, "r5", "failed", metadata={"error": "bad \x00 bytes"}) is True
     row = await conn.fetchrow("SELECT status, metadata->>'error' AS error FROM rollouts WHERE id = 'r5'")
     assert (row["status"], row["error"]) == ("failed", "bad \ufffd bytes")
+
+
+async def test_turn_rewards_reach_the_claim_per_call_and_a_call_of_another_rollout_is_refused(
+    conn: asyncpg.Connection,
+) -> None:
+    from lightloop.store import claim_groups
+
+    await _rollout_with_call(conn, "t1", "chatcmpl-t1")
+    await _rollout_with_call(conn, "t2", "chatcmpl-t2")
+    await add_reward(conn, value=0.5, response_id="chatcmpl-t1")
+    await add_reward(conn, value=0.25, span_id="span-t1", rollout_id="t1")
+    await add_reward(conn, value=9, span_id="span-t1", name="latency")  # not a training reward
+    for wrong in ({"response_id": "chatcmpl-t2"}, {"span_id": "span-t2"}):
+        with pytest.raises(Conflict, match="belongs to rollout 't2', not 't1'"):
+            await add_reward(conn, value=1, rollout_id="t1", **wrong)
+    with pytest.raises(NotFound, match="span id"):
+        await add_reward(conn, value=1, span_id="span-nope")
+    assert await finish_rollout(conn, "t1", "succeeded", reward=2.0) is True
+    assert await finish_rollout(conn, "t2", "succeeded") is True
+    await add_reward(conn, value=0.0, span_id="span-t2")
+    claim = await claim_groups(conn, "trainer-1", max_groups=10, lease_s=60, settle_s=0)
+    assert claim is not None
+    got = {r.id: (r.turn_rewards, r.final_reward, r.reward) for r in claim.rollouts}
+    # t1: its call earned 0.5 + 0.25, its final reward is 2; t2 has a turn reward and no final one.
+    assert got == {"t1": ({"span-t1": 0.75}, 2.0, 2.0), "t2": ({"span-t2": 0.0}, None, 0.0)}
+    assert await conn.fetchval("SELECT count(*) FROM rewards WHERE rollout_id = 't2'") == 1

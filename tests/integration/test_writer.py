@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import shutil
 import uuid
 from collections.abc import AsyncIterator
@@ -44,7 +43,7 @@ def call(span_id: str, rollout: str, seq: int, choice: int = 0) -> dict[str, obj
         "response": {"id": "chatcmpl-1"},
         "prompt_token_ids": list(range(1000)),
         "completion_token_ids": [1, 2, 3],
-        "completion_logprobs": [-0.5, -math.inf, 0.0],
+        "completion_logprobs": [-0.5, -31.25, 0.0],
         "finish_reason": "stop",
         "latency_ms": 12.5,
     }
@@ -69,7 +68,7 @@ async def test_a_burst_of_rows_all_land(writer: BatchWriter, conn: asyncpg.Conne
     assert await conn.fetchval("SELECT count(*) FROM spans WHERE rollout_id = $1", rollout) == 5_000
     row = await conn.fetchrow("SELECT * FROM llm_calls WHERE span_id = $1", f"{7:016x}")
     assert row["prompt_token_ids"] == list(range(1000))
-    assert row["completion_logprobs"][1] == -math.inf
+    assert row["completion_logprobs"] == [-0.5, -31.25, 0.0]
     assert json.loads(row["request"])["messages"][0]["content"] == "2+2?"
     rollout_row = await conn.fetchrow("SELECT mode, status, metadata FROM rollouts WHERE id = $1", rollout)
     assert dict(rollout_row) == {"mode": "train", "status": "running", "metadata": "{}"}

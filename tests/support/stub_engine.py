@@ -49,6 +49,11 @@ class StubEngine:
     # The chat reply's text from the request (a model whose answer depends on its prompt); the
     # default is fixed filler text.
     reply: Callable[[dict[str, Any]], str] | None = None
+    prompt_tokens: int = 12  # prompt ids per answer (benchmarks use a realistic 1,000)
+    # Answers built once per shape and replayed as bytes (benchmarks: the stub's own CPU is then
+    # small next to the proxy's it shares the machine with). Only for plain answers.
+    cache_answers: bool = False
+    _answers: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -73,12 +78,20 @@ class StubEngine:
             )
         n = int(body.get("n") or 1)
         count = min(int(body.get("max_tokens") or self.tokens), self.tokens)
-        prompt_ids = [
-            100 + (len(json.dumps(body.get("messages") or body.get("prompt"))) + i) % 900 for i in range(12)
-        ]
+        seed = len(json.dumps(body.get("messages") or body.get("prompt")))
+        prompt_ids = [100 + (seed + i) % 900 for i in range(self.prompt_tokens)]
         model = body.get("model")
         rid = f"chatcmpl-stub{time.time_ns()}"
+        key = (operation, bool(body.get("stream")), model, n, count, seed)
+        cacheable = self.cache_answers and action == Action() and self.reply is None
+        if cacheable and key in self._answers:
+            return await self._replay(request, self._answers[key], rid)
         if body.get("stream"):
+            if cacheable:
+                recorder = _Recorder()
+                await self._stream(request, operation, _RID, model, n, count, prompt_ids, action, recorder)
+                self._answers[key] = recorder.events
+                return await self._replay(request, recorder.events, rid)
             return await self._stream(request, operation, rid, model, n, count, prompt_ids, action)
         choices = []
         for c in range(n):
@@ -129,7 +142,26 @@ class StubEngine:
         }
         if operation == "chat":
             answer["prompt_token_ids"] = prompt_ids
+        if cacheable:
+            answer["id"] = _RID
+            self._answers[key] = json.dumps(answer).encode()
+            return await self._replay(request, self._answers[key], rid)
         return web.json_response(answer)
+
+    async def _replay(
+        self, request: web.Request, answer: bytes | list[bytes], rid: str
+    ) -> web.StreamResponse:
+        """A cached answer with this request's id: a body, or a stream's events written 16 at a
+        time (a real engine's chunks arrive spread out; the proxy still parses each one)."""
+        rid_bytes = rid.encode()
+        if isinstance(answer, bytes):
+            return web.Response(body=answer.replace(_RID_BYTES, rid_bytes), content_type="application/json")
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for start in range(0, len(answer), 16):
+            await response.write(b"".join(answer[start : start + 16]).replace(_RID_BYTES, rid_bytes))
+        await response.write_eof()
+        return response
 
     async def _stream(
         self,
@@ -141,8 +173,9 @@ class StubEngine:
         count: int,
         prompt_ids: list[int],
         action: Action,
+        out: _Recorder | None = None,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        response: Any = out or web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
 
         def event(data: dict[str, Any]) -> bytes:
@@ -249,6 +282,26 @@ class StubEngine:
         return web.Response(text="ok")
 
 
+_RID = "chatcmpl-stub-cached-answer"
+_RID_BYTES = _RID.encode()
+
+
+class _Recorder:
+    """Stands in for a StreamResponse while a stream's events are recorded for replay."""
+
+    def __init__(self) -> None:
+        self.events: list[bytes] = []
+
+    async def prepare(self, _request: Any) -> None:
+        pass
+
+    async def write(self, data: bytes) -> None:
+        self.events.append(data)
+
+    async def write_eof(self) -> None:
+        pass
+
+
 def _tool_call(arguments: str = '{"q":1}') -> dict[str, Any]:
     return {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": arguments}}
 
@@ -298,9 +351,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=12)
     parser.add_argument("--hold", action="store_true", help="Hold every stream open after its first chunk.")
     args = parser.parse_args()
-    stub = StubEngine(tokens=args.tokens, port=args.port, default_action=Action(hold=args.hold))
+    stub = StubEngine(
+        tokens=args.tokens,
+        port=args.port,
+        default_action=Action(hold=args.hold),
+        prompt_tokens=args.prompt_tokens,
+        cache_answers=not args.hold,
+    )
     # Benchmarks send many calls: keep no per-request history.
     stub.requests = _Discard()
     app = web.Application()

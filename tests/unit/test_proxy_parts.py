@@ -20,7 +20,7 @@ from lightloop.proxy.keys import MASTER, Caller, Keys, require
 from lightloop.proxy.litellm_routes import model_in_path, model_of, scope_of
 from lightloop.proxy.routing import match
 from lightloop.proxy.server import litellm_config
-from lightloop.proxy.sessions import SessionIndex
+from lightloop.proxy.sessions import SessionIndex, chain
 from lightloop.proxy.spans import trace_context
 from lightloop.proxy.upstream import order
 from lightloop.settings import load_settings
@@ -450,3 +450,14 @@ def test_only_the_end_of_a_stream_is_held_back() -> None:
     assert _split_done(chunk + b'data: {"choi') == (chunk, b'data: {"choi')
     crlf = b'data: {"choices": []}\r\n\r\n'
     assert _split_done(crlf + b"data: [DONE]\r\n\r\n") == (crlf, b"data: [DONE]\r\n\r\n")
+
+
+def test_remembering_with_the_keys_found_at_open_matches_hashing_the_whole_conversation() -> None:
+    messages = [{"role": "system", "content": "s"}, USER]
+    reply = {"role": "assistant", "content": "Answer."}
+    with_keys, without = SessionIndex(10), SessionIndex(10)
+    with_keys.remember(messages, reply, "r1", chain(messages))
+    without.remember(messages, reply, "r1")
+    follow_up = [*messages, reply, {"role": "user", "content": "More?"}]
+    assert with_keys.find(follow_up) == without.find(follow_up) == "r1"
+    assert with_keys.find(follow_up, chain(follow_up)) == "r1"

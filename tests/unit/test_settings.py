@@ -68,3 +68,21 @@ def test_describe_settings_names_every_leaf_setting() -> None:
     assert "LIGHTLOOP_DATABASE_URL" in names and "LIGHTLOOP_WRITER__FLUSH_INTERVAL_MS" in names
     assert "LIGHTLOOP_WRITER" not in names
     assert all(description for _, _, description in describe_settings() if _ != "LIGHTLOOP_WRITER")
+
+
+def test_turn_credit_is_read_from_the_environment_and_needs_grpo(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIGHTLOOP_TRAINER__CREDIT", "turn")
+    monkeypatch.setenv("LIGHTLOOP_TRAINER__GAMMA", "0.9")
+    s = load_settings()
+    assert (s.trainer.credit, s.trainer.gamma, load_settings().trainer.algorithm) == ("turn", 0.9, "grpo")
+    monkeypatch.setenv("LIGHTLOOP_TRAINER__ALGORITHM", "rloo")
+    with pytest.raises(ConfigError, match="credit=turn works with algorithm grpo"):
+        load_settings()
+    monkeypatch.setenv("LIGHTLOOP_TRAINER__ALGORITHM", "grpo")
+    for bad in ("LIGHTLOOP_TRAINER__CREDIT=step", "LIGHTLOOP_TRAINER__GAMMA=1.5"):
+        name, value = bad.split("=")
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ConfigError, match=name):
+            load_settings()
+        monkeypatch.setenv("LIGHTLOOP_TRAINER__CREDIT", "turn")
+        monkeypatch.setenv("LIGHTLOOP_TRAINER__GAMMA", "0.9")

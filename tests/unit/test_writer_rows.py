@@ -15,7 +15,7 @@ def test_rows_take_model_defaults_for_missing_columns(tmp_path: object) -> None:
     w = BatchWriter("postgresql://x@127.0.0.1:1/x", tmp_path / "spool")  # type: ignore[operator]
     record = w._record("rollouts", {"id": "r1"})
     row = dict(zip(SPECS["rollouts"].columns, record, strict=True))
-    assert row["mode"] == "train" and row["status"] == "running" and row["metadata"] == {}
+    assert row["mode"] == "train" and row["status"] == "running" and row["metadata"] == b"{}"
     assert isinstance(row["created_at"], datetime) and row["created_at"].tzinfo is not None
     assert row["group_id"] is None
 
@@ -94,3 +94,21 @@ def test_the_spool_refuses_only_the_rows_the_json_encoder_refuses() -> None:
     ready, refused = _for_spool({"spans": [good, bad]})
     assert [r[0] for r in ready["spans"]] == ["a"]
     assert [(t, r[0]) for t, r, _ in refused] == [("spans", "b")]
+
+
+def test_json_documents_are_encoded_once_when_queued_and_spool_and_copy_alike(tmp_path: object) -> None:
+    w = BatchWriter("postgresql://x@127.0.0.1:1/x", tmp_path / "spool")  # type: ignore[operator]
+    spec = SPECS["llm_calls"]
+    sent = b'{"messages": [{"role": "user", "content": "caf\xc3\xa9 \\u0000"}]}'
+    row_in = {"span_id": "s", "rollout_id": "r", "seq": 0, "model": "m", "request": sent}
+    record = w._record("llm_calls", {**row_in, "response": {"n": 2**64}})
+    row = dict(zip(spec.columns, record, strict=True))
+    assert row["request"] is sent  # the agent's bytes, not a copy
+    assert json.loads(row["response"]) == {"n": 2**64}  # past orjson's range: the stdlib's encoder
+    copied = dict(zip(spec.columns, _to_copy(spec, record), strict=True))
+    assert json.loads(copied["request"])["messages"][0]["content"] == "caf\u00e9 \ufffd"
+    ready, refused = _for_spool({"llm_calls": [record]})
+    (replayed,) = _decode(_encode(ready))["llm_calls"]
+    assert not refused and _to_copy(spec, replayed) == _to_copy(spec, record)
+    unencodable = w._record("spans", {"span_id": "t", "attributes": {("a", 1): 1}})
+    assert dict(zip(SPECS["spans"].columns, unencodable, strict=True))["attributes"] == {("a", 1): 1}

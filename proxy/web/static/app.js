@@ -417,9 +417,22 @@ function spanView(s) {
 
 // -- the trainer's view -----------------------------------------------------------------------
 
+// How the trainer turns this rollout's rewards into advantages (README, Trainer), with its numbers.
+function creditView(credit) {
+  const turn = credit.mode === "turn";
+  const rewarded = Object.keys(credit.turn_rewards || {}).length;
+  return h("div", { class: "event credit", "data-credit": credit.mode },
+    meta(h("strong", {}, `credit: ${credit.mode}`), turn ? `gamma ${num(credit.gamma)}` : "",
+      `final reward ${credit.final_reward === null ? "none" : num(credit.final_reward)}`,
+      `${rewarded} call${rewarded === 1 ? "" : "s"} rewarded`),
+    h("p", { class: "formula" }, turn
+      ? "Each trained turn k: return G_k = Σ_{j≥k} γ^(j−k)·r'_j over the rollout's calls (r'_j: the call's own rewards, plus the final reward R on the last call); advantage A_k = (G_k − mean_g G) / (std_g G + 1e−6) over the trained turns of the rollout's group g, on that turn's tokens."
+      : "One advantage per rollout: A = (R − mean_g R) / (std_g R + 1e−6) over the rollouts of its group g (GRPO), on every trained token. With TRAINER__CREDIT=turn each turn would get the return shown beside it."));
+}
+
 function samplesView(view) {
   if (!view.policies.length) return [empty("No call of this rollout went to a policy model: nothing to train on.")];
-  return view.policies.flatMap((p) => {
+  return [creditView(view.credit), ...view.policies.flatMap((p) => {
     const st = p.stats;
     const skipped = Object.entries(st).filter(([k, v]) => k.startsWith("skipped") && v).map(([k, v]) => `${k.replace(/_/g, " ")}: ${v}`);
     const head = meta(h("strong", {}, `policy ${p.policy}`), `${p.samples.length} sample${p.samples.length === 1 ? "" : "s"}`,
@@ -430,11 +443,25 @@ function samplesView(view) {
       const trained = s.loss_mask.filter((m) => m).length;
       // The token's text where the proxy has the policy's tokenizer, else its id.
       const shown = (k) => (s.tokens ? s.tokens[k].replace(/\n/g, "\u21b5\n") : String(s.input_ids[k]));
+      const turnAt = (j) => s.turns.find((t) => t.start <= j && j < t.end);
       const tokens = response.map((id, j) =>
         h("span", {
           class: "tok " + (s.loss_mask[j] ? "trained" : "masked"),
-          title: s.loss_mask[j] ? `id ${id} · logprob ${num(s.logprobs[j], 4)}` : `id ${id} · context, not trained`,
+          title: s.loss_mask[j]
+            ? `id ${id} · logprob ${num(s.logprobs[j], 4)} · turn return ${num(turnAt(j)?.return)}`
+            : `id ${id} · context, not trained`,
         }, shown(s.prompt_len + j))
+      );
+      const turns = table(
+        [
+          ["turn", (t) => s.turns.indexOf(t) + 1, { num: true }],
+          ["tokens", (t) => `${t.start}–${t.end}`],
+          ["reward", (t) => num(t.reward), { num: true }],
+          ["return", (t) => num(t.return), { num: true }],
+          ["span", (t) => t.span_id],
+        ],
+        s.turns,
+        "No trained turn."
       );
       return h("div", { class: "event sample", "data-sample": String(i) }, i === 0 ? head : "",
         meta(`sample ${i + 1}`, `${s.prompt_len} prompt tokens`, `${trained} trained`, `${response.length - trained} masked`,
@@ -442,9 +469,10 @@ function samplesView(view) {
         h("details", {}, h("summary", {}, s.tokens ? "prompt" : "prompt token ids"),
           h("div", { class: "tokens" }, s.input_ids.slice(0, s.prompt_len).map((id, k) =>
             h("span", { class: "tok prompt", title: `id ${id}` }, shown(k))))),
-        h("div", { class: "tokens" }, tokens));
+        h("div", { class: "tokens" }, tokens),
+        h("details", { class: "turns" }, h("summary", {}, `${s.turns.length} trained turn${s.turns.length === 1 ? "" : "s"}: rewards and returns`), turns));
     });
-  });
+  })];
 }
 
 // -- refresh -----------------------------------------------------------------------------------
