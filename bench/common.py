@@ -58,7 +58,7 @@ def server_cpu_seconds(p: psutil.Process) -> float:
     and, through its own children_* times, the ones it has reaped (a Postgres backend whose
     connection closed mid-measurement still counts)."""
     t = p.cpu_times()
-    return t.user + t.system + t.children_user + t.children_system + cpu_seconds(p) - (t.user + t.system)
+    return t.children_user + t.children_system + cpu_seconds(p)
 
 
 CLI = [sys.executable, "-c", "from lightloop.cli import main; main()"]

@@ -128,7 +128,7 @@ def _by_fifth(samples: list[tuple[int, int]], calls: int) -> list[float | None]:
     return out
 
 
-async def check(database_url: str, ids: set[str]) -> dict[str, Any]:
+async def check(database_url: str, ids: set[str], sent: int, errors: int) -> dict[str, Any]:
     conn = await asyncpg.connect(dsn(database_url))
     try:
         written = await wait_for_writers(conn, timeout_s=600)
@@ -142,7 +142,11 @@ async def check(database_url: str, ids: set[str]) -> dict[str, Any]:
         "missing": len(ids - stored.keys()),
         "duplicated": sum(1 for n in stored.values() if n > 1),
         "unexpected": len(stored.keys() - ids),
-        "every_call_exactly_once": written and stored.keys() == ids and all(n == 1 for n in stored.values()),
+        "every_call_exactly_once": written
+        and errors == 0
+        and len(ids) == sent
+        and stored.keys() == ids
+        and all(n == 1 for n in stored.values()),
     }
 
 
@@ -181,7 +185,7 @@ def main() -> None:
                 )
             )
             ids = run.pop("_ids")
-            stored = asyncio.run(check(database_url, ids))
+            stored = asyncio.run(check(database_url, ids, run["calls"], run["errors"]))
     print(
         json.dumps(
             {

@@ -8,13 +8,23 @@ know are ignored here and read by the part that owns them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -138,6 +148,40 @@ class PolicyModelSettings(BaseModel):
         description="Engine base URLs (vLLM or `lightloop engine`); each rollout sticks to one.",
     )
     api_key: SecretStr | None = Field(None, description="Key the engines require (vLLM --api-key), if any.")
+    agents: dict[str, AgentAdapterSettings] = Field(
+        default_factory=dict,
+        description=(
+            "Agents with an adapter of their own ({planner: {}, coder: {}}): served as "
+            "`<name>-<agent>-vN`; agents not listed share the policy's adapter."
+        ),
+    )
+
+    @field_validator("agents")
+    @classmethod
+    def _agent_names(cls, agents: dict[str, AgentAdapterSettings]) -> dict[str, AgentAdapterSettings]:
+        for agent in agents:
+            if not _AGENT_NAME.fullmatch(agent):
+                raise ValueError(f"agent name {agent!r}: use letters, digits, '_', '.' or '-' (at most 64)")
+        return agents
+
+    def adapter_of(self, agent: str | None) -> str:
+        """The adapter's policy key that serves `agent`'s calls: its own, or the policy's."""
+        return f"{self.name}-{agent}" if agent is not None and agent in self.agents else self.name
+
+    def adapters(self) -> list[PolicyModelSettings]:
+        """The policy and one entry per agent adapter (same base model and engines): each has
+        its own versions, published and made live like a policy's."""
+        own = [self.model_copy(update={"name": self.adapter_of(a), "agents": {}}) for a in self.agents]
+        return [self, *own]
+
+
+class AgentAdapterSettings(BaseModel):
+    """One agent's own adapter of a policy (nothing to set yet: the trainer's settings apply)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+_AGENT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class ProxySettings(BaseModel):
@@ -368,7 +412,7 @@ class Settings(BaseSettings):
     policy: list[PolicyModelSettings] = Field(
         default_factory=list,
         description=(
-            "Trainable models, a list of {name, base_model, upstreams, api_key} (default: one model "
+            "Trainable models, a list of {name, base_model, upstreams, api_key, agents} (default: one model "
             "`policy` served by `lightloop engine` as configured under engine)."
         ),
     )
@@ -408,7 +452,18 @@ class Settings(BaseSettings):
         names = [p.name for p in self.policy]
         if len(set(names)) != len(names):
             raise ValueError(f"policy model names must be unique, got {names}")
+        # An agent adapter's versions live under `<policy>-<agent>`, so that key may name nothing else.
+        keys = [a.name for p in self.policy for a in p.adapters()]
+        clashing = sorted({k for k in keys if keys.count(k) > 1})
+        if clashing:
+            raise ValueError(
+                f"adapter names clash: {', '.join(clashing)} (a policy named like another's agent adapter)"
+            )
         return self
+
+    def adapters(self) -> list[PolicyModelSettings]:
+        """Every policy and every agent adapter of one: what has versions of its own."""
+        return [a for p in self.policy for a in p.adapters()]
 
     @property
     def spool_dir(self) -> Path:

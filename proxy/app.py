@@ -97,7 +97,7 @@ class ProxyApp:
             settings.proxy.rollout_idle_s,
         )
         self.versions = LiveVersions(
-            settings.policy,
+            settings.adapters(),  # the policies and their agents' adapters, each with versions
             database_url,
             settings.writer.retry_interval_s,
             keep=settings.trainer.keep_versions,
@@ -111,10 +111,14 @@ class ProxyApp:
             settings.writer.retry_interval_s,
             reread_s=settings.proxy.versions_reread_s,
         )
-        self.lane = PolicyLane(
-            {p.name: p for p in settings.policy}, self.versions, self.upstreams, self.recorder
-        )
         self.metrics = Metrics(self.writer)
+        self.lane = PolicyLane(
+            {p.name: p for p in settings.policy},
+            self.versions,
+            self.upstreams,
+            self.recorder,
+            unknown_agent=lambda policy: self.metrics.unknown_agents.labels(policy).inc(),
+        )
         self.logger = RecordingLogger(self.recorder)
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
@@ -341,12 +345,17 @@ class ProxyApp:
         model = params.get("model") or body.get("model")
         if not isinstance(model, str) or not model:
             raise BadRequest("model is required and must be a string")
+        resolved = self.lane.resolve(model)
+        if resolved is not None:
+            model, alias_agent = resolved
+            if alias_agent is not None:  # `policy/agent` names the agent, as the header does
+                attribution = replace(attribution, agent=alias_agent)
         swapped = await self.prompts.swap(body, model, attribution.agent, attribution.rollout_id)
         if swapped is not None:
             # The served text, not the agent's, is what the model and the record see.
             raw = orjson.dumps(body)
             attribution = replace(attribution, prompt_name=swapped.name, prompt_version=swapped.version)
-        if model in self.lane.policies:
+        if resolved is not None:
             if operation == "chat" and not isinstance(body.get("messages"), list):
                 raise BadRequest("messages is required and must be a list")
             body["model"] = model
@@ -367,7 +376,7 @@ class ProxyApp:
             caller = await self._caller(scope)
             require(caller, "admin", f"the WebSocket route {path}")
             query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
-            if any(m in self.lane.policies for m in query.get("model", [])):
+            if any(self.lane.resolve(m) is not None for m in query.get("model", [])):
                 raise BadRequest("a policy model is served only by the policy lane, not over a WebSocket")
         except ProxyError as exc:
             await receive()  # websocket.connect
@@ -401,7 +410,7 @@ class ProxyApp:
             if model is None:
                 body = await read_body(scope, receive, self.settings.proxy.max_body_bytes)
                 model = model_of(body, header(scope, b"content-type"))
-            if model in self.lane.policies:
+            if model is not None and self.lane.resolve(model) is not None:
                 raise BadRequest(
                     f"policy model {model!r} is served only by POST /v1/chat/completions and "
                     "POST /v1/completions (also without /v1, under /rollout/{id}/v1, and as "

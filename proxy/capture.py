@@ -41,6 +41,8 @@ class Call:
     upstream: str | None = None
     # The agent's request body as it came (JSON text): stored as is rather than encoded again.
     request_json: bytes | str | None = None
+    # The adapter's policy key that served it (`policy`, or `policy-planner`): policy_version's.
+    adapter: str | None = None
     # The inferred session's chain of message digests (proxy/sessions.py), when one was looked up.
     session_keys: list[bytes] | None = None
 
@@ -312,6 +314,7 @@ def build_rows(
             "upstream": call.upstream,
             "prompt_name": call.attribution.prompt_name,
             "prompt_version": call.attribution.prompt_version,
+            "adapter": call.adapter,
         }
         for choice in choices
     ]

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,11 +46,23 @@ class PolicyLane:
     versions: LiveVersions
     upstreams: Upstreams
     recorder: Recorder
+    # Called with the policy's name for a call by an agent it has no adapter for (a metric).
+    unknown_agent: Callable[[str], None] = lambda _policy: None
 
     def __post_init__(self) -> None:
         # Normalised once, not per call.
         self._bases = {name: [upstream_base(u) for u in p.upstreams] for name, p in self.policies.items()}
         self.restorer = AdapterRestorer(self.upstreams, self.versions.uri_of)
+
+    def resolve(self, model: str) -> tuple[str, str | None] | None:
+        """(policy, agent) for a model this lane serves: a policy's name, or its alias
+        `policy/agent` (the agent's adapter, as X-Lightloop-Agent asks); None for any other."""
+        if model in self.policies:
+            return model, None
+        policy, slash, agent = model.partition("/")
+        if slash and agent and policy in self.policies and _AGENT.fullmatch(agent):
+            return policy, agent
+        return None
 
     async def serve(
         self,
@@ -63,7 +77,11 @@ class PolicyLane:
     ) -> int:
         """Answer one call; the HTTP status sent."""
         policy = self.policies[body["model"]]
-        served, version = self.versions.served(policy.name, attribution.rollout_id)
+        # An agent with an adapter of its own is served by it; any other by the policy's.
+        adapter = policy.adapter_of(attribution.agent)
+        if policy.agents and attribution.agent is not None and adapter == policy.name:
+            self.unknown_agent(policy.name)
+        served, version = self.versions.served(adapter, attribution.rollout_id)
         call = self.recorder.open(
             attribution,
             operation=operation,
@@ -75,6 +93,7 @@ class PolicyLane:
             traceparent=traceparent,
             admit=True,
         )
+        call.adapter = adapter
         # Stored as the agent sent it (orjson parsed it, so it is valid UTF-8): no decode here,
         # no encode in the writer.
         call.request_json = raw
@@ -89,18 +108,18 @@ class PolicyLane:
         api_key = policy.api_key.get_secret_value() if policy.api_key else None
         try:
             attempted = await self.upstreams.post(replicas, path, orjson.dumps(forwarded), api_key)
-            if attempted.response.status == 404 and version != (live := self.versions.live(policy.name)):
+            if attempted.response.status == 404 and version != (live := self.versions.live(adapter)):
                 # The pinned version was unloaded between the check and the call (a version
                 # went live meanwhile): the live one answers, and the call records it.
                 attempted.response.release()
-                call.served_model = forwarded["model"] = self.versions.name_of(policy.name, live)
+                call.served_model = forwarded["model"] = self.versions.name_of(adapter, live)
                 call.policy_version = live
                 attempted = await self.upstreams.post(replicas, path, orjson.dumps(forwarded), api_key)
             if (
                 attempted.response.status == 404
                 and call.policy_version
                 and await self.restorer.restore(
-                    attempted.url, forwarded["model"], policy.name, call.policy_version, api_key
+                    attempted.url, forwarded["model"], adapter, call.policy_version, api_key
                 )
             ):
                 # The engine restarted without the adapter: it has it again, ask that engine again.
@@ -205,6 +224,9 @@ class PolicyLane:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         return 499 if aborted else 502 if error is not None else 200
 
+
+# An agent's name in a `policy/agent` alias, as in X-Lightloop-Agent (proxy/attribution.py).
+_AGENT = re.compile(r"[^\s/]{1,200}")
 
 _DONE = b"data: [DONE]\n\n"
 _DONE_CRLF = b"data: [DONE]\r\n\r\n"

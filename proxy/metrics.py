@@ -138,6 +138,14 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_WriterCollector(writer))
+        # Calls naming an agent (header or `policy/agent`) that has no adapter of its own under
+        # a policy that gives some agents one: served by the policy's adapter, and counted here.
+        self.unknown_agents = Counter(
+            "lightloop_proxy_unknown_agent_calls",
+            "Calls by an agent not configured under a policy with agent adapters, by policy.",
+            ["policy"],
+            registry=self.registry,
+        )
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()

@@ -230,14 +230,13 @@ async def get_samples(
         exists = await stats.rollout_exists(conn, rollout_id)
         return exists, await rollout_calls(conn, rollout_id), await rollout_training_rewards(conn, rollout_id)
 
-    exists, calls, (turn_rewards, own_reward) = await read_bounded(pool, read)
+    exists, calls, (turn_rewards, own_reward, reward) = await read_bounded(pool, read)
     if not exists:
         raise NotFound(f"rollout {rollout_id!r} does not exist")
     # In a thread: the trainer package imports torch on first use (about a second), and a long
     # rollout's rebuild is CPU work; neither may stall the calls this process serves.
     loop = asyncio.get_running_loop()
-    final = own_reward if own_reward is not None else 0.0
-    out = await loop.run_in_executor(
+    out, final = await loop.run_in_executor(
         _VIEWS,
         _rebuild_all,
         rollout_id,
@@ -245,14 +244,14 @@ async def get_samples(
         policies,
         agents,
         token_text,
-        (turn_rewards, final, credit[1]),
+        (turn_rewards, own_reward, reward, credit[1]),
     )
     body = {
         "rollout_id": rollout_id,
         "credit": {
             "mode": credit[0],
             "gamma": credit[1],
-            "final_reward": own_reward,
+            "final_reward": final,
             "turn_rewards": turn_rewards,
         },
         "policies": out,
@@ -272,13 +271,15 @@ def _rebuild_all(
     policies: list[PolicyModelSettings],
     agents: list[str],
     token_text: TokenText,
-    rewards: tuple[dict[str, float], float, float],
-) -> list[dict[str, Any]]:
-    from lightloop.trainer.credit import call_returns
+    rewards: tuple[dict[str, float], float | None, float | None, float],
+) -> tuple[list[dict[str, Any]], float]:
+    """The samples of each policy, and R as the trainer takes it (trainer/credit.py)."""
+    from lightloop.trainer.credit import call_returns, final_reward
     from lightloop.trainer.rebuild import rebuild, selected_by, turns_from_calls
 
     trainable = selected_by(agents)  # as the trainer selects (TRAINER__AGENTS)
-    turn_rewards, final, gamma = rewards
+    turn_rewards, own_reward, reward, gamma = rewards
+    final = final_reward(own_reward, turn_rewards, reward)
     # Every call's return under turn credit (trainer/credit.py), shown beside its trained tokens.
     returns = call_returns([c["span_id"] for c in calls], turn_rewards, final, gamma)
     out = []
@@ -315,4 +316,4 @@ def _rebuild_all(
                 ],
             }
         )
-    return out
+    return out, final

@@ -75,9 +75,9 @@ RETURNING r.id, r.group_id, r.task_id, r.agent, r.mode, r.status, r.reward, r.me
 """
 
 _CALLS_SQL = """
-SELECT c.span_id, c.choice_index, c.rollout_id, c.seq, c.model, c.agent, c.policy_version, c.attempt,
-       c.created_at, c.prompt_token_ids, c.completion_token_ids, c.completion_logprobs, c.finish_reason,
-       c.request, c.response
+SELECT c.span_id, c.choice_index, c.rollout_id, c.seq, c.model, c.agent, c.adapter, c.policy_version,
+       c.attempt, c.created_at, c.prompt_token_ids, c.completion_token_ids, c.completion_logprobs,
+       c.finish_reason, c.request, c.response
 FROM llm_calls c JOIN rollouts r ON r.id = c.rollout_id
 WHERE c.rollout_id = ANY($1::text[])
   -- Calls of a superseded attempt (a runner that lost its lease) stay for SQL, not for training.
@@ -112,10 +112,12 @@ def _split_rewards(rows: list[asyncpg.Record]) -> tuple[dict[str, dict[str, floa
 
 async def rollout_training_rewards(
     conn: asyncpg.Connection, rollout_id: str
-) -> tuple[dict[str, float], float | None]:
-    """One rollout's training rewards as a claim hands them over: (per call, its own latest)."""
+) -> tuple[dict[str, float], float | None, float | None]:
+    """One rollout's training rewards as a claim hands them over: (per call, its own latest,
+    rollouts.reward)."""
     turn_rewards, final = _split_rewards(list(await conn.fetch(_REWARDS_SQL, [rollout_id])))
-    return turn_rewards.get(rollout_id, {}), final.get(rollout_id)
+    reward = await conn.fetchval("SELECT reward FROM rollouts WHERE id = $1", rollout_id)
+    return turn_rewards.get(rollout_id, {}), final.get(rollout_id), reward
 
 
 async def rollout_calls(conn: asyncpg.Connection, rollout_id: str) -> list[asyncpg.Record]:

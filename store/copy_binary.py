@@ -45,7 +45,13 @@ Encoder = Callable[[Any], bytes]
 
 
 class Unencodable(ValueError):
-    """A value its column cannot hold."""
+    """A value its column cannot hold; `column` is its index when known."""
+
+    column: int | None = None
+
+
+class NonFinite(Unencodable):
+    """A NaN or infinite logprob: the writer stores the call without its logprobs instead."""
 
 
 def _text(value: Any) -> bytes:
@@ -103,7 +109,7 @@ def _float4_array(value: Any) -> bytes:
     except (TypeError, OverflowError):
         raise Unencodable("a logprob array must be a flat list of numbers: not storable") from None
     if not np.isfinite(numbers).all():
-        raise Unencodable("a logprob is not a finite number")
+        raise NonFinite("a logprob is not a finite number")
     with np.errstate(over="raise"):
         try:
             single = numbers.astype(np.float32)
@@ -151,18 +157,27 @@ def encode_rows(encoders: Sequence[Encoder], records: Sequence[Sequence[Any]]) -
 def encode_tuples(encoders: Sequence[Encoder], records: Sequence[Sequence[Any]]) -> bytes:
     """`records` as the stream's tuples, without its header and trailer (a stream may be built
     from several such pieces)."""
-    count = struct.pack("!h", len(encoders))
-    parts = []
-    for record in records:
-        parts.append(count)
-        for i, (encode, value) in enumerate(zip(encoders, record, strict=True)):
-            if value is None:
-                parts.append(_NULL)
-                continue
-            try:
-                parts.append(encode(value))
-            except Unencodable:
-                raise
-            except (TypeError, ValueError, AttributeError, OverflowError, struct.error) as exc:
-                raise Unencodable(f"column {i}: {type(value).__name__} value not storable ({exc})") from None
+    return b"".join(encode_tuple(encoders, record) for record in records)
+
+
+_COUNTS: dict[int, bytes] = {}
+
+
+def encode_tuple(encoders: Sequence[Encoder], record: Sequence[Any]) -> bytes:
+    """One record as a tuple of the stream; Unencodable says which column (`column`)."""
+    count = _COUNTS.get(len(encoders)) or _COUNTS.setdefault(len(encoders), struct.pack("!h", len(encoders)))
+    parts = [count]
+    for i, (encode, value) in enumerate(zip(encoders, record, strict=True)):
+        if value is None:
+            parts.append(_NULL)
+            continue
+        try:
+            parts.append(encode(value))
+        except Unencodable as exc:
+            exc.column = i
+            raise
+        except (TypeError, ValueError, AttributeError, OverflowError, struct.error) as exc:
+            refused = Unencodable(f"column {i}: {type(value).__name__} value not storable ({exc})")
+            refused.column = i
+            raise refused from None
     return b"".join(parts)

@@ -45,8 +45,13 @@ async def add_reward(
     async with conn.transaction():
         if response_id is not None or span_id is not None:
             column, key = ("response_id", response_id) if response_id is not None else ("span_id", span_id)
+            # A response id is the engine's or provider's and may repeat across rollouts: the
+            # named rollout's call first, then the newest.
             row = await conn.fetchrow(
-                f"SELECT rollout_id, span_id FROM llm_calls WHERE {column} = $1 LIMIT 1", key
+                f"SELECT rollout_id, span_id FROM llm_calls WHERE {column} = $1 "
+                "ORDER BY rollout_id IS NOT DISTINCT FROM $2 DESC, created_at DESC LIMIT 1",
+                key,
+                rollout_id,
             )
             if row is None:
                 what = "returned response id" if response_id is not None else "has span id"

@@ -255,6 +255,9 @@ class LlmCall(Base):
     # The registered prompt the proxy swapped into this call, and its version (proxy/prompts.py).
     prompt_name: Mapped[str | None] = mapped_column(Text)
     prompt_version: Mapped[int | None] = mapped_column(Integer)
+    # The adapter that served the call, by its policy key (`policy`, or `policy-planner` for an
+    # agent with an adapter of its own); `policy_version` is that adapter's version.
+    adapter: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         Index("ix_llm_calls_rollout_id_seq", "rollout_id", "seq"),

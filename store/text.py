@@ -62,6 +62,9 @@ def dump_json(value: Any) -> str:
     try:
         text = orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
     except orjson.JSONEncodeError:
-        text = json.dumps(value, default=str, allow_nan=False)
+        try:
+            text = json.dumps(value, default=str, allow_nan=False)
+        except RecursionError:  # a document nested past Python's limit: a bad value, like the rest
+            raise ValueError("a JSON document nested too deep to encode") from None
     # Only the escape: neither encoder writes a raw NUL.
     return _NUL_ESCAPE.sub(r"\1\\ufffd", text) if "\\u0000" in text else text

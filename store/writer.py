@@ -50,7 +50,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from lightloop.aio import stop_task
 from lightloop.settings import WriterSettings
 from lightloop.store import database, marks
-from lightloop.store.copy_binary import HEADER, TRAILER, Encoder, encode_rows, encode_tuples, encoder
+from lightloop.store.copy_binary import HEADER, TRAILER, Encoder, NonFinite, encode_tuple, encoder
 from lightloop.store.errors import WriterUnavailable
 from lightloop.store.schema import metadata
 from lightloop.store.spool import Spool
@@ -132,6 +132,7 @@ class WriterStats:
     batches_written: int = 0
     batches_deduplicated: int = 0
     restarts: int = 0  # the writer task failed and was started again
+    logprobs_refused: int = 0  # calls stored without their logprobs (NaN or infinite)
     errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -395,17 +396,17 @@ class BatchWriter:
         return True
 
     async def _write_or_spool(self, batch: Batch) -> None:
-        rows = sum(len(r) for r in batch.values())
         if self.spool.has_pending() and not await self._replay():
-            self._spool_batch(batch, rows)
+            self._spool_batch(batch)
             return
         written = await self._write(batch)
         if written is None:
-            self._spool_batch(batch, rows)
+            self._spool_batch(batch)  # without the rows encoding kept aside meanwhile
         else:
             self.stats.rows_written += written
 
-    def _spool_batch(self, batch: Batch, rows: int) -> None:
+    def _spool_batch(self, batch: Batch) -> None:
+        rows = sum(len(r) for r in batch.values())
         encodable, refused = _for_spool(batch)
         # The spool first: if it fails (a full disk), the task is restarted with this batch and
         # nothing was kept aside twice.
@@ -455,14 +456,60 @@ class BatchWriter:
         return await self._write_rowwise(conn, batch)
 
     async def _copy(self, conn: asyncpg.Connection, spec: TableSpec, records: list[tuple[Any, ...]]) -> None:
-        data = await _encode_yielding(spec, records)  # Unencodable: a bad row
+        pieces = await self._encode(spec, records)
         try:
             async with conn.transaction():  # a savepoint: a duplicate key only undoes this COPY
-                await _copy_binary(conn, spec.name, spec.columns, data)
+                for data in pieces:
+                    await _copy_binary(conn, spec.name, spec.columns, data)
             return
         except asyncpg.UniqueViolationError:
             self.stats.batches_deduplicated += 1
-        await self._copy_deduplicated(conn, spec, data)
+        for data in pieces:
+            await self._copy_deduplicated(conn, spec, data)
+
+    async def _encode(self, spec: TableSpec, records: list[tuple[Any, ...]]) -> list[bytes]:
+        """`records` as binary COPY streams of `_ENCODE_SLICE` rows each (several COPYs bound the
+        memory a batch takes twice over: encoded here, then in the driver's buffer), with the
+        event loop let in between. A record a column cannot hold is kept aside now and taken out
+        of `records` (which is the batch in hand: a spool of it must not keep it twice); one
+        with non-finite logprobs goes on without them (NULL), counted."""
+        pieces: list[bytes] = []
+        kept: list[tuple[Any, ...]] = []
+        for start in range(0, len(records), _ENCODE_SLICE):
+            if start:
+                await asyncio.sleep(0)  # a yield, not a wait: requests run between slices
+            tuples = []
+            for record in records[start : start + _ENCODE_SLICE]:
+                encoded = self._encode_record(spec, record)
+                if encoded is not None:
+                    record, data = encoded
+                    kept.append(record)
+                    tuples.append(data)
+            if tuples:
+                pieces.append(HEADER + b"".join(tuples) + TRAILER)
+        records[:] = kept
+        return pieces
+
+    def _encode_record(
+        self, spec: TableSpec, record: tuple[Any, ...]
+    ) -> tuple[tuple[Any, ...], bytes] | None:
+        """(the record as written, its COPY tuple), or None when it was kept aside."""
+        try:
+            try:
+                return record, encode_tuple(spec.encoders, _to_copy(spec, record))
+            except NonFinite as exc:
+                if exc.column is None:
+                    raise
+                self.stats.logprobs_refused += 1
+                log.warning(
+                    "a call's logprobs hold NaN or infinity: stored without them (%s)",
+                    spec.columns[exc.column],
+                )
+                record = (*record[: exc.column], None, *record[exc.column + 1 :])
+                return record, encode_tuple(spec.encoders, _to_copy(spec, record))
+        except (TypeError, ValueError, RecursionError) as exc:  # Unencodable is a ValueError
+            self._reject(spec.name, record, exc)
+            return None
 
     async def _copy_deduplicated(self, conn: asyncpg.Connection, spec: TableSpec, data: bytes) -> None:
         stage = _stage_table(spec.name)
@@ -480,10 +527,12 @@ class BatchWriter:
                 for table in WRITABLE:
                     spec = SPECS[table]
                     for record in batch.get(table, []):
+                        encoded = self._encode_record(spec, record)
+                        if encoded is None:
+                            continue
                         try:
                             async with conn.transaction():
-                                data = encode_rows(spec.encoders, [_to_copy(spec, record)])
-                                await self._copy_deduplicated(conn, spec, data)
+                                await self._copy_deduplicated(conn, spec, HEADER + encoded[1] + TRAILER)
                             written += 1
                         except Exception as exc:
                             if not database.is_bad_row(exc):
@@ -548,21 +597,10 @@ class BatchWriter:
         self.stats.errors[name] = self.stats.errors.get(name, 0) + 1
 
 
-# Rows encoded between two yields to the event loop: a 5,000-row batch of realistic calls is
-# some 100 ms of encoding, which would otherwise hold every request the loop serves.
+# Rows per COPY stream, with the event loop let in between: a 5,000-row batch of realistic calls
+# is some 100 ms of encoding and 60 MB of COPY data, which would otherwise hold every request the
+# loop serves and sit in memory twice.
 _ENCODE_SLICE = 128
-
-
-async def _encode_yielding(spec: TableSpec, records: list[tuple[Any, ...]]) -> bytes:
-    """`encode_rows` of `records`, a slice at a time with the event loop let in between."""
-    parts = [HEADER]
-    for start in range(0, len(records), _ENCODE_SLICE):
-        if start:
-            await asyncio.sleep(0)  # a yield, not a wait: requests run between slices
-        piece = records[start : start + _ENCODE_SLICE]
-        parts.append(encode_tuples(spec.encoders, [_to_copy(spec, r) for r in piece]))
-    parts.append(TRAILER)
-    return b"".join(parts)
 
 
 async def _copy_binary(conn: asyncpg.Connection, table: str, columns: tuple[str, ...], data: bytes) -> None:
@@ -620,8 +658,8 @@ def _for_spool(batch: Batch) -> tuple[Batch, list[tuple[str, tuple[Any, ...], Ex
 
 
 def _encode(batch: Batch) -> bytes:
-    """A spool line. Columns other than JSON ones keep their types (stdlib JSON writes the
-    infinities a logprob can be, which COPY takes back as float8)."""
+    """A spool line. Columns other than JSON ones keep their types (stdlib JSON writes a NaN or
+    infinite logprob as it is, so that the replay stores that call as a direct write would)."""
     return json.dumps(batch, default=_encode_value, separators=(",", ":")).encode()
 
 

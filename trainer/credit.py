@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from lightloop.store import ClaimedRollout
-from lightloop.trainer.rebuild import Sample
+from lightloop.trainer.algorithms import Scored, drop_flat_groups, rollout_advantages
+from lightloop.trainer.rebuild import Advantage, Sample
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,20 @@ def call_returns(
     return returns
 
 
-def final_reward(rollout: ClaimedRollout) -> float:
+def final_reward(own: float | None, turn_rewards: Mapping[str, float], reward: float | None) -> float:
     """R: the latest reward posted for the rollout itself; with none, 0 when its calls were
-    rewarded (those are its rewards), else `rollouts.reward` (set by hand in SQL, say)."""
-    if rollout.final_reward is not None:
-        return rollout.final_reward
-    return 0.0 if rollout.turn_rewards else rollout.reward
+    rewarded (those are its rewards), else `rollouts.reward` (set by hand in SQL, say). The
+    trainer and the dashboard's trainer view both use this."""
+    if own is not None:
+        return own
+    return 0.0 if turn_rewards or reward is None else reward
+
+
+def rollout_total(rollout: ClaimedRollout) -> float:
+    """Everything a rollout earned, undiscounted: R plus its calls' rewards (a step's reward figures)."""
+    return final_reward(rollout.final_reward, rollout.turn_rewards, rollout.reward) + sum(
+        rollout.turn_rewards.values()
+    )
 
 
 def turn_scores(
@@ -71,12 +80,42 @@ def turn_scores(
         trained = [span for sample in samples.get(rollout.id, ()) for _, _, span in sample.turns]
         if not trained:
             continue
-        returns = call_returns(
-            [c["span_id"] for c in rollout.calls], rollout.turn_rewards, final_reward(rollout), gamma
-        )
+        final = final_reward(rollout.final_reward, rollout.turn_rewards, rollout.reward)
+        returns = call_returns([c["span_id"] for c in rollout.calls], rollout.turn_rewards, final, gamma)
         for span_id in dict.fromkeys(trained):
             assert span_id is not None and span_id in returns, (
                 "a trained turn is not one of the rollout's calls"
             )
             scores.append(TurnScore(rollout.id, span_id, rollout.group, returns[span_id]))
     return scores
+
+
+def turn_credit(
+    rollouts: Sequence[ClaimedRollout], by_rollout: dict[str, list[Sample]], gamma: float
+) -> tuple[list[Sample], list[Advantage], int, int]:
+    """Turn credit (trainer/credit.py): each trained turn's return, normalised over its group's
+    trained turns by VERL's GRPO, on that turn's own tokens. (samples, their [R] advantages,
+    groups dropped as flat, turns scored)."""
+    scores = turn_scores(rollouts, by_rollout, gamma)
+    # A group needs two rollouts or more, as with rollout credit: normalising one rollout's turns
+    # against each other would reward its opening turns for their position alone.
+    rollouts_of: dict[str, set[str]] = {}
+    for t in scores:
+        rollouts_of.setdefault(t.group, set()).add(t.rollout_id)
+    lone = {g for g, ids in rollouts_of.items() if len(ids) < 2}
+    # GRPO over turns: each turn is one entry of its group, keyed by rollout and call.
+    scored = [Scored(f"{t.rollout_id}\n{t.span_id}", t.group, t.ret) for t in scores if t.group not in lone]
+    kept, flat_groups = drop_flat_groups(scored)
+    flat_groups += len(lone)
+    advantages = rollout_advantages(kept, "grpo")
+    per_rollout: dict[str, dict[str | None, float]] = {}
+    for key, value in advantages.items():
+        rollout_id, _, span_id = key.partition("\n")
+        per_rollout.setdefault(rollout_id, {})[span_id] = value
+    samples: list[Sample] = []
+    sample_advantages: list[Advantage] = []
+    for rollout_id, by_span in per_rollout.items():  # a rollout of a flat group has none
+        for sample in by_rollout[rollout_id]:
+            samples.append(sample)
+            sample_advantages.append(sample.token_advantages(by_span))  # [R]
+    return samples, sample_advantages, flat_groups, len(kept)

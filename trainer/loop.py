@@ -43,7 +43,7 @@ from lightloop.store import (
 )
 from lightloop.store.database import is_transient, is_unavailable
 from lightloop.trainer.algorithms import Scored, drop_flat_groups, rollout_advantages
-from lightloop.trainer.credit import turn_scores
+from lightloop.trainer.credit import rollout_total, turn_credit
 from lightloop.trainer.errors import PublishError, TrainerError
 from lightloop.trainer.publish import Published, Publisher
 from lightloop.trainer.rebuild import Advantage, RebuildStats, Sample, rebuild, selected_by, turns_from_calls
@@ -114,10 +114,19 @@ def select_samples(
     stats = RebuildStats()
     stale = 0
     by_rollout: dict[str, list[Sample]] = {}
-    trainable = selected_by(agents)
+    selected = selected_by(agents)
+
+    def own(call: Any) -> bool:
+        # Served by the policy's own adapter: a call an agent's adapter served (its versions are
+        # that adapter's) is context here, never trained into the policy's adapter.
+        return call.get("adapter") in (None, policy)
+
+    def trainable(call: Any) -> bool:
+        return own(call) and selected(call)
+
     for rollout in rollouts:
         calls = [c for c in rollout.calls if c["model"] == policy]
-        versions = [c["policy_version"] for c in calls if c["policy_version"] is not None]
+        versions = [c["policy_version"] for c in calls if c["policy_version"] is not None and own(c)]
         if versions and min(versions) < live - max_staleness:
             stale += 1
             continue
@@ -126,30 +135,6 @@ def select_samples(
         if samples:
             by_rollout[rollout.id] = samples
     return by_rollout, {**stats.as_dict(), "stale_rollouts": stale}
-
-
-def turn_credit(
-    rollouts: Sequence[ClaimedRollout], by_rollout: dict[str, list[Sample]], gamma: float
-) -> tuple[list[Sample], list[Advantage], int, int]:
-    """Turn credit (trainer/credit.py): each trained turn's return, normalised over its group's
-    trained turns by VERL's GRPO, on that turn's own tokens. (samples, their [R] advantages,
-    groups dropped as flat, turns scored)."""
-    scores = turn_scores(rollouts, by_rollout, gamma)
-    # GRPO over turns: each turn is one entry of its group, keyed by rollout and call.
-    scored = [Scored(f"{t.rollout_id}\n{t.span_id}", t.group, t.ret) for t in scores]
-    kept, flat_groups = drop_flat_groups(scored)
-    advantages = rollout_advantages(kept, "grpo")
-    per_rollout: dict[str, dict[str | None, float]] = {}
-    for key, value in advantages.items():
-        rollout_id, _, span_id = key.partition("\n")
-        per_rollout.setdefault(rollout_id, {})[span_id] = value
-    samples: list[Sample] = []
-    sample_advantages: list[Advantage] = []
-    for rollout_id, by_span in per_rollout.items():  # a rollout of a flat group has none
-        for sample in by_rollout[rollout_id]:
-            samples.append(sample)
-            sample_advantages.append(sample.token_advantages(by_span))  # [R]
-    return samples, sample_advantages, flat_groups, len(kept)
 
 
 class Trainer:
@@ -350,7 +335,9 @@ class Trainer:
             max_staleness=s.max_staleness,
             agents=s.agents,
         )
-        rewards = {r.id: r.reward for r in claim.rollouts}
+        # The step's reward figures: each rollout's reward, or with turn credit all it earned
+        # (rollouts.reward is then just the latest reward posted, a call's included).
+        rewards = {r.id: rollout_total(r) if s.credit == "turn" else r.reward for r in claim.rollouts}
         samples: list[Sample]
         sample_advantages: list[Advantage]
         if s.credit == "turn":

@@ -65,7 +65,12 @@ def proxy(
     config = {
         "policy": [
             {"name": "policy", "base_model": "tiny", "upstreams": [engine]},
-            {"name": "stub", "base_model": "stub-base", "upstreams": [stub.url + "/v1"]},
+            {
+                "name": "stub",
+                "base_model": "stub-base",
+                "upstreams": [stub.url + "/v1"],
+                "agents": {"planner": {}, "coder": {}},
+            },
             {"name": "dead", "base_model": "x", "upstreams": [f"http://127.0.0.1:{free_port()}"]},
         ],
         "model_list": [
@@ -308,6 +313,67 @@ def test_the_live_policy_version_is_served_and_recorded(
     finish(proxy, "ver-1")
     (row,) = calls(module_db, "ver-1")
     assert row["policy_version"] == 1 and row["response_id"] == completion.id
+
+
+def _unknown_agent_calls(proxy: Proxy) -> float:
+    text = httpx.get(f"{proxy.url}/metrics", headers=proxy.headers).text
+    line = next(
+        (
+            x
+            for x in text.splitlines()
+            if x.startswith('lightloop_proxy_unknown_agent_calls_total{policy="stub"}')
+        ),
+        None,
+    )
+    return float(line.split()[-1]) if line else 0.0
+
+
+def test_an_agent_with_an_adapter_of_its_own_is_served_by_it_and_others_share_the_policy_s(
+    proxy: Proxy, stub: StubEngine, module_db: str
+) -> None:
+    """`stub` lists agents planner and coder. planner's adapter has a live version, coder's none
+    yet (its base model); an agent not listed gets the policy's adapter and is counted. By
+    header or by the `policy/agent` alias; each row records its agent, adapter and version."""
+
+    async def publish(conn: asyncpg.Connection) -> None:
+        version = await stage_version(conn, "stub-planner", base_model="stub-base", uri="file:///tmp/p1")
+        await set_live(conn, "stub-planner", version.version)
+
+    db_call(module_db, publish)
+    health = lambda: httpx.get(f"{proxy.url}/health", headers=proxy.headers).json()["policies"]  # noqa: E731
+    eventually(lambda: health()["stub-planner"] == 1, what="the proxy to learn stub-planner v1")
+    shared = health()["stub"]
+    shared_name = "stub-base" if shared == 0 else f"stub-v{shared}"
+    unknown_before = _unknown_agent_calls(proxy)
+    client = openai.OpenAI(base_url=f"{proxy.url}/rollout/agents-1/v1", api_key=proxy.key, max_retries=0)
+    asks = [
+        ("stub", {"X-Lightloop-Agent": "planner"}, "stub-planner-v1"),
+        ("stub/coder", {}, "stub-base"),
+        ("stub", {"X-Lightloop-Agent": "tester"}, shared_name),
+        ("stub/tester", {}, shared_name),
+        ("stub/planner", {"X-Lightloop-Agent": "coder"}, "stub-planner-v1"),  # the alias names it
+    ]
+    for model, headers, served in asks:
+        answer = client.chat.completions.create(model=model, messages=HI, max_tokens=2, extra_headers=headers)
+        assert stub.requests[-1]["model"] == served, model
+        assert answer.model == served  # what the agent gets back names the adapter too
+    assert finish(proxy, "agents-1").status_code == 200
+    rows = [(r["agent"], r["adapter"], r["policy_version"], r["model"]) for r in calls(module_db, "agents-1")]
+    assert rows == [
+        ("planner", "stub-planner", 1, "stub"),
+        ("coder", "stub-coder", 0, "stub"),
+        ("tester", "stub", shared, "stub"),
+        ("tester", "stub", shared, "stub"),
+        ("planner", "stub-planner", 1, "stub"),
+    ]
+    assert _unknown_agent_calls(proxy) == unknown_before + 2
+    # An alias of a model that is not a policy is LiteLLM's business (here: unknown, a 4xx).
+    bad = httpx.post(
+        f"{proxy.url}/v1/chat/completions",
+        json={"model": "nopolicy/planner", "messages": HI},
+        headers=proxy.headers,
+    )
+    assert 400 <= bad.status_code < 500
 
 
 def test_a_held_out_rollout_is_served_the_version_its_round_measures(

@@ -294,7 +294,20 @@ def test_the_trainers_view_is_the_rollouts_stored_tokens(proxy: Proxy, module_db
         "WHERE rollout_id = 'r07' ORDER BY seq",
     )
     first, second = stored
-    view = get(proxy, "/v1/stats/rollouts/r07/samples")
+    spans = [
+        r["span_id"]
+        for r in sql(module_db, "SELECT span_id FROM llm_calls WHERE rollout_id = 'r07' ORDER BY seq")
+    ]
+    # A turn reward for the first call and the rollout's own reward: the returns below are exact.
+    sql(
+        module_db,
+        "INSERT INTO rewards (rollout_id, span_id, value) VALUES ('r07', $1, 0.5), ('r07', NULL, 2)",
+        spans[0],
+    )
+    try:
+        view = get(proxy, "/v1/stats/rollouts/r07/samples")
+    finally:
+        sql(module_db, "DELETE FROM rewards WHERE rollout_id = 'r07' AND value IN (0.5, 2)")
     ((policy),) = view["policies"]
     assert policy["policy"] == "policy" and policy["stats"]["calls"] == 2
     ((sample),) = policy["samples"]
@@ -310,9 +323,14 @@ def test_the_trainers_view_is_the_rollouts_stored_tokens(proxy: Proxy, module_db
     n1, n2 = len(first["c"]), len(second["c"])
     turns = sample["turns"]
     assert [(t["start"], t["end"]) for t in turns] == [(0, n1), (n1 + tool_result, n1 + tool_result + n2)]
-    credit = view["credit"]
-    assert credit["mode"] == "rollout" and credit["gamma"] == 1.0
-    final = credit["final_reward"] or 0.0
-    assert turns[1]["return"] == pytest.approx(final + turns[1]["reward"])
-    assert turns[0]["return"] == pytest.approx(final + turns[0]["reward"] + turns[1]["reward"])
+    assert view["credit"] == {
+        "mode": "rollout",
+        "gamma": 1.0,
+        "final_reward": 2.0,
+        "turn_rewards": {spans[0]: 0.5},
+    }
+    assert [(t["span_id"], t["reward"], t["return"]) for t in turns] == [
+        (spans[0], 0.5, 2.5),
+        (spans[1], 0.0, 2.0),
+    ]
     assert httpx.get(f"{proxy.url}/v1/stats/rollouts/nope/samples", headers=proxy.headers).status_code == 404

@@ -113,13 +113,21 @@ def test_values_a_column_cannot_hold_are_refused_before_sending(column: int, val
 async def test_a_call_through_the_writer_reads_back_exactly_and_a_bad_one_is_kept_aside(
     conn: asyncpg.Connection, db_url: str, tmp_path: Path
 ) -> None:
+    """Three calls in one batch: one as the engine said it, one whose logprobs hold a NaN (stored
+    without them: the call is kept, the NaN refused), one with a token id past int4 (kept aside
+    in rejected.jsonl, alone: the rest of the batch is COPYed as usual, not row by row)."""
     writer = BatchWriter(db_url, tmp_path / "spool", WriterSettings(flush_interval_ms=10))
     await writer.start()
     try:
         ids = list(range(100_000, 101_000))
         logprobs = [float(np.float32(-i / 997)) for i in range(256)]
         writer.submit("rollouts", {"id": "r-bin"})
-        for span, lp in (("good", logprobs), ("bad", [*logprobs[:-1], float("nan")])):
+        calls = (
+            ("good", ids, logprobs),
+            ("nan", ids, [*logprobs[:-1], float("nan")]),
+            ("huge", [*ids[:-1], 2**31], logprobs),
+        )
+        for span, prompt, lp in calls:
             writer.submit(
                 "llm_calls",
                 {
@@ -128,7 +136,7 @@ async def test_a_call_through_the_writer_reads_back_exactly_and_a_bad_one_is_kep
                     "seq": 0,
                     "model": "policy",
                     "request": {"messages": [{"role": "user", "content": "hi"}]},
-                    "prompt_token_ids": ids,
+                    "prompt_token_ids": prompt,
                     "completion_token_ids": ids[:256],
                     "completion_logprobs": lp,
                 },
@@ -136,9 +144,13 @@ async def test_a_call_through_the_writer_reads_back_exactly_and_a_bad_one_is_kep
         await writer.flush()
     finally:
         await writer.close()
-    (row,) = await conn.fetch("SELECT * FROM llm_calls WHERE rollout_id = 'r-bin'")
-    assert row["span_id"] == "good" and row["prompt_token_ids"] == ids
-    assert row["completion_token_ids"] == ids[:256] and row["completion_logprobs"] == logprobs
-    assert writer.stats.rows_rejected == 1
+    rows = {r["span_id"]: r for r in await conn.fetch("SELECT * FROM llm_calls WHERE rollout_id = 'r-bin'")}
+    assert set(rows) == {"good", "nan"}
+    good, nan = rows["good"], rows["nan"]
+    assert good["prompt_token_ids"] == ids and good["completion_token_ids"] == ids[:256]
+    assert good["completion_logprobs"] == logprobs
+    assert nan["prompt_token_ids"] == ids and nan["completion_logprobs"] is None
+    assert (writer.stats.rows_rejected, writer.stats.logprobs_refused, writer.stats.rows_written) == (1, 1, 3)
+    assert "DataError" not in writer.stats.errors  # no batch refused by Postgres: no row-by-row pass
     (kept,) = (tmp_path / "spool" / "rejected.jsonl").read_text().splitlines()
-    assert "not a finite number" in json.loads(kept)["reason"]
+    assert "outside int4" in json.loads(kept)["reason"]

@@ -119,3 +119,13 @@ async def test_turn_rewards_reach_the_claim_per_call_and_a_call_of_another_rollo
     # t1: its call earned 0.5 + 0.25, its final reward is 2; t2 has a turn reward and no final one.
     assert got == {"t1": ({"span-t1": 0.75}, 2.0, 2.0), "t2": ({"span-t2": 0.0}, None, 0.0)}
     assert await conn.fetchval("SELECT count(*) FROM rewards WHERE rollout_id = 't2'") == 1
+
+
+async def test_a_response_id_two_rollouts_share_rewards_the_named_rollout_s_call(
+    conn: asyncpg.Connection,
+) -> None:
+    await _rollout_with_call(conn, "d1", "chatcmpl-same")
+    await _rollout_with_call(conn, "d2", "chatcmpl-same")
+    for rollout in ("d1", "d2"):
+        record = await add_reward(conn, value=1, rollout_id=rollout, response_id="chatcmpl-same")
+        assert (record.rollout_id, record.span_id) == (rollout, f"span-{rollout}")

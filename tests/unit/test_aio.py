@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -28,12 +29,16 @@ async def test_a_task_that_swallows_a_cancellation_is_still_stopped() -> None:
     assert task.cancelled() and swallowed == 3
 
 
-async def test_a_task_that_failed_or_ended_is_left_as_it_is() -> None:
+async def test_a_task_that_failed_is_left_as_it_is_and_its_error_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def fails() -> None:
         raise RuntimeError("boom")
 
     task = asyncio.create_task(fails())
     await asyncio.wait({task})
-    await stop_task(task)
+    with caplog.at_level(logging.ERROR):
+        await stop_task(task)
+    assert "ended with RuntimeError: boom" in caplog.text
     with pytest.raises(RuntimeError):
         task.result()

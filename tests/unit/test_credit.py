@@ -11,8 +11,7 @@ import pytest
 
 from lightloop.store import ClaimedRollout
 from lightloop.trainer import select_samples
-from lightloop.trainer.credit import call_returns, final_reward, turn_scores
-from lightloop.trainer.loop import turn_credit
+from lightloop.trainer.credit import call_returns, final_reward, rollout_total, turn_credit, turn_scores
 
 
 def test_a_call_s_return_is_its_reward_plus_the_discounted_rewards_after_it() -> None:
@@ -105,7 +104,16 @@ def test_a_group_whose_turns_all_return_the_same_is_dropped() -> None:
 
 
 def test_the_final_reward_is_the_rollout_s_own_else_zero_when_its_calls_were_rewarded() -> None:
-    assert final_reward(rollout("a", "g", [], {"s": 1.0}, final=3.0)) == 3.0
-    assert final_reward(rollout("a", "g", [], {"s": 1.0}, final=None)) == 0.0
-    bare = ClaimedRollout("a", None, None, None, "succeeded", 0.7, {}, None, [])
-    assert final_reward(bare) == 0.7
+    assert final_reward(3.0, {"s": 1.0}, 1.0) == 3.0
+    assert final_reward(None, {"s": 1.0}, 1.0) == 0.0
+    assert final_reward(None, {}, 0.7) == 0.7  # rollouts.reward set by hand, no reward rows
+    assert rollout_total(rollout("a", "g", [], {"s": 1.0, "t": 0.5}, final=2.0)) == 3.5
+
+
+def test_a_lone_rollout_is_not_normalised_against_its_own_turns() -> None:
+    """A failed episode alone in its group (an inferred session): gamma < 1 gives its opening
+    turn the larger return; normalising its turns against each other would reinforce it."""
+    lone = rollout("s", "s", [call("a", [1], [2]), call("b", [1, 2, 3], [4])], {}, final=-1.0)
+    by_rollout, _ = select_samples([lone], policy="policy", live=1, max_staleness=2, agents=[])
+    assert turn_scores([lone], by_rollout, gamma=0.9)[0].ret == pytest.approx(-0.9)
+    assert turn_credit([lone], by_rollout, gamma=0.9) == ([], [], 1, 0)

@@ -86,3 +86,30 @@ def test_turn_credit_is_read_from_the_environment_and_needs_grpo(monkeypatch: py
             load_settings()
         monkeypatch.setenv("LIGHTLOOP_TRAINER__CREDIT", "turn")
         monkeypatch.setenv("LIGHTLOOP_TRAINER__GAMMA", "0.9")
+
+
+def test_agent_adapters_from_lightloop_policy_json_and_names_that_clash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(
+        "LIGHTLOOP_POLICY",
+        '[{"name": "policy", "base_model": "tiny", "agents": {"planner": {}, "coder": {}}}]',
+    )
+    s = load_settings()
+    assert [a.name for a in s.adapters()] == ["policy", "policy-planner", "policy-coder"]
+    (policy,) = s.policy
+    assert (policy.adapter_of("planner"), policy.adapter_of("tester"), policy.adapter_of(None)) == (
+        "policy-planner",
+        "policy",
+        "policy",
+    )
+    assert {a.base_model for a in s.adapters()} == {"tiny"}
+    bad = {
+        '[{"name": "p", "agents": {"a b": {}}}]': "agent name 'a b'",
+        '[{"name": "p", "agents": {"x": {"lr": 1}}}]': "AGENTS__X__LR: Extra inputs",
+        '[{"name": "p", "agents": {"x": {}}}, {"name": "p-x"}]': "adapter names clash: p-x",
+    }
+    for value, message in bad.items():
+        monkeypatch.setenv("LIGHTLOOP_POLICY", value)
+        with pytest.raises(ConfigError, match=message):
+            load_settings()

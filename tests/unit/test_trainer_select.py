@@ -86,3 +86,18 @@ async def test_the_heartbeat_stops_when_a_step_runs_past_max_step_s(tmp_path: Pa
     trainer._step_started = None  # between steps
     await one_beat()
     assert beat.stat().st_mtime > 0
+
+
+def test_calls_an_agent_s_own_adapter_served_are_context_for_the_policy_s_adapter() -> None:
+    """Until agent adapters are trained (their versions are their own), the policy's adapter
+    trains on the calls it served; a call served by `policy-planner` is context, and its version
+    does not count against the policy's staleness."""
+    shared = {**call(3, agent="coder", prompt=[1]), "adapter": "policy"}
+    planner = {**call(0, agent="planner", prompt=[1, 3, 9]), "adapter": "policy-planner"}
+    samples, metrics = select_samples(
+        [rollout("r", [shared, planner])], policy="policy", live=3, max_staleness=0, agents=[]
+    )
+    ((sample),) = samples["r"]
+    assert metrics["stale_rollouts"] == 0
+    assert sample.loss_mask == [1, 0, 0]  # coder's completion trained; planner's turn context
+    assert [span for _, _, span in sample.turns] == [None]
