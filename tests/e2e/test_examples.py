@@ -23,7 +23,10 @@ CASES = {
     "langgraph_react": "sums.jsonl",
     "openai_agents": "sums.jsonl",
     "autogen_assistant": "sums.jsonl",
+    "solver_checker": "sums.jsonl",
 }
+# Agents with adapters of their own, per example (the policy's `agents:`).
+AGENTS = {"solver_checker": {"solver": {}, "checker": {}}}
 
 
 def test_every_example_defines_agent_and_is_in_the_readme() -> None:
@@ -52,9 +55,8 @@ def test_every_example_defines_agent_and_is_in_the_readme() -> None:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_example_runs_through_the_runner(name: str, tmp_path: Path, engine: str, db_url: str) -> None:
     home = tmp_path / "home"
-    proxy = start_proxy(
-        home, db_url, {"policy": [{"name": "policy", "base_model": "tiny", "upstreams": [engine]}]}
-    )
+    policy = {"name": "policy", "base_model": "tiny", "upstreams": [engine], "agents": AGENTS.get(name, {})}
+    proxy = start_proxy(home, db_url, {"policy": [policy]})
     env = {**clean_env(), "LIGHTLOOP_DATABASE_URL": db_url, "LIGHTLOOP_HOME": str(home)}
 
     def lightloop(*args: str) -> subprocess.CompletedProcess[str]:
@@ -98,5 +100,16 @@ def test_example_runs_through_the_runner(name: str, tmp_path: Path, engine: str,
                 f"spans: {[dict(x) for x in spans]}\nrunner: {output[-3000:]}\n"
                 f"proxy: {proxy.log_text()[-5000:]}"
             )
+        if name in AGENTS:  # each agent's calls served and recorded by its own adapter
+            served = sql(
+                db_url,
+                """SELECT c.agent, c.adapter, count(*) AS n
+                   FROM llm_calls c JOIN rollouts r ON r.id = c.rollout_id
+                   WHERE r.dataset = 'ex' GROUP BY 1, 2 ORDER BY 1""",
+            )
+            assert [(r["agent"], r["adapter"], r["n"]) for r in served] == [
+                ("checker", "policy-checker", 4),
+                ("solver", "policy-solver", 4),
+            ]
     finally:
         proxy.stop()
