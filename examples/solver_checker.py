@@ -9,8 +9,8 @@ The solver's calls ask for `policy/solver` and the checker's for `policy/checker
         agents: {solver: {}, checker: {}}
 
 in lightloop.yaml the proxy serves each agent by its own adapter (`policy-solver-vN`,
-`policy-checker-vN`; the base model until one is trained) and records each call's agent and
-adapter. Without `agents:` both share the policy's adapter, and the example runs the same.
+`policy-checker-vN`; the policy's own until the agent has a version) and records each call's
+agent and adapter. Without `agents:` both share the policy's adapter, and the example runs the same.
 
 Reward: half for a right answer, half for a right verdict (the checker says "yes" exactly when the
 answer is right), so each agent's share of the reward is its own doing.

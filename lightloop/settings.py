@@ -160,8 +160,10 @@ class PolicyModelSettings(BaseModel):
     @classmethod
     def _agent_names(cls, agents: dict[str, AgentAdapterSettings]) -> dict[str, AgentAdapterSettings]:
         for agent in agents:
-            if not _AGENT_NAME.fullmatch(agent):
-                raise ValueError(f"agent name {agent!r}: use letters, digits, '_', '.' or '-' (at most 64)")
+            if not AGENT_NAME.fullmatch(agent):
+                raise ValueError(
+                    f"agent name {agent!r}: use letters, digits, '_', '.' or '-' (at most 64), not v<digits>"
+                )
         return agents
 
     def adapter_of(self, agent: str | None) -> str:
@@ -181,7 +183,9 @@ class AgentAdapterSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-_AGENT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# An agent with an adapter of its own: its name goes into adapter names (`policy-planner-v3`), so
+# plain characters only, and never `v<digits>`, which would read as a version of the policy.
+AGENT_NAME = re.compile(r"(?!v\d+$)[A-Za-z0-9_.-]{1,64}")
 
 
 class ProxySettings(BaseModel):

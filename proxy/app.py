@@ -349,6 +349,11 @@ class ProxyApp:
         if resolved is not None:
             model, alias_agent = resolved
             if alias_agent is not None:  # `policy/agent` names the agent, as the header does
+                if attribution.agent not in (None, alias_agent):
+                    raise BadRequest(
+                        f"the model alias names agent {alias_agent!r} and X-Lightloop-Agent "
+                        f"{attribution.agent!r}: name one, or the same in both"
+                    )
                 attribution = replace(attribution, agent=alias_agent)
         swapped = await self.prompts.swap(body, model, attribution.agent, attribution.rollout_id)
         if swapped is not None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,12 +17,12 @@ import orjson
 from lightloop.proxy.adapters import AdapterRestorer
 from lightloop.proxy.attribution import Attribution
 from lightloop.proxy.capture import Call, Outcome, from_response, from_stream
-from lightloop.proxy.errors import ProxyError
+from lightloop.proxy.errors import BadRequest, ProxyError
 from lightloop.proxy.http import JSON, Receive, Send, error_body, respond
 from lightloop.proxy.recorder import Recorder
 from lightloop.proxy.upstream import Upstreams, order
 from lightloop.proxy.versions import LiveVersions
-from lightloop.settings import PolicyModelSettings
+from lightloop.settings import AGENT_NAME, PolicyModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +55,19 @@ class PolicyLane:
 
     def resolve(self, model: str) -> tuple[str, str | None] | None:
         """(policy, agent) for a model this lane serves: a policy's name, or its alias
-        `policy/agent` (the agent's adapter, as X-Lightloop-Agent asks); None for any other."""
+        `policy/agent` (the agent's adapter, as X-Lightloop-Agent asks); None for any other.
+        An alias of a policy with an agent name that could not be one is a 400."""
         if model in self.policies:
             return model, None
-        policy, slash, agent = model.partition("/")
-        if slash and agent and policy in self.policies and _AGENT.fullmatch(agent):
-            return policy, agent
-        return None
+        policy, slash, agent = model.rpartition("/")  # a policy's own name may hold a slash
+        if not slash or policy not in self.policies:
+            return None
+        if not AGENT_NAME.fullmatch(agent):
+            raise BadRequest(
+                f"model {model!r}: {agent!r} is not an agent name "
+                "(letters, digits, '_', '.', '-', at most 64)"
+            )
+        return policy, agent
 
     async def serve(
         self,
@@ -81,6 +86,10 @@ class PolicyLane:
         adapter = policy.adapter_of(attribution.agent)
         if policy.agents and attribution.agent is not None and adapter == policy.name:
             self.unknown_agent(policy.name)
+        if adapter != policy.name and self.versions.live(adapter) == 0:
+            # No version of its own yet: the policy's adapter (what the agent was served before
+            # it was listed), not the bare base model; the call records it as the policy's.
+            adapter = policy.name
         served, version = self.versions.served(adapter, attribution.rollout_id)
         call = self.recorder.open(
             attribution,
@@ -224,9 +233,6 @@ class PolicyLane:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         return 499 if aborted else 502 if error is not None else 200
 
-
-# An agent's name in a `policy/agent` alias, as in X-Lightloop-Agent (proxy/attribution.py).
-_AGENT = re.compile(r"[^\s/]{1,200}")
 
 _DONE = b"data: [DONE]\n\n"
 _DONE_CRLF = b"data: [DONE]\r\n\r\n"

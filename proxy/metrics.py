@@ -48,6 +48,11 @@ class _WriterCollector(Collector):
         ):
             rows.add_metric([outcome], value)
         yield rows
+        yield CounterMetricFamily(
+            "lightloop_writer_logprobs_refused",
+            "Calls stored without their logprobs because these held NaN or infinity.",
+            value=stats.logprobs_refused,
+        )
 
 
 # The training figures' gauges, by the column of the newest step they show.

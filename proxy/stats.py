@@ -275,9 +275,8 @@ def _rebuild_all(
 ) -> tuple[list[dict[str, Any]], float]:
     """The samples of each policy, and R as the trainer takes it (trainer/credit.py)."""
     from lightloop.trainer.credit import call_returns, final_reward
-    from lightloop.trainer.rebuild import rebuild, selected_by, turns_from_calls
+    from lightloop.trainer.rebuild import rebuild, trainable_for, turns_from_calls
 
-    trainable = selected_by(agents)  # as the trainer selects (TRAINER__AGENTS)
     turn_rewards, own_reward, reward, gamma = rewards
     final = final_reward(own_reward, turn_rewards, reward)
     # Every call's return under turn credit (trainer/credit.py), shown beside its trained tokens.
@@ -287,7 +286,8 @@ def _rebuild_all(
         own = [c for c in calls if c["model"] == policy.name]
         if not own:
             continue
-        samples, rebuilt = rebuild(rollout_id, turns_from_calls(own, trainable))
+        # As the trainer selects: the policy's adapter's calls, of TRAINER__AGENTS.
+        samples, rebuilt = rebuild(rollout_id, turns_from_calls(own, trainable_for(policy.name, agents)))
         out.append(
             {
                 "policy": policy.name,

@@ -169,6 +169,9 @@ class BatchWriter:
         self._conn: asyncpg.Connection | None = None
         self._next_connect = 0.0
         self._last_drop_log = 0.0
+        self._last_nan_log = 0.0
+        # Rows the write in progress refused (encoding or Postgres), until it ends (_keep_set_aside).
+        self._set_aside: list[tuple[str, tuple[Any, ...], BaseException]] = []
         self._closing = False
         # The batch taken off the queue and not yet written or spooled, with its flush waiters:
         # kept across a failure of the task, so nothing taken is lost.
@@ -400,8 +403,10 @@ class BatchWriter:
             self._spool_batch(batch)
             return
         written = await self._write(batch)
+        # Kept now either way: they are out of the batch, which is written or spooled without them.
+        self._keep_set_aside(True)
         if written is None:
-            self._spool_batch(batch)  # without the rows encoding kept aside meanwhile
+            self._spool_batch(batch)
         else:
             self.stats.rows_written += written
 
@@ -426,6 +431,7 @@ class BatchWriter:
                 self.spool.committed(segment, number)
                 continue
             written = await self._write(batch)
+            self._keep_set_aside(written is not None)
             if written is None:
                 return False
             self.spool.committed(segment, number)
@@ -501,14 +507,18 @@ class BatchWriter:
                 if exc.column is None:
                     raise
                 self.stats.logprobs_refused += 1
-                log.warning(
-                    "a call's logprobs hold NaN or infinity: stored without them (%s)",
-                    spec.columns[exc.column],
-                )
+                now = time.monotonic()
+                if now - self._last_nan_log >= 1.0:  # an engine emitting NaN would flood the log
+                    self._last_nan_log = now
+                    log.warning(
+                        "calls whose logprobs hold NaN or infinity are stored without them (%s): %d so far",
+                        spec.columns[exc.column],
+                        self.stats.logprobs_refused,
+                    )
                 record = (*record[: exc.column], None, *record[exc.column + 1 :])
                 return record, encode_tuple(spec.encoders, _to_copy(spec, record))
         except (TypeError, ValueError, RecursionError) as exc:  # Unencodable is a ValueError
-            self._reject(spec.name, record, exc)
+            self._set_aside.append((spec.name, record, exc))
             return None
 
     async def _copy_deduplicated(self, conn: asyncpg.Connection, spec: TableSpec, data: bytes) -> None:
@@ -521,12 +531,17 @@ class BatchWriter:
         await conn.execute(f"DELETE FROM {stage}")
 
     async def _write_rowwise(self, conn: asyncpg.Connection, batch: Batch) -> int | None:
+        """Each row in a savepoint of its own: the ones Postgres refuses are set aside and taken
+        out of the batch (which is the batch in hand: spooled after a lost connection, it must
+        not hold them), the NaN-cleared ones stay as written."""
         written = 0
         try:
             async with conn.transaction():
                 for table in WRITABLE:
                     spec = SPECS[table]
-                    for record in batch.get(table, []):
+                    records = batch.get(table, [])
+                    survivors: list[tuple[Any, ...]] = []
+                    for i, record in enumerate(records):
                         encoded = self._encode_record(spec, record)
                         if encoded is None:
                             continue
@@ -534,10 +549,13 @@ class BatchWriter:
                             async with conn.transaction():
                                 await self._copy_deduplicated(conn, spec, HEADER + encoded[1] + TRAILER)
                             written += 1
+                            survivors.append(encoded[0])
                         except Exception as exc:
                             if not database.is_bad_row(exc):
+                                records[:] = [*survivors, *records[i:]]
                                 raise
-                            self._reject(table, record, exc)
+                            self._set_aside.append((table, record, exc))
+                    records[:] = survivors
         except Exception as exc:
             if database.is_unavailable(exc) or database.is_transient(exc) or conn.is_closed():
                 self._lost_connection(exc)
@@ -545,6 +563,15 @@ class BatchWriter:
             raise
         self.stats.batches_written += 1
         return written
+
+    def _keep_set_aside(self, keep: bool) -> None:
+        """The rows encoding or Postgres refused during the last write, taken out of its batch:
+        kept in rejected.jsonl (`keep`), or forgotten when the batch is a spool line that failed
+        to write and stays in the spool (its next replay refuses them again)."""
+        set_aside, self._set_aside = self._set_aside, []
+        if keep:
+            for table, record, exc in set_aside:
+                self._reject(table, record, exc)
 
     def _reject(self, table: str, record: tuple[Any, ...], exc: BaseException) -> None:
         self._count_error(exc)

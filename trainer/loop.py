@@ -46,7 +46,15 @@ from lightloop.trainer.algorithms import Scored, drop_flat_groups, rollout_advan
 from lightloop.trainer.credit import rollout_total, turn_credit
 from lightloop.trainer.errors import PublishError, TrainerError
 from lightloop.trainer.publish import Published, Publisher
-from lightloop.trainer.rebuild import Advantage, RebuildStats, Sample, rebuild, selected_by, turns_from_calls
+from lightloop.trainer.rebuild import (
+    Advantage,
+    RebuildStats,
+    Sample,
+    rebuild,
+    served_by,
+    trainable_for,
+    turns_from_calls,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +122,9 @@ def select_samples(
     stats = RebuildStats()
     stale = 0
     by_rollout: dict[str, list[Sample]] = {}
-    selected = selected_by(agents)
-
-    def own(call: Any) -> bool:
-        # Served by the policy's own adapter: a call an agent's adapter served (its versions are
-        # that adapter's) is context here, never trained into the policy's adapter.
-        return call.get("adapter") in (None, policy)
-
-    def trainable(call: Any) -> bool:
-        return own(call) and selected(call)
+    # A call an agent's adapter served (its versions are that adapter's) is context here, never
+    # trained into the policy's adapter, and does not count against its staleness.
+    own, trainable = served_by(policy), trainable_for(policy, agents)
 
     for rollout in rollouts:
         calls = [c for c in rollout.calls if c["model"] == policy]

@@ -152,6 +152,23 @@ def selected_by(agents: Sequence[str]) -> Callable[[Any], bool]:
     return trainable
 
 
+def served_by(adapter: str) -> Callable[[Any], bool]:
+    """Calls the adapter `adapter` (a policy's name, or `policy-agent`) served: a row from before
+    agent adapters (no `adapter`) counts as its policy's own."""
+
+    def own(call: Any) -> bool:
+        return call.get("adapter") in (None, adapter)
+
+    return own
+
+
+def trainable_for(adapter: str, agents: Sequence[str]) -> Callable[[Any], bool]:
+    """What the trainer trains `adapter` on: calls it served, of the agents selected
+    (`TRAINER__AGENTS`); the rest of the conversation is context. The trainer's view uses it too."""
+    own, selected = served_by(adapter), selected_by(agents)
+    return lambda call: own(call) and selected(call)
+
+
 def turns_from_calls(
     calls: Sequence[Any], trainable: Callable[[Any], bool] = lambda _call: True
 ) -> list[Turn]:

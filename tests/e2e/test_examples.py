@@ -100,7 +100,8 @@ def test_example_runs_through_the_runner(name: str, tmp_path: Path, engine: str,
                 f"spans: {[dict(x) for x in spans]}\nrunner: {output[-3000:]}\n"
                 f"proxy: {proxy.log_text()[-5000:]}"
             )
-        if name in AGENTS:  # each agent's calls served and recorded by its own adapter
+        if name in AGENTS:  # each agent's calls recorded as its own (served by the policy's
+            # adapter until the agent has a version of its own)
             served = sql(
                 db_url,
                 """SELECT c.agent, c.adapter, count(*) AS n
@@ -108,8 +109,8 @@ def test_example_runs_through_the_runner(name: str, tmp_path: Path, engine: str,
                    WHERE r.dataset = 'ex' GROUP BY 1, 2 ORDER BY 1""",
             )
             assert [(r["agent"], r["adapter"], r["n"]) for r in served] == [
-                ("checker", "policy-checker", 4),
-                ("solver", "policy-solver", 4),
+                ("checker", "policy", 4),
+                ("solver", "policy", 4),
             ]
     finally:
         proxy.stop()

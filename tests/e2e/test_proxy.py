@@ -331,9 +331,10 @@ def _unknown_agent_calls(proxy: Proxy) -> float:
 def test_an_agent_with_an_adapter_of_its_own_is_served_by_it_and_others_share_the_policy_s(
     proxy: Proxy, stub: StubEngine, module_db: str
 ) -> None:
-    """`stub` lists agents planner and coder. planner's adapter has a live version, coder's none
-    yet (its base model); an agent not listed gets the policy's adapter and is counted. By
-    header or by the `policy/agent` alias; each row records its agent, adapter and version."""
+    """`stub` lists agents planner and coder. planner's adapter has a live version; coder's none
+    yet, so the policy's adapter serves it; an agent not listed gets the policy's adapter and is
+    counted. By header or by the `policy/agent` alias; each row records its agent, the adapter
+    that served it and that adapter's version."""
 
     async def publish(conn: asyncpg.Connection) -> None:
         version = await stage_version(conn, "stub-planner", base_model="stub-base", uri="file:///tmp/p1")
@@ -348,10 +349,10 @@ def test_an_agent_with_an_adapter_of_its_own_is_served_by_it_and_others_share_th
     client = openai.OpenAI(base_url=f"{proxy.url}/rollout/agents-1/v1", api_key=proxy.key, max_retries=0)
     asks = [
         ("stub", {"X-Lightloop-Agent": "planner"}, "stub-planner-v1"),
-        ("stub/coder", {}, "stub-base"),
+        ("stub/coder", {}, shared_name),
         ("stub", {"X-Lightloop-Agent": "tester"}, shared_name),
         ("stub/tester", {}, shared_name),
-        ("stub/planner", {"X-Lightloop-Agent": "coder"}, "stub-planner-v1"),  # the alias names it
+        ("stub/planner", {"X-Lightloop-Agent": "planner"}, "stub-planner-v1"),  # both, agreeing
     ]
     for model, headers, served in asks:
         answer = client.chat.completions.create(model=model, messages=HI, max_tokens=2, extra_headers=headers)
@@ -361,12 +362,24 @@ def test_an_agent_with_an_adapter_of_its_own_is_served_by_it_and_others_share_th
     rows = [(r["agent"], r["adapter"], r["policy_version"], r["model"]) for r in calls(module_db, "agents-1")]
     assert rows == [
         ("planner", "stub-planner", 1, "stub"),
-        ("coder", "stub-coder", 0, "stub"),
+        ("coder", "stub", shared, "stub"),
         ("tester", "stub", shared, "stub"),
         ("tester", "stub", shared, "stub"),
         ("planner", "stub-planner", 1, "stub"),
     ]
     assert _unknown_agent_calls(proxy) == unknown_before + 2
+    # An alias and a header naming different agents, and an alias whose agent cannot be one: 400.
+    for body, headers in (
+        ({"model": "stub/planner"}, {"X-Lightloop-Agent": "coder"}),
+        ({"model": "stub/bad agent"}, {}),
+        ({"model": "stub/v2"}, {}),
+    ):
+        refused = httpx.post(
+            f"{proxy.url}/v1/chat/completions",
+            json={**body, "messages": HI},
+            headers={**proxy.headers, **headers},
+        )
+        assert refused.status_code == 400, (body, refused.text)
     # An alias of a model that is not a policy is LiteLLM's business (here: unknown, a 4xx).
     bad = httpx.post(
         f"{proxy.url}/v1/chat/completions",

@@ -461,3 +461,29 @@ def test_remembering_with_the_keys_found_at_open_matches_hashing_the_whole_conve
     follow_up = [*messages, reply, {"role": "user", "content": "More?"}]
     assert with_keys.find(follow_up) == without.find(follow_up) == "r1"
     assert with_keys.find(follow_up, chain(follow_up)) == "r1"
+
+
+def test_a_policy_alias_names_its_agent_and_a_bad_agent_name_is_a_400(tmp_path: Path) -> None:
+    from lightloop.proxy.lane import PolicyLane
+    from lightloop.proxy.recorder import Recorder
+    from lightloop.proxy.upstream import Upstreams
+    from lightloop.proxy.versions import LiveVersions
+    from lightloop.settings import PolicyModelSettings
+    from lightloop.store import BatchWriter
+
+    policies = [PolicyModelSettings(name="org/model", agents={"planner": {}}), PolicyModelSettings(name="p")]
+    url = "postgresql://x@127.0.0.1:1/x"  # never connected to: nothing here starts
+    lane = PolicyLane(
+        {p.name: p for p in policies},
+        LiveVersions([a for p in policies for a in p.adapters()], url, 1.0),
+        Upstreams(1.0, 0),
+        Recorder(BatchWriter(url, tmp_path / "spool"), 10),
+    )
+    assert lane.resolve("p") == ("p", None)
+    assert lane.resolve("org/model") == ("org/model", None)
+    assert lane.resolve("org/model/planner") == ("org/model", "planner")  # the policy's own slash
+    assert lane.resolve("p/anyone") == ("p", "anyone")  # not listed: the policy's adapter serves it
+    assert lane.resolve("gpt-4o") is None and lane.resolve("other/planner") is None
+    for bad in ("p/two words", "p/", "p/v3", "p/" + "x" * 65):
+        with pytest.raises(BadRequest, match="not an agent name"):
+            lane.resolve(bad)
