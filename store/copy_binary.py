@@ -160,13 +160,9 @@ def encode_tuples(encoders: Sequence[Encoder], records: Sequence[Sequence[Any]])
     return b"".join(encode_tuple(encoders, record) for record in records)
 
 
-_COUNTS: dict[int, bytes] = {}
-
-
 def encode_tuple(encoders: Sequence[Encoder], record: Sequence[Any]) -> bytes:
     """One record as a tuple of the stream; Unencodable says which column (`column`)."""
-    count = _COUNTS.get(len(encoders)) or _COUNTS.setdefault(len(encoders), struct.pack("!h", len(encoders)))
-    parts = [count]
+    parts = [struct.pack("!h", len(encoders))]
     for i, (encode, value) in enumerate(zip(encoders, record, strict=True)):
         if value is None:
             parts.append(_NULL)

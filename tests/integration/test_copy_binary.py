@@ -5,7 +5,6 @@ writer's bad rows; a call's row through the writer reads back equal to what the 
 
 from __future__ import annotations
 
-import io
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -41,7 +40,7 @@ async def _round_trip(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> 
         "(n serial, a text, b int4, c int8, d float8, e jsonb, f timestamptz, g int4[], h real[])"
     )
     await conn.copy_to_table(
-        "t", source=io.BytesIO(encode_rows(ENCODERS, rows)), columns=COLUMNS, format="binary"
+        "t", source=memoryview(encode_rows(ENCODERS, rows)), columns=COLUMNS, format="binary"
     )
     return [tuple(r) for r in await conn.fetch(f"SELECT {', '.join(COLUMNS)} FROM t ORDER BY n")]
 
