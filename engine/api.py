@@ -306,6 +306,8 @@ def create_app(server: EngineServer) -> FastAPI:
             f"lightloop_engine_requests_waiting {server.batcher.waiting}\n"
             "# TYPE lightloop_engine_decode_steps_total counter\n"
             f"lightloop_engine_decode_steps_total {server.batcher.steps}\n"
+            "# TYPE lightloop_engine_mixed_adapter_steps_total counter\n"
+            f"lightloop_engine_mixed_adapter_steps_total {server.batcher.mixed_adapter_steps}\n"
         )
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 

@@ -85,6 +85,9 @@ class Batcher:
         self._stopping = False
         self._waiting_count = 0
         self.steps = 0
+        # Decode steps whose batch ran rows on different adapters (or the base model beside one):
+        # agents with adapters of their own are served side by side, not one after another.
+        self.mixed_adapter_steps = 0
 
     # -- any thread ------------------------------------------------------------------------
 
@@ -186,6 +189,8 @@ class Batcher:
         positions = torch.tensor([[r.position] for r in self._rows], dtype=torch.long)  # [B, 1]
         mask = torch.cat([self._mask, torch.ones((b, 1), dtype=torch.long)], dim=1)  # [B, L+1]
         self.lora.row_adapters = [r.choice.adapter for r in self._rows]
+        if len({a.name if a is not None else None for a in self.lora.row_adapters}) > 1:
+            self.mixed_adapter_steps += 1
         out = self.loaded.model(
             input_ids=ids,
             attention_mask=mask,

@@ -10,7 +10,9 @@ The solver's calls ask for `policy/solver` and the checker's for `policy/checker
 
 in lightloop.yaml the proxy serves each agent by its own adapter (`policy-solver-vN`,
 `policy-checker-vN`; the policy's own until the agent has a version) and records each call's
-agent and adapter. Without `agents:` both share the policy's adapter, and the example runs the same.
+agent and adapter; `lightloop trainer` trains both adapters from the same rollouts, each on its
+own calls with the other's as context, and publishes them together (README, Trainer, "Agent
+adapters"). Without `agents:` both share the policy's adapter, and the example runs the same.
 
 Reward: half for a right answer, half for a right verdict (the checker says "yes" exactly when the
 answer is right), so each agent's share of the reward is its own doing.

@@ -376,6 +376,31 @@ def _check_heartbeat(path: Path, max_age_s: float) -> None:
         raise LightloopError(f"the trainer's last heartbeat is {age:.0f} s old (limit {max_age_s:.0f} s)")
 
 
+@cli.command("vllm-args")
+@click.option("--policy", default=None, help="The policy model vLLM serves (default: the trainer's).")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write them to this file (atomically) instead of standard output.",
+)
+@click.pass_context
+def vllm_args_command(ctx: click.Context, policy: str | None, output: Path | None) -> None:
+    """Print the `vllm serve` flags this configuration needs (LoRA slots for the policy's adapter
+    and its agents' adapters, kept versions included; the LoRA rank; processed logprobs), on
+    one line. Compose and Kubernetes start vLLM with them."""
+    from lightloop.vllm_flags import vllm_args
+
+    line = " ".join(vllm_args(_settings(ctx), policy))
+    if output is None:
+        click.echo(line)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".partial")
+    partial.write_text(line + "\n")
+    partial.replace(output)  # vLLM never reads half a file
+
+
 # -- up ------------------------------------------------------------------------------------------
 
 

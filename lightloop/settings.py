@@ -151,10 +151,23 @@ class PolicyModelSettings(BaseModel):
     agents: dict[str, AgentAdapterSettings] = Field(
         default_factory=dict,
         description=(
-            "Agents with an adapter of their own ({planner: {}, coder: {}}): served as "
-            "`<name>-<agent>-vN`; agents not listed share the policy's adapter."
+            "Agents with an adapter of their own ({planner: {}, coder: {}}, or a list, or "
+            "`planner,coder`): served as `<name>-<agent>-vN` and trained beside the policy's "
+            "adapter; agents not listed share the policy's adapter."
         ),
     )
+
+    @field_validator("agents", mode="before")
+    @classmethod
+    def _agents_as_names(cls, agents: Any) -> Any:
+        # Compose builds LIGHTLOOP_POLICY from .env: `POLICY_AGENTS=planner,coder` is simplest.
+        if isinstance(agents, str):
+            agents = [a.strip() for a in agents.split(",") if a.strip()]
+        if isinstance(agents, list):
+            if len(set(agents)) != len(agents):
+                raise ValueError(f"agents listed twice: {agents}")
+            return {agent: {} for agent in agents}
+        return agents
 
     @field_validator("agents")
     @classmethod

@@ -264,6 +264,7 @@ class ProxyApp:
             self._token_text,
             send,
             credit=(trainer.credit, trainer.gamma),
+            live=self.versions.live,
         )
 
     async def _serve_ui_overview(self, r: Request, send: Send) -> int:

@@ -219,11 +219,13 @@ async def get_samples(
     token_text: TokenText,
     send: Send,
     credit: tuple[str, float] = ("rollout", 1.0),
+    live: Callable[[str], int] = lambda _adapter: 0,
 ) -> int:
     """The trainer's view of a rollout: its calls as a claim hands them over, rebuilt into samples
-    by the trainer's own code (the tokens trained on, and the context masked out), with each
-    trained turn's reward and return as turn credit computes them (`credit`: the trainer's
-    CREDIT and GAMMA)."""
+    by the trainer's own code (the tokens trained on, and the context masked out), one entry per
+    adapter (the policy's own and each agent's), with each trained turn's reward and return as
+    turn credit computes them (`credit`: the trainer's CREDIT and GAMMA). `live`: an adapter's
+    live version (an agent's adapter without one trains on the calls the policy's served)."""
     check_id(rollout_id, "rollout id")
 
     async def read(conn: asyncpg.Connection) -> tuple[bool, list[Any], Any]:
@@ -245,6 +247,7 @@ async def get_samples(
         agents,
         token_text,
         (turn_rewards, own_reward, reward, credit[1]),
+        {a.name: live(a.name) for p in policies for a in p.adapters()},
     )
     body = {
         "rollout_id": rollout_id,
@@ -272,8 +275,10 @@ def _rebuild_all(
     agents: list[str],
     token_text: TokenText,
     rewards: tuple[dict[str, float], float | None, float | None, float],
+    lives: dict[str, int],
 ) -> tuple[list[dict[str, Any]], float]:
-    """The samples of each policy, and R as the trainer takes it (trainer/credit.py)."""
+    """The samples of each adapter of each policy, and R as the trainer takes it
+    (trainer/credit.py)."""
     from lightloop.trainer.credit import call_returns, final_reward
     from lightloop.trainer.rebuild import rebuild, trainable_for, turns_from_calls
 
@@ -286,34 +291,62 @@ def _rebuild_all(
         own = [c for c in calls if c["model"] == policy.name]
         if not own:
             continue
-        # As the trainer selects: the policy's adapter's calls, of TRAINER__AGENTS.
-        samples, rebuilt = rebuild(rollout_id, turns_from_calls(own, trainable_for(policy.name, agents)))
-        out.append(
+        listed = list(policy.agents)
+        for adapter, agent in [(policy.name, None), *((policy.adapter_of(a), a) for a in listed)]:
+            # As the trainer selects (trainer/loop.py): the calls each adapter owns, of
+            # TRAINER__AGENTS; an adapter with nothing to train here is left out.
+            trainable = trainable_for(
+                adapter,
+                agents,
+                policy.name,
+                agent=agent,
+                others=listed,
+                adopting=agent is not None and lives.get(adapter, 0) == 0,
+            )
+            samples, rebuilt = rebuild(rollout_id, turns_from_calls(own, trainable))
+            if agent is not None and not samples:
+                continue
+            out.append(
+                _adapter_view(adapter, agent, policy, samples, rebuilt, token_text, turn_rewards, returns)
+            )
+    return out, final
+
+
+def _adapter_view(
+    adapter: str,
+    agent: str | None,
+    policy: PolicyModelSettings,
+    samples: list[Any],
+    rebuilt: Any,
+    token_text: TokenText,
+    turn_rewards: dict[str, float],
+    returns: dict[str, float],
+) -> dict[str, Any]:
+    """One adapter's samples as the trainer's view shows them ("policy": the adapter's name)."""
+    return {
+        "policy": adapter,
+        "agent": agent,
+        "stats": rebuilt.as_dict(),
+        "samples": [
             {
-                "policy": policy.name,
-                "stats": rebuilt.as_dict(),
-                "samples": [
+                "prompt_len": s.prompt_len,
+                "input_ids": s.input_ids,
+                # Each id decoded alone; null where this machine has no tokenizer for it.
+                "tokens": token_text.texts(policy.base_model, s.input_ids),
+                "loss_mask": s.loss_mask,
+                "logprobs": s.logprobs,
+                "policy_versions": sorted(s.policy_versions),
+                "turns": [
                     {
-                        "prompt_len": s.prompt_len,
-                        "input_ids": s.input_ids,
-                        # Each id decoded alone; null where this machine has no tokenizer for it.
-                        "tokens": token_text.texts(policy.base_model, s.input_ids),
-                        "loss_mask": s.loss_mask,
-                        "logprobs": s.logprobs,
-                        "policy_versions": sorted(s.policy_versions),
-                        "turns": [
-                            {
-                                "start": start,
-                                "end": end,
-                                "span_id": span_id,
-                                "reward": turn_rewards.get(span_id or "", 0.0),
-                                "return": returns.get(span_id or "", 0.0),
-                            }
-                            for start, end, span_id in s.turns
-                        ],
+                        "start": start,
+                        "end": end,
+                        "span_id": span_id,
+                        "reward": turn_rewards.get(span_id or "", 0.0),
+                        "return": returns.get(span_id or "", 0.0),
                     }
-                    for s in samples
+                    for start, end, span_id in s.turns
                 ],
             }
-        )
-    return out, final
+            for s in samples
+        ],
+    }

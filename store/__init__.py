@@ -58,6 +58,7 @@ from lightloop.store.policies import (
     live_version,
     retire_version,
     set_live,
+    set_version_uri,
     stage_version,
 )
 from lightloop.store.query import QueryResult, run_sql
@@ -157,6 +158,7 @@ __all__ = [
     "rollout_training_rewards",
     "run_sql",
     "set_live",
+    "set_version_uri",
     "stage_version",
     "stop_dataset",
     "task_id",

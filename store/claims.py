@@ -178,6 +178,9 @@ class StepRecord:
     reward_mean: float | None = None
     reward_std: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Versions of agent adapters (`policy-planner`) the step published, by adapter name: each
+    # gets its training_step, as the policy's `policy_out` does.
+    published: dict[str, int] = field(default_factory=dict)
 
 
 async def claim_groups(
@@ -272,6 +275,13 @@ async def record_step(conn: asyncpg.Connection, claim: Claim, step: StepRecord) 
                 step_id,
                 step.policy,
                 step.policy_out,
+            )
+        for adapter, version in step.published.items():
+            await conn.execute(
+                "UPDATE policy_versions SET training_step = $1 WHERE policy = $2 AND version = $3",
+                step_id,
+                adapter,
+                version,
             )
     return step_id
 

@@ -120,6 +120,13 @@ async def set_live(conn: asyncpg.Connection, policy: str, version: int) -> Polic
     return PolicyVersion.from_record(row)
 
 
+async def set_version_uri(conn: asyncpg.Connection, policy: str, version: int, uri: str) -> None:
+    """Where a staged version's files are (the trainer knows once its folder has its number)."""
+    await conn.execute(
+        "UPDATE policy_versions SET uri = $3 WHERE policy = $1 AND version = $2", policy, version, uri
+    )
+
+
 async def retire_version(
     conn: asyncpg.Connection, policy: str, version: int, reason: str | None = None
 ) -> None:

@@ -26,13 +26,20 @@ def build(settings: Settings, database_url: str) -> tuple[Trainer, list[HttpEngi
     policy = policies[name]
     api_key = policy.api_key.get_secret_value() if policy.api_key else None
     engines = [HttpEngine(url, api_key) for url in (t.engines or policy.upstreams)]
-    backend = make_backend(settings)
-    publisher = Publisher(name, policy.base_model, settings.checkpoints, engines, t.keep_versions)
-    trainer = Trainer(t, name, database_url, backend, publisher, heartbeat=settings.trainer_heartbeat)
+    # Agents with adapters of their own are trained beside the policy's, from the same steps.
+    agents = {agent: policy.adapter_of(agent) for agent in policy.agents}
+    backend = make_backend(settings, list(agents.values()))
+    publisher = Publisher(
+        name, policy.base_model, settings.checkpoints, engines, t.keep_versions, list(agents.values())
+    )
+    trainer = Trainer(
+        t, name, database_url, backend, publisher, heartbeat=settings.trainer_heartbeat, agents=agents
+    )
     return trainer, engines
 
 
-def make_backend(settings: Settings) -> Backend:
+def make_backend(settings: Settings, adapters: list[str] | None = None) -> Backend:
+    """The configured backend, holding the policy's adapter and `adapters` (agents' adapters)."""
     from lightloop.models import load_model, model_folder
 
     t = settings.trainer
@@ -40,7 +47,7 @@ def make_backend(settings: Settings) -> Backend:
     if t.backend == "verl":
         from lightloop.trainer.verl_backend import VerlBackend
 
-        return VerlBackend(t, model_folder(spec, settings.model_cache))
+        return VerlBackend(t, model_folder(spec, settings.model_cache), adapters or ())
     loaded = load_model(spec, settings.model_cache)
     return LocalBackend(
         loaded.model,
@@ -55,6 +62,7 @@ def make_backend(settings: Settings) -> Backend:
             micro_batch_size=t.micro_batch_size,
             seed=t.seed,
         ),
+        adapters or (),
     )
 
 

@@ -5,7 +5,9 @@ PEFT's format, which vLLM and `lightloop engine` load at run time."""
 
 from __future__ import annotations
 
+import copy
 import logging
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +141,11 @@ def response_logprobs(model: Any, batch: MicroBatch) -> torch.Tensor:
 
 
 class LocalBackend:
-    def __init__(self, model: Any, tokenizer: Any, config: LocalConfig) -> None:
+    """The policy's LoRA adapter (`adapter=None`) and one per agent adapter (`adapters`, by name),
+    all on one frozen base model, each with its own optimiser: one base model's memory however
+    many agents are trained."""
+
+    def __init__(self, model: Any, tokenizer: Any, config: LocalConfig, adapters: Sequence[str] = ()) -> None:
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(config.seed)
@@ -155,26 +161,65 @@ class LocalBackend:
             task_type="CAUSAL_LM",
         )
         self.model = get_peft_model(model, lora)
+        # PEFT's names for the adapters: module keys, so not the adapters' own (they may hold dots).
+        self._peft: dict[str | None, str] = {None: "default"}
+        for i, name in enumerate(adapters, start=1):
+            self._peft[name] = f"agent{i}"
+            self.model.add_adapter(f"agent{i}", copy.deepcopy(lora))
         self.model.train()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+        self._params = {
+            peft: [p for n, p in self.model.named_parameters() if "lora_" in n and f".{peft}." in n]
+            for peft in self._peft.values()
+        }
+        self.optimizers = {
+            peft: torch.optim.AdamW(params, lr=config.learning_rate) for peft, params in self._params.items()
+        }
+        self.use(None)
 
-    def load_adapter(self, path: Path) -> None:
+    def use(self, adapter: str | None) -> str:
+        """Make `adapter` the one that runs and trains; its PEFT name."""
+        if adapter not in self._peft:
+            raise KeyError(f"no adapter {adapter!r} in this backend (it has {sorted(map(str, self._peft))})")
+        peft = self._peft[adapter]
+        self.model.set_adapter(peft)
+        for name, params in self._params.items():
+            for p in params:
+                p.requires_grad_(name == peft)
+        return peft
+
+    def load_adapter(self, path: Path, adapter: str | None = None) -> None:
         """Continue from a published version (a restart resumes from the live one)."""
         from peft import set_peft_model_state_dict
         from peft.utils import load_peft_weights
 
-        set_peft_model_state_dict(self.model, load_peft_weights(str(path), device="cpu"))
+        peft = self._peft[adapter]
+        set_peft_model_state_dict(self.model, load_peft_weights(str(path), device="cpu"), adapter_name=peft)
 
-    def save_adapter(self, path: Path) -> None:
-        self.model.save_pretrained(str(path))
+    def save_adapter(self, path: Path, adapter: str | None = None) -> None:
+        """PEFT's files for one adapter, in `path` itself (PEFT puts an adapter not named
+        `default` in a subfolder of its name)."""
+        peft = self._peft[adapter]
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if peft == "default":
+            self.model.save_pretrained(str(path), selected_adapters=[peft])
+            return
+        with tempfile.TemporaryDirectory(dir=path) as tmp:
+            self.model.save_pretrained(tmp, selected_adapters=[peft])
+            for written in (Path(tmp) / peft).iterdir():
+                written.rename(path / written.name)
 
-    def step(self, samples: Sequence[Sample], advantages: Sequence[Advantage]) -> dict[str, float]:
-        """One optimiser step over all samples (micro-batched, token-mean over the whole batch)."""
+    def step(
+        self, samples: Sequence[Sample], advantages: Sequence[Advantage], adapter: str | None = None
+    ) -> dict[str, float]:
+        """One optimiser step of `adapter` (the policy's by default) over all samples
+        (micro-batched, token-mean over the whole batch)."""
         assert len(samples) == len(advantages) and samples
         total_tokens = sum(sum(s.loss_mask) for s in samples)
         assert total_tokens > 0, "no token to train on"
-        self.optimizer.zero_grad(set_to_none=True)
+        peft = self.use(adapter)
+        optimizer = self.optimizers[peft]
+        optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         loss_total = 0.0
         for chunk in micro_batches(samples, self.config.micro_batch_size):
@@ -214,10 +259,8 @@ class LocalBackend:
             with torch.no_grad():
                 gap = ((old - batch.served).abs() * batch.mask).sum() / batch.mask.sum().clamp(min=1)
             sums["serve_train_logprob_gap"] = sums.get("serve_train_logprob_gap", 0.0) + float(gap) * share
-        norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.requires_grad], self.config.max_grad_norm
-        )
-        self.optimizer.step()
+        norm = torch.nn.utils.clip_grad_norm_(self._params[peft], self.config.max_grad_norm)
+        optimizer.step()
         return {"loss": loss_total, "grad_norm": float(norm), "tokens": float(total_tokens), **sums}
 
     def _kl(self, batch: MicroBatch, logprobs: torch.Tensor) -> torch.Tensor:

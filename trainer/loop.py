@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
-import random
 import socket
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,9 +27,7 @@ import asyncpg
 from lightloop.settings import TrainerSettings
 from lightloop.store import (
     Claim,
-    ClaimedRollout,
     ClaimLost,
-    DatabaseUnavailable,
     StepRecord,
     claim_groups,
     connect,
@@ -41,64 +39,29 @@ from lightloop.store import (
     record_step,
     release_claim,
 )
-from lightloop.store.database import is_transient, is_unavailable
-from lightloop.trainer.algorithms import Scored, drop_flat_groups, rollout_advantages
-from lightloop.trainer.credit import rollout_total, turn_credit
 from lightloop.trainer.errors import PublishError, TrainerError
+from lightloop.trainer.outage import OUTAGE, backoff_s, is_outage
 from lightloop.trainer.publish import Published, Publisher
-from lightloop.trainer.rebuild import (
-    Advantage,
-    RebuildStats,
-    Sample,
-    rebuild,
-    served_by,
-    trainable_for,
-    turns_from_calls,
-)
+from lightloop.trainer.rebuild import Advantage, Sample
+from lightloop.trainer.select import AdapterStep, plan_adapter, rollout_reward
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 5.0
-BACKOFF_CAP_S = 30.0
-
 T = TypeVar("T")
-# What Postgres raises when it is unreachable or refusing, before or after translation; which of
-# these is an outage (it may pass) rather than a bug is `is_outage`.
-# asyncpg's InternalClientError: a connection whose server ended it (a failover, a restart) while
-# a statement was being sent is left in a state no statement can use; a new connection is fine.
-OUTAGE = (
-    OSError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    DatabaseUnavailable,
-)
-
-
-def is_outage(exc: BaseException) -> bool:
-    """Postgres is down or refuses for now (read-only, a deadlock): it may pass. Anything else
-    (a statement Postgres rejects every time) is logged at ERROR each time it happens."""
-    return (
-        isinstance(exc, DatabaseUnavailable | asyncpg.InternalClientError)
-        or is_unavailable(exc)
-        or is_transient(exc)
-    )
-
-
-def backoff_s(attempt: int, base_s: float) -> float:
-    """The pause before retry `attempt` (1, 2, ...): doubling from `base_s` up to 30 s, with jitter
-    over its upper half ("equal jitter"), so that trainers that lost Postgres together do not
-    return together."""
-    ceiling: float = min(BACKOFF_CAP_S, base_s * 2.0 ** (attempt - 1))
-    return ceiling * random.uniform(0.5, 1.0)
 
 
 class Backend(Protocol):
-    def step(self, samples: Sequence[Sample], advantages: Sequence[Advantage]) -> dict[str, float]: ...
+    """A trainer backend holds the policy's adapter (`adapter=None`) and one per agent with an
+    adapter of its own (by its name, `policy-planner`), all on one base model."""
 
-    def save_adapter(self, path: Any) -> None: ...
+    def step(
+        self, samples: Sequence[Sample], advantages: Sequence[Advantage], adapter: str | None = None
+    ) -> dict[str, float]: ...
 
-    def load_adapter(self, path: Any) -> None: ...
+    def save_adapter(self, path: Any, adapter: str | None = None) -> None: ...
+
+    def load_adapter(self, path: Any, adapter: str | None = None) -> None: ...
 
 
 @dataclass
@@ -106,37 +69,9 @@ class StepOutcome:
     step: int | None
     n_rollouts: int
     n_samples: int
-    version: int
+    version: int  # the policy's own adapter's version after the step
     metrics: dict[str, Any] = field(default_factory=dict)
-
-
-def select_samples(
-    rollouts: Sequence[ClaimedRollout],
-    *,
-    policy: str,
-    live: int,
-    max_staleness: int,
-    agents: Sequence[str],
-) -> tuple[dict[str, list[Sample]], dict[str, Any]]:
-    """Samples per rollout, after the staleness filter; counts for the step's metrics. Pure."""
-    stats = RebuildStats()
-    stale = 0
-    by_rollout: dict[str, list[Sample]] = {}
-    # A call an agent's adapter served (its versions are that adapter's) is context here, never
-    # trained into the policy's adapter, and does not count against its staleness.
-    own, trainable = served_by(policy), trainable_for(policy, agents)
-
-    for rollout in rollouts:
-        calls = [c for c in rollout.calls if c["model"] == policy]
-        versions = [c["policy_version"] for c in calls if c["policy_version"] is not None and own(c)]
-        if versions and min(versions) < live - max_staleness:
-            stale += 1
-            continue
-        samples, rollout_stats = rebuild(rollout.id, turns_from_calls(calls, trainable))
-        stats.add(rollout_stats)
-        if samples:
-            by_rollout[rollout.id] = samples
-    return by_rollout, {**stats.as_dict(), "stale_rollouts": stale}
+    versions: dict[str, int] = field(default_factory=dict)  # every adapter's, by name
 
 
 class Trainer:
@@ -149,9 +84,15 @@ class Trainer:
         publisher: Publisher,
         name: str | None = None,
         heartbeat: Path | None = None,
+        agents: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings
         self.policy = policy
+        # The adapters trained, (name, agent): the policy's own, then each agent's with an adapter
+        # of its own (`agents`: agent -> adapter name); the publisher must know the same ones.
+        self.adapters: list[tuple[str, str | None]] = [(policy, None)]
+        self.adapters += [(adapter, agent) for agent, adapter in (agents or {}).items()]
+        assert [a for a, _ in self.adapters] == publisher.names, "the publisher publishes other adapters"
         self.database_url = database_url
         self.backend = backend
         self.publisher = publisher
@@ -159,28 +100,35 @@ class Trainer:
         self.heartbeat = heartbeat
         self._step_started: float | None = None  # monotonic start of the step in progress
         self._stop: asyncio.Event | None = None  # run()'s: a stopping trainer retries nothing
+        # Agent adapters without a version of their own: the policy's version each was copied from.
+        self._forked: dict[str, int] = {}
 
     async def resume(self) -> int:
-        """Start from the live version: its weights, loaded on every engine. Versions a previous
-        run staged but never made live are marked failed."""
+        """Start from the live versions: their weights (the policy's and each agent adapter's),
+        loaded on every engine. Versions a previous run staged but never made live are marked
+        failed. Returns the policy's own live version."""
         conn = await connect(self.database_url)
         try:
-            await self._fail_staged(conn, "the trainer stopped before publishing it")
-            live = await live_version(conn, self.policy)
-            if live is None:
-                return 0
-            path = self.publisher.path_of(live.version)
-            if not (path / "adapter_config.json").is_file():
-                raise TrainerError(
-                    f"version {live.version} of {self.policy} is live but its adapter is not in {path}; "
-                    "point LIGHTLOOP_HOME at the folder the trainer published from"
-                )
-            self.backend.load_adapter(path)
-            try:
-                await self.publisher.restore(conn)
-            except PublishError as exc:
-                log.warning("could not reload version %d on every engine: %s", live.version, exc)
-            return live.version
+            versions: dict[str, int] = {}
+            for name, agent in self.adapters:
+                await self._fail_staged(conn, name, "the trainer stopped before publishing it")
+                live = await live_version(conn, name)
+                if live is None:
+                    continue
+                path = self.publisher.path_of(live.version, name)
+                if not (path / "adapter_config.json").is_file():
+                    raise TrainerError(
+                        f"version {live.version} of {name} is live but its adapter is not in {path}; "
+                        "point LIGHTLOOP_HOME at the folder the trainer published from"
+                    )
+                self.backend.load_adapter(path, adapter=agent and name)
+                versions[name] = live.version
+            if versions:
+                try:
+                    await self.publisher.restore(conn)
+                except PublishError as exc:
+                    log.warning("could not reload the live versions %s on every engine: %s", versions, exc)
+            return versions.get(self.policy, 0)
         finally:
             await conn.close()
 
@@ -324,117 +272,177 @@ class Trainer:
         finally:
             await conn.close()
 
+    def _fork(self, name: str, version: int) -> None:
+        """Make agent adapter `name`, which has no version of its own, the policy's `version`
+        (nothing to do for version 0, the base model: every adapter starts as it)."""
+        if version == 0 or self._forked.get(name) == version:
+            return
+        try:
+            self.backend.load_adapter(self.publisher.path_of(version), adapter=name)
+        except TrainerError as exc:
+            # The verl backend copies only before its workers start (done at resume).
+            log.warning("%s starts from the weights it had, not %s v%d: %s", name, self.policy, version, exc)
+        self._forked[name] = version
+
+    def _update(self, plans: Sequence[AdapterStep]) -> dict[str, dict[str, float]]:
+        """Each adapter with samples takes one optimiser step (in a thread: the loop renews the
+        lease meanwhile); their metrics by adapter."""
+        return {
+            p.name: self.backend.step(p.samples, p.advantages, adapter=p.agent and p.name)
+            for p in plans
+            if p.samples
+        }
+
     async def _train(self, conn: asyncpg.Connection, claim: Claim) -> StepOutcome:
-        s = self.settings
         started = datetime.now(UTC)
         t0 = time.monotonic()
-        live = await live_version(conn, self.policy)
-        version_in = live.version if live is not None else 0
-        by_rollout, metrics = select_samples(
-            claim.rollouts,
-            policy=self.policy,
-            live=version_in,
-            max_staleness=s.max_staleness,
-            agents=s.agents,
+        # The rollouts are rebuilt once per adapter: each trains on its own turns, the other
+        # agents' turns are its context, and every adapter's advantages come from the same groups.
+        lives: dict[str, int] = {}
+        for name, _ in self.adapters:
+            live = await live_version(conn, name)
+            lives[name] = live.version if live is not None else 0
+        plans = []
+        for name, agent in self.adapters:
+            # An agent's adapter without a version of its own starts as a copy of the policy's
+            # live one, which served that agent until now; those calls are its samples.
+            adopted = lives[self.policy] if agent is not None and lives[name] == 0 else None
+            if adopted is not None:
+                self._fork(name, adopted)
+            plans.append(
+                plan_adapter(
+                    claim.rollouts,
+                    self.settings,
+                    policy=self.policy,
+                    name=name,
+                    agent=agent,
+                    version_in=lives[name],
+                    others=[a for _, a in self.adapters if a is not None],
+                    adopted=adopted,
+                )
+            )
+        own = plans[0]
+        assert own.agent is None, "the policy's own adapter comes first"
+        updates = (
+            await self._renewing(claim, asyncio.to_thread(self._update, plans))
+            if any(p.samples for p in plans)
+            else {}
         )
+        n_tokens = 0
+        weighted_loss = 0.0
+        for plan in plans:
+            if plan.name in updates:
+                m = dict(updates[plan.name])
+                tokens = int(m.pop("tokens"))
+                n_tokens += tokens
+                weighted_loss += m["loss"] * tokens
+                plan.metrics.update(m, tokens=tokens)
+        loss = weighted_loss / n_tokens if n_tokens else None
         # The step's reward figures: each rollout's reward, or with turn credit all it earned
         # (rollouts.reward is then just the latest reward posted, a call's included).
-        rewards = {r.id: rollout_total(r) if s.credit == "turn" else r.reward for r in claim.rollouts}
-        samples: list[Sample]
-        sample_advantages: list[Advantage]
-        if s.credit == "turn":
-            samples, sample_advantages, flat_groups, turns = turn_credit(claim.rollouts, by_rollout, s.gamma)
-            metrics.update(credit="turn", gamma=s.gamma, turns=turns)
-        else:
-            scored = [Scored(r.id, r.group, r.reward) for r in claim.rollouts if r.id in by_rollout]
-            kept, flat_groups = drop_flat_groups(scored)
-            advantages = rollout_advantages(kept, s.algorithm)
-            samples = [sample for rid in advantages for sample in by_rollout[rid]]
-            sample_advantages = [advantages[sample.rollout_id] for sample in samples]
-            metrics.update(credit="rollout")
-        metrics.update(flat_groups=flat_groups, samples=len(samples), algorithm=s.algorithm)
-        loss = None
-        n_tokens = 0
-        if samples:
-            # The update runs in a thread so that the lease can be renewed meanwhile.
-            step_metrics = await self._renewing(
-                claim, asyncio.to_thread(self.backend.step, samples, sample_advantages)
-            )
-            loss = step_metrics.pop("loss")
-            n_tokens = int(step_metrics.pop("tokens"))
-            metrics.update(step_metrics)
-        values = list(rewards.values())
+        values = [rollout_reward(r, self.settings.credit) for r in claim.rollouts]
+        # The policy's own adapter's figures stay at the top (as before agent adapters); with
+        # agent adapters, `adapters` holds each one's, by name.
+        metrics = {k: v for k, v in own.metrics.items() if k not in ("loss", "tokens")}
+        several = len(plans) > 1
 
-        def record(version_out: int, publish_error: str | None) -> StepRecord:
-            extra = {} if publish_error is None else {"publish_error": publish_error}
+        def record(versions: dict[str, int], publish_error: str | None) -> StepRecord:
+            extra: dict[str, Any] = {} if publish_error is None else {"publish_error": publish_error}
+            if several:
+                extra["adapters"] = {
+                    p.name: {
+                        "agent": p.agent,
+                        "version_in": p.version_in,
+                        "version_out": versions.get(p.name, p.version_in),
+                        "samples": len(p.samples),
+                        "reward_mean": statistics.fmean(p.rewards) if p.rewards else None,
+                        **p.metrics,
+                    }
+                    for p in plans
+                }
             return StepRecord(
                 started_at=started,
                 policy=self.policy,
-                policy_in=version_in,
-                policy_out=version_out,
+                policy_in=own.version_in,
+                policy_out=versions.get(self.policy, own.version_in),
                 trainer=self.name,
                 n_tokens=n_tokens,
                 loss=loss,
                 reward_mean=statistics.fmean(values) if values else None,
                 reward_std=statistics.pstdev(values) if len(values) > 1 else 0.0,
                 metrics={**metrics, **extra, "seconds": round(time.monotonic() - t0, 3)},
+                published={n: v for n, v in versions.items() if n != self.policy},
             )
 
-        step, finished = await self._publish_and_record(conn, claim, bool(samples), version_in, record)
-        version_out = finished.policy_out
-        assert version_out is not None
+        step, finished = await self._publish_and_record(conn, claim, plans, set(updates), record)
+        assert finished.policy_out is not None
+        versions = {p.name: p.version_in for p in plans} | finished.published
+        versions[self.policy] = finished.policy_out
         log.info(
-            "step %s: %d rollouts, %d samples, %d tokens, reward %.3f, loss %s, v%d -> v%d (%.1fs)",
+            "step %s: %d rollouts, %d samples, %d tokens, reward %.3f, loss %s, %s (%.1fs)",
             step,
             len(claim.rollouts),
-            len(samples),
+            sum(len(p.samples) for p in plans),
             n_tokens,
             finished.reward_mean or 0.0,
             "-" if loss is None else f"{loss:.4f}",
-            version_in,
-            version_out,
+            ", ".join(f"{p.name} v{p.version_in} -> v{versions[p.name]}" for p in plans),
             time.monotonic() - t0,
         )
-        return StepOutcome(step, len(claim.rollouts), len(samples), version_out, finished.metrics)
+        n_samples = sum(len(p.samples) for p in plans)
+        return StepOutcome(
+            step, len(claim.rollouts), n_samples, finished.policy_out, finished.metrics, versions
+        )
 
     async def _publish_and_record(
         self,
         conn: asyncpg.Connection,
         claim: Claim,
-        updated: bool,
-        version_in: int,
-        record: Callable[[int, str | None], StepRecord],
+        plans: Sequence[AdapterStep],
+        updated: set[str],
+        record: Callable[[dict[str, int], str | None], StepRecord],
     ) -> tuple[int | None, StepRecord]:
-        """Publish the updated weights (when there are any) and record the step, which consumes
-        its rollouts. Postgres going away here (it restarted, it failed over) does not throw the
-        update away and train the same rollouts twice: on a fresh connection, with backoff, the
-        part that did not go through is tried again, until it does, the step outlives
-        `max_step_s`, the trainer is stopped or the claim is lost. A publish cut short is
-        looked up first: live, it counts; still staged, it is marked failed and done again."""
+        """Publish the updated adapters (when there are any), together, and record the step,
+        which consumes its rollouts. Postgres going away here (it restarted, it failed over) does
+        not throw the update away and train the same rollouts twice: on a fresh connection, with
+        backoff, the part that did not go through is tried again, until it does, the step
+        outlives `max_step_s`, the trainer is stopped or the claim is lost. A publish cut short
+        is looked up first: live, it counts; still staged, it is marked failed and done again."""
         s = self.settings
-        published: Published | None = None
+        saves = {
+            p.name: functools.partial(self.backend.save_adapter, adapter=p.agent and p.name)
+            for p in plans
+            if p.name in updated
+        }
+        published: dict[str, Published] | None = None
         publish_error: str | None = None
         interrupted = False  # a publish call was cut short by the outage
         attempt = 0
         db = conn
+
+        def versions() -> dict[str, int]:
+            return {name: p.version for name, p in (published or {}).items()}
+
         try:
             while True:
                 try:
                     if interrupted:
                         published = await self._after_interrupted_publish(db)
                         interrupted = False
-                    if updated and published is None and publish_error is None:
+                    if saves and published is None and publish_error is None:
                         try:
                             interrupted = True
-                            published = await self._renewing(
-                                claim, self.publisher.publish(db, self.backend.save_adapter)
-                            )
+                            published = await self._renewing(claim, self.publisher.publish_all(db, saves))
                         except PublishError as exc:
                             # The weights stay in the trainer and go out with the next publish.
-                            log.error("publishing failed, version %d stays live: %s", version_in, exc)
+                            log.error(
+                                "publishing failed, the live versions stay live (%s): %s",
+                                ", ".join(f"{p.name} v{p.version_in}" for p in plans),
+                                exc,
+                            )
                             publish_error = str(exc)
                         interrupted = False
-                    finished = record(published.version if published else version_in, publish_error)
+                    finished = record(versions(), publish_error)
                     try:
                         return await record_step(db, claim, finished), finished
                     except ClaimLost as exc:
@@ -466,7 +474,7 @@ class Trainer:
                             await extend_claim(db, claim, s.lease_s)
                         except ClaimLost as lost:
                             log.error("the claim was lost during the outage: %s", lost)
-                            return None, record(published.version if published else version_in, publish_error)
+                            return None, record(versions(), publish_error)
                         except OUTAGE:
                             with contextlib.suppress(Exception):
                                 await db.close()
@@ -477,19 +485,25 @@ class Trainer:
                 with contextlib.suppress(Exception):
                     await db.close()
 
-    async def _after_interrupted_publish(self, conn: asyncpg.Connection) -> Published | None:
-        """What became of the version a publish cut short by an outage had staged: live (its
-        `set_live` committed), it is this step's; staged, it is marked failed (the engines may
-        not all hold it) and unloaded, so that the step publishes anew."""
-        version = self.publisher.staged
-        if version is None:
+    async def _after_interrupted_publish(self, conn: asyncpg.Connection) -> dict[str, Published] | None:
+        """What became of the versions a publish cut short by an outage had staged: live (their
+        one `set_live` transaction committed), they are this step's; staged, they are marked
+        failed (the engines may not all hold them) and unloaded, so that the step publishes anew."""
+        staged = dict(self.publisher.staged)
+        if not staged:
             return None
-        found = await get_version(conn, self.policy, version)
-        if found is not None and found.status == "live":
-            return Published(version, self.publisher.path_of(version), found.sha256 or "")
-        if found is not None and found.status == "staged":
-            await fail_version(conn, self.policy, version, "a Postgres outage interrupted its publish")
-            await self.publisher.unload(version)
+        found = {name: await get_version(conn, name, version) for name, version in staged.items()}
+        if all(f is not None and f.status == "live" for f in found.values()):
+            return {
+                name: Published(version, self.publisher.path_of(version, name), found[name].sha256 or "")  # type: ignore[union-attr]
+                for name, version in staged.items()
+            }
+        for name, version in staged.items():
+            status = found[name].status if found[name] is not None else None  # type: ignore[union-attr]
+            if status == "staged":
+                await fail_version(conn, name, version, "a Postgres outage interrupted its publish")
+            if status != "live":
+                await self.publisher.unload(version, name)
         return None
 
     @property
@@ -510,7 +524,7 @@ class Trainer:
             finally:
                 await fresh.close()
 
-    async def _fail_staged(self, conn: asyncpg.Connection, reason: str) -> None:
-        for version in await list_versions(conn, self.policy):
+    async def _fail_staged(self, conn: asyncpg.Connection, name: str, reason: str) -> None:
+        for version in await list_versions(conn, name):
             if version.status == "staged":
-                await fail_version(conn, self.policy, version.version, reason)
+                await fail_version(conn, name, version.version, reason)

@@ -1,4 +1,4 @@
-"""Publishing a trained adapter as the next policy version, all or nothing.
+"""Publishing trained adapters as their next versions, all or nothing.
 
 1. save it under `checkpoints/<policy>/tmp-*`, write a sha256 manifest, and stage the version in
    Postgres (which numbers it);
@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -28,7 +28,14 @@ from typing import Protocol
 import asyncpg
 import httpx
 
-from lightloop.store import adapter_name, fail_version, list_versions, set_live, stage_version
+from lightloop.store import (
+    adapter_name,
+    fail_version,
+    list_versions,
+    set_live,
+    set_version_uri,
+    stage_version,
+)
 from lightloop.trainer.errors import PublishError
 
 log = logging.getLogger(__name__)
@@ -103,112 +110,162 @@ class Published:
 
 
 class Publisher:
+    """Publishes the policy's adapter and its agents' adapters (`policy-planner`, ...): each has
+    versions of its own, under `<root>/<adapter>/v<N>`; what one step changed goes live together."""
+
     def __init__(
-        self, policy: str, base_model: str, root: Path, engines: Sequence[Engine], keep: int
+        self,
+        policy: str,
+        base_model: str,
+        root: Path,
+        engines: Sequence[Engine],
+        keep: int,
+        agents: Sequence[str] = (),
     ) -> None:
         self.policy = policy
         self.base_model = base_model
-        self.root = (root / policy).resolve()  # engines may run elsewhere: give them absolute paths
+        # The adapters' names (their versions' keys): the policy's own first, then its agents'.
+        self.names = [policy, *agents]
+        self.base = root.resolve()  # engines may run elsewhere: give them absolute paths
+        self.root = self.base / policy
         self.engines = list(engines)
         self.keep = keep
-        # The version the latest publish call staged (None before it staged one).
-        self.staged: int | None = None
-        self.root.mkdir(parents=True, exist_ok=True)
-        for leftover in self.root.glob("tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)  # a crash between save and rename
+        # The versions the latest publish call staged, by adapter (empty before it staged any).
+        self.staged: dict[str, int] = {}
+        for name in self.names:
+            (self.base / name).mkdir(parents=True, exist_ok=True)
+            for leftover in (self.base / name).glob("tmp-*"):
+                shutil.rmtree(leftover, ignore_errors=True)  # a crash between save and rename
 
-    def path_of(self, version: int) -> Path:
-        return self.root / f"v{version}"
+    def path_of(self, version: int, name: str | None = None) -> Path:
+        return self.base / (name or self.policy) / f"v{version}"
 
     async def publish(self, conn: asyncpg.Connection, save: Callable[[Path], None]) -> Published:
-        """Save, stage, load on every engine, make live. `staged` names the version this call
-        staged as soon as it is, so that a caller whose connection broke can tell afterwards
-        whether it went live. A file that cannot be written (a full disk) is a PublishError, not
-        an outage; the temporary folder never outlives a failed call."""
-        self.staged = None
+        """The policy's own adapter alone (`publish_all`)."""
+        return (await self.publish_all(conn, {self.policy: save}))[self.policy]
+
+    async def publish_all(
+        self, conn: asyncpg.Connection, saves: Mapping[str, Callable[[Path], None]]
+    ) -> dict[str, Published]:
+        """Save, stage, load on every engine, make live: every adapter in `saves` (name -> what
+        writes it), all or nothing. A refusal by any engine for any adapter unloads every one
+        loaded and fails every staged version; the live ones stay live. Making them live is one
+        transaction, so the proxy switches every agent at the same instant.
+
+        `staged` names the versions this call staged as soon as they are, so that a caller whose
+        connection broke can tell afterwards whether they went live. A file that cannot be
+        written (a full disk) is a PublishError, not an outage; no temporary folder outlives a
+        failed call."""
+        assert saves and set(saves) <= set(self.names), f"unknown adapters: {set(saves) - set(self.names)}"
+        self.staged = {}
+        written: dict[str, Path] = {}
+        digests: dict[str, str] = {}
         try:
-            tmp = Path(tempfile.mkdtemp(prefix="tmp-", dir=self.root))
-        except OSError as exc:
-            raise PublishError(f"cannot write under {self.root}: {exc}") from None
-        try:
-            try:
-                # In a thread: exporting gathers weights (seconds on large models) and the event
-                # loop keeps the heartbeat and the claim's lease going meanwhile.
-                await asyncio.to_thread(save, tmp)
-                files = sha256_manifest(tmp)
-                (tmp / MANIFEST).write_text(json.dumps(files, indent=1, sort_keys=True))
-            except OSError as exc:
-                raise PublishError(f"cannot write the adapter under {self.root}: {exc}") from None
-            digest = folder_digest(files)
-            staged = await stage_version(conn, self.policy, base_model=self.base_model, sha256=digest)
+            for name, save in saves.items():
+                written[name], digests[name] = await self._write(name, save)
+            for name in saves:
+                staged = await stage_version(conn, name, base_model=self.base_model, sha256=digests[name])
+                self.staged[name] = staged.version
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for tmp in written.values():
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self.staged = staged.version
-        final = self.path_of(staged.version)
+        finals: dict[str, Path] = {}
         try:
-            if final.exists():  # a version number reused after a database reset
-                shutil.rmtree(final)
-            os.rename(tmp, final)  # atomic: the version folder appears whole or not at all
-            await conn.execute(
-                "UPDATE policy_versions SET uri = $3 WHERE policy = $1 AND version = $2",
-                self.policy,
-                staged.version,
-                final.as_uri(),
-            )
+            for name, version in self.staged.items():
+                final = self.path_of(version, name)
+                if final.exists():  # a version number reused after a database reset
+                    shutil.rmtree(final)
+                os.rename(written.pop(name), final)  # atomic: the folder appears whole or not at all
+                finals[name] = final
+                await set_version_uri(conn, name, version, final.as_uri())
         except OSError as exc:
-            await fail_version(conn, self.policy, staged.version, f"cannot write {final}: {exc}")
-            raise PublishError(f"cannot move the adapter into {final}: {exc}") from None
-        name = adapter_name(self.policy, staged.version)
-        loaded: list[Engine] = []
+            for tmp in written.values():
+                shutil.rmtree(tmp, ignore_errors=True)
+            await self._fail_staged(conn, f"cannot move an adapter into place: {exc}")
+            raise PublishError(f"cannot move an adapter into place under {self.base}: {exc}") from None
+        loaded: list[tuple[Engine, str]] = []
         try:
-            for engine in self.engines:
-                await engine.load_adapter(name, final)
-                loaded.append(engine)
+            for name, version in self.staged.items():
+                for engine in self.engines:
+                    await engine.load_adapter(adapter_name(name, version), finals[name])
+                    loaded.append((engine, adapter_name(name, version)))
         except PublishError as exc:
-            for engine in loaded:
+            for engine, lora in loaded:
                 try:
-                    await engine.unload_adapter(name)
+                    await engine.unload_adapter(lora)
                 except PublishError as undo:
                     log.warning("rollback: %s", undo)
-            await fail_version(conn, self.policy, staged.version, str(exc))
+            await self._fail_staged(conn, str(exc))
             raise
-        await set_live(conn, self.policy, staged.version)
-        log.info(
-            "policy %s: version %d is live on %d engine(s)", self.policy, staged.version, len(self.engines)
-        )
-        try:
-            await self._unload_old(conn, staged.version)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            # The version is live: housekeeping that failed must not make it look unpublished.
-            log.warning("could not unload old versions after publishing %d: %s", staged.version, exc)
-        return Published(staged.version, final, digest)
+        async with conn.transaction():  # set_live's own transactions become savepoints of this one
+            for name, version in self.staged.items():
+                await set_live(conn, name, version)
+        for name, version in self.staged.items():
+            log.info("%s: version %d is live on %d engine(s)", name, version, len(self.engines))
+            try:
+                await self._unload_old(conn, name, version)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # The version is live: housekeeping that failed must not make it look unpublished.
+                log.warning("could not unload old versions of %s after publishing %d: %s", name, version, exc)
+        return {
+            name: Published(version, finals[name], digests[name]) for name, version in self.staged.items()
+        }
 
-    async def _unload_old(self, conn: asyncpg.Connection, live: int) -> None:
+    async def _write(self, name: str, save: Callable[[Path], None]) -> tuple[Path, str]:
+        """The adapter saved in a temporary folder with its manifest: (folder, digest)."""
+        root = self.base / name
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix="tmp-", dir=root))
+        except OSError as exc:
+            raise PublishError(f"cannot write under {root}: {exc}") from None
+        try:
+            # In a thread: exporting gathers weights (seconds on large models) and the event
+            # loop keeps the heartbeat and the claim's lease going meanwhile.
+            await asyncio.to_thread(save, tmp)
+            files = sha256_manifest(tmp)
+            (tmp / MANIFEST).write_text(json.dumps(files, indent=1, sort_keys=True))
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise PublishError(f"cannot write the adapter under {root}: {exc}") from None
+            raise
+        return tmp, folder_digest(files)
+
+    async def _fail_staged(self, conn: asyncpg.Connection, reason: str) -> None:
+        for name, version in self.staged.items():
+            await fail_version(conn, name, version, reason)
+
+    async def _unload_old(self, conn: asyncpg.Connection, name: str, live: int) -> None:
         """Keep the newest `keep` versions loaded; agents still finishing a rollout on one of them
         are served, older ones are unloaded (their folders stay on disk)."""
-        for version in await list_versions(conn, self.policy):
+        for version in await list_versions(conn, name):
             if version.version <= live - self.keep and version.status == "retired":
                 for engine in self.engines:
                     try:
-                        await engine.unload_adapter(adapter_name(self.policy, version.version))
+                        await engine.unload_adapter(adapter_name(name, version.version))
                     except PublishError as exc:
                         log.warning("could not unload an old version: %s", exc)
 
-    async def unload(self, version: int) -> None:
-        """Unload `version` from every engine that has it (best effort)."""
+    async def unload(self, version: int, name: str | None = None) -> None:
+        """Unload `version` of adapter `name` (the policy's by default) from every engine that
+        has it (best effort)."""
         for engine in self.engines:
             try:
-                await engine.unload_adapter(adapter_name(self.policy, version))
+                await engine.unload_adapter(adapter_name(name or self.policy, version))
             except PublishError as exc:
                 log.warning("could not unload version %d: %s", version, exc)
 
-    async def restore(self, conn: asyncpg.Connection) -> int:
-        """Make sure the live version is loaded on every engine (after an engine restart)."""
-        live = [v for v in await list_versions(conn, self.policy) if v.status == "live"]
-        if not live:
-            return 0
-        version = live[0].version
-        for engine in self.engines:
-            await engine.load_adapter(adapter_name(self.policy, version), self.path_of(version))
-        return version
+    async def restore(self, conn: asyncpg.Connection) -> dict[str, int]:
+        """Make sure every adapter's live version is loaded on every engine (after an engine
+        restart); the live versions, by adapter."""
+        restored: dict[str, int] = {}
+        for name in self.names:
+            live = [v for v in await list_versions(conn, name) if v.status == "live"]
+            if not live:
+                continue
+            version = live[0].version
+            for engine in self.engines:
+                await engine.load_adapter(adapter_name(name, version), self.path_of(version, name))
+            restored[name] = version
+        return restored

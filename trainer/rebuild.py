@@ -38,6 +38,9 @@ class Turn:
     # The sampling temperature the engine's logprobs were taken at (processed logprobs).
     temperature: float = 1.0
     span_id: str | None = None  # the call's, so turn-level rewards find its tokens
+    # Who made the call (its agent, else its model): two agents sending the same prompt are two
+    # turns, not one retried call.
+    agent: str | None = None
 
 
 @dataclass
@@ -103,8 +106,8 @@ def rebuild(rollout_id: str, turns: Sequence[Turn]) -> tuple[list[Sample], Rebui
         else:
             usable.append(turn)
     # Exact duplicates (a retried call): the last one is what the agent went on with.
-    last_of: dict[tuple[int, ...], int] = {tuple(t.prompt_ids): i for i, t in enumerate(usable)}
-    kept = [t for i, t in enumerate(usable) if last_of[tuple(t.prompt_ids)] == i]
+    last_of = {(t.agent, tuple(t.prompt_ids)): i for i, t in enumerate(usable)}
+    kept = [t for i, t in enumerate(usable) if last_of[(t.agent, tuple(t.prompt_ids))] == i]
     stats.duplicates = len(usable) - len(kept)
 
     samples: list[Sample] = []
@@ -152,20 +155,55 @@ def selected_by(agents: Sequence[str]) -> Callable[[Any], bool]:
     return trainable
 
 
-def served_by(adapter: str) -> Callable[[Any], bool]:
-    """Calls the adapter `adapter` (a policy's name, or `policy-agent`) served: a row from before
-    agent adapters (no `adapter`) counts as its policy's own."""
+def served_by(adapter: str, policy: str | None = None) -> Callable[[Any], bool]:
+    """Calls the adapter `adapter` (the policy's own, named `policy`, or an agent's,
+    `policy-agent`) served: a row from before agent adapters (no `adapter`) counts as the
+    policy's own (`policy` defaults to `adapter`)."""
+    own_policy = (policy or adapter) == adapter
 
     def own(call: Any) -> bool:
-        return call.get("adapter") in (None, adapter)
+        served = call.get("adapter")
+        return served == adapter or (served is None and own_policy)
 
     return own
 
 
-def trainable_for(adapter: str, agents: Sequence[str]) -> Callable[[Any], bool]:
-    """What the trainer trains `adapter` on: calls it served, of the agents selected
-    (`TRAINER__AGENTS`); the rest of the conversation is context. The trainer's view uses it too."""
-    own, selected = served_by(adapter), selected_by(agents)
+def owned_by(
+    adapter: str,
+    *,
+    policy: str,
+    agent: str | None = None,
+    others: Sequence[str] = (),
+    adopting: bool = False,
+) -> Callable[[Any], bool]:
+    """The calls whose tokens are `adapter`'s to train on (before TRAINER__AGENTS selects).
+
+    - The policy's own adapter (`agent` None): the calls it served, except those of agents with
+      adapters of their own (`others`): those train their own adapters and are context here.
+    - An agent's adapter: that agent's calls it served, and, while it has no version of its own
+      (`adopting`), that agent's calls the policy's adapter served: the agent's adapter starts as
+      a copy of the policy's, so those calls are its own samples."""
+    served, shared = served_by(adapter, policy), served_by(policy, policy)
+    if agent is None:
+        excluded = set(others)
+        return lambda call: served(call) and call.get("agent") not in excluded
+    return lambda call: call.get("agent") == agent and (served(call) or (adopting and shared(call)))
+
+
+def trainable_for(
+    adapter: str,
+    agents: Sequence[str],
+    policy: str | None = None,
+    *,
+    agent: str | None = None,
+    others: Sequence[str] = (),
+    adopting: bool = False,
+) -> Callable[[Any], bool]:
+    """What the trainer trains `adapter` on: the calls it owns (`owned_by`), of the agents
+    selected (`TRAINER__AGENTS`); the rest of the conversation is context. The trainer's view
+    uses it too."""
+    own = owned_by(adapter, policy=policy or adapter, agent=agent, others=others, adopting=adopting)
+    selected = selected_by(agents)
     return lambda call: own(call) and selected(call)
 
 
@@ -182,6 +220,7 @@ def turns_from_calls(
             policy_version=c["policy_version"],
             temperature=_temperature(c),
             span_id=c.get("span_id"),
+            agent=c.get("agent") or c.get("model"),
         )
         for c in calls
     ]

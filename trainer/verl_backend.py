@@ -162,22 +162,28 @@ class VerlBackend:
     weights min(pi_old / pi_served, tis_cap) against the logprobs recorded at serving time, then
     one `update_actor` over the whole batch (VERL's `ppo_loss`, PPO-clip, token-mean)."""
 
-    def __init__(self, settings: TrainerSettings, model_folder: Path) -> None:
+    def __init__(self, settings: TrainerSettings, model_folder: Path, adapters: Sequence[str] = ()) -> None:
         self.settings = settings
         self.model_folder = model_folder
-        self._adapter: Path | None = None
-        self._workers: Any = None
+        # The policy's adapter (None) and the agents' (by name). VERL's actor holds one LoRA
+        # adapter, so each gets workers of its own, started on its first use; on GPUs they share
+        # one resource pool (colocated, as VERL colocates its roles).
+        self._names: list[str | None] = [None, *adapters]
+        self._adapters: dict[str | None, Path] = {}
+        self._workers: dict[str | None, Any] = {}
+        self._pool: Any = None
 
-    def load_adapter(self, path: Path) -> None:
+    def load_adapter(self, path: Path, adapter: str | None = None) -> None:
         """Continue from a published version: VERL loads it when the workers start."""
-        if self._workers is not None:
+        self._check(adapter)
+        if adapter in self._workers:
             raise TrainerError("the verl backend loads an adapter only before its first step")
-        self._adapter = path
+        self._adapters[adapter] = path
 
-    def save_adapter(self, path: Path) -> None:
+    def save_adapter(self, path: Path, adapter: str | None = None) -> None:
         """Rank 0 writes the adapter, maybe on another machine; check that what this process sees
         in `path` (a shared volume, perhaps NFS with its client cache) is what it wrote."""
-        written = _rank0(self.workers().export_adapter(str(path)))
+        written = _rank0(self.workers(adapter).export_adapter(str(path)))
         seen = sha256_manifest(path)
         if seen != written:
             raise PublishError(
@@ -185,8 +191,13 @@ class VerlBackend:
                 f"(wrote {sorted(written)}, sees {sorted(seen)}); is the checkpoint folder shared?"
             )
 
-    def workers(self) -> Any:
-        if self._workers is None:
+    def _check(self, adapter: str | None) -> None:
+        if adapter not in self._names:
+            raise KeyError(f"no adapter {adapter!r} in this backend (it has {self._names})")
+
+    def workers(self, adapter: str | None = None) -> Any:
+        self._check(adapter)
+        if adapter not in self._workers:
             v = self.settings.verl
             single = v.nodes * v.gpus_per_node == 1
             if single:
@@ -194,19 +205,23 @@ class VerlBackend:
             else:
                 cpu = _on_cpu(v.device, gpus=_ray_gpus(v.ray_address))
             config = verl_config(self.settings, self.model_folder, cpu=cpu)
-            if self._adapter is not None:
-                config.actor_rollout_ref.model.lora_adapter_path = str(self._adapter)
+            if adapter in self._adapters:
+                config.actor_rollout_ref.model.lora_adapter_path = str(self._adapters[adapter])
             if single:
-                self._workers = _in_process(config.actor_rollout_ref, cpu=cpu)
+                self._workers[adapter] = _in_process(config.actor_rollout_ref, cpu=cpu)
             else:
-                self._workers = _ray_group(config.actor_rollout_ref, v.nodes, v.gpus_per_node, cpu=cpu)
-        return self._workers
+                if self._pool is None:
+                    self._pool = _ray_pool(v.nodes, v.gpus_per_node, cpu=cpu, groups=len(self._names))
+                self._workers[adapter] = _ray_group(config.actor_rollout_ref, self._pool, cpu=cpu)
+        return self._workers[adapter]
 
-    def step(self, samples: Sequence[Sample], advantages: Sequence[Advantage]) -> dict[str, float]:
+    def step(
+        self, samples: Sequence[Sample], advantages: Sequence[Advantage], adapter: str | None = None
+    ) -> dict[str, float]:
         from verl.utils import tensordict_utils as tu
 
         assert len(samples) == len(advantages) and samples
-        workers = self.workers()
+        workers = self.workers(adapter)
         samples, advantages = _fill(
             samples, advantages, self.settings.verl.nodes * self.settings.verl.gpus_per_node
         )
@@ -336,17 +351,25 @@ def _rank0(result: Any) -> dict[str, str]:
     return written
 
 
-def _ray_group(config: Any, nodes: int, per_node: int, *, cpu: bool) -> Any:
-    """A Ray worker group of the same worker class, one per GPU (or CPU process) on each node."""
+def _ray_pool(nodes: int, per_node: int, *, cpu: bool, groups: int) -> Any:
+    """The GPUs (or CPU processes) of every node, shared by `groups` worker groups (one per
+    adapter): each worker of a group takes 1/groups of a GPU, as VERL colocates its roles."""
     import ray
-    from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
-
-    from lightloop.trainer.verl_worker import LightloopActorWorker
+    from verl.single_controller.ray import RayResourcePool
 
     assert ray.is_initialized(), "_ray_gpus() joined the cluster"
     if cpu:
         use_cpu_platform()  # the group asks the platform which Ray resource a worker needs
-    pool = RayResourcePool(process_on_nodes=[per_node] * nodes, use_gpu=not cpu, max_colocate_count=1)
+    return RayResourcePool(process_on_nodes=[per_node] * nodes, use_gpu=not cpu, max_colocate_count=groups)
+
+
+def _ray_group(config: Any, pool: Any, *, cpu: bool) -> Any:
+    """A Ray worker group of the same worker class, one per GPU (or CPU process) on each node."""
+    import ray
+    from verl.single_controller.ray import RayClassWithInitArgs, RayWorkerGroup
+
+    from lightloop.trainer.verl_worker import LightloopActorWorker
+
     worker = RayClassWithInitArgs(cls=ray.remote(LightloopActorWorker), config=config, role="actor", cpu=cpu)
     group: Any = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=worker)
     group.init_model()  # methods of the worker class, bound on the group by VERL

@@ -34,6 +34,7 @@ from lightloop.store.database import dsn
 from lightloop.store.writer import WRITABLE, _decode
 from tests.conftest import LIGHTLOOP, REPO
 from tests.e2e.conftest import Proxy, clean_env, eventually, start_proxy, wait_healthy
+from tests.e2e.test_multi_agent_training import _seed_two_adapters
 from tests.e2e.test_proxy import HI, sql
 from tests.e2e.test_trainer import _seed, trainer_config, trainer_for
 from tests.support.stub_engine import free_port, running_stub
@@ -145,11 +146,13 @@ def test_the_engine_killed_mid_stream_is_a_502_for_the_agent_and_an_error_row(
 def test_postgres_restarted_between_claim_and_record_trains_each_rollout_once(
     tmp_path: Path, engine_home: Path, own_pg: tuple[EmbeddedPostgres, str]
 ) -> None:
+    """The policy's adapter and a planner's are published together when Postgres restarts: both
+    staged versions, cut short, are failed and unloaded, and the step publishes both anew."""
     pg, url = own_pg
-    asyncio.run(_seed(url))
+    asyncio.run(_seed_two_adapters(url, 0))
     with running_stub() as stub:
         stub.lora_status = "hold"  # the trainer stops in publish: after its claim, before its record
-        config = trainer_config(tmp_path, stub.url)
+        config = trainer_config(tmp_path, stub.url, agents=("planner",))
         env = {**clean_env(), "LIGHTLOOP_HOME": str(engine_home), "LIGHTLOOP_DATABASE_URL": url}
         with open(tmp_path / "trainer.log", "wb") as log:
             trainer = subprocess.Popen(
@@ -168,16 +171,24 @@ def test_postgres_restarted_between_claim_and_record_trains_each_rollout_once(
             finally:
                 if trainer.poll() is None:
                     trainer.kill()
-        # The version cut short was staged, loaded, never live: failed and unloaded, and the
-        # step published its update once more, as version 2.
-        assert set(stub.adapters) == {"policy-v2"}, stub.adapters
-    steps = sql(url, "SELECT step, policy_out FROM training_steps")
+        # The versions cut short were staged, loaded (the first), never live: failed and
+        # unloaded, and the step published its update once more, as versions 2.
+        assert set(stub.adapters) == {"policy-v2", "policy-planner-v2"}, stub.adapters
+    steps = sql(url, "SELECT step, policy_out, metrics FROM training_steps")
     assert [r["policy_out"] for r in steps] == [2], steps
+    assert steps[0]["metrics"]["adapters"]["policy-planner"]["version_out"] == 2
     consumed = sql(url, "SELECT consumed_by_step, count(*) FROM rollouts GROUP BY 1")
     assert [tuple(r) for r in consumed] == [(steps[0]["step"], 8)]
-    versions = sql(url, "SELECT version, status, reason FROM policy_versions ORDER BY version")
-    assert [(r["version"], r["status"]) for r in versions] == [(1, "failed"), (2, "live")]
-    assert "outage interrupted its publish" in versions[0]["reason"]
+    versions = sql(
+        url, "SELECT policy, version, status, reason FROM policy_versions ORDER BY policy, version"
+    )
+    assert [(r["policy"], r["version"], r["status"]) for r in versions] == [
+        ("policy", 1, "failed"),
+        ("policy", 2, "live"),
+        ("policy-planner", 1, "failed"),
+        ("policy-planner", 2, "live"),
+    ]
+    assert all("outage interrupted its publish" in r["reason"] for r in versions if r["status"] == "failed")
 
 
 def test_postgres_lost_after_the_version_went_live_records_the_step_without_publishing_again(
@@ -189,13 +200,13 @@ def test_postgres_lost_after_the_version_went_live_records_the_step_without_publ
     asyncio.run(_seed(db_url))
     with running_stub() as stub:
         trainer = trainer_for(db_url, engine_home, [stub.url], tmp_path / "checkpoints", poll_interval_s=0.05)
-        publish = trainer.publisher.publish
+        publish = trainer.publisher.publish_all
         calls = 0
 
-        async def publish_then_lose_the_connection(conn: asyncpg.Connection, save: Any) -> Any:
+        async def publish_then_lose_the_connection(conn: asyncpg.Connection, saves: Any) -> Any:
             nonlocal calls
             calls += 1
-            published = await publish(conn, save)
+            published = await publish(conn, saves)
             admin = await asyncpg.connect(dsn(db_url))
             try:
                 await admin.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
@@ -203,7 +214,7 @@ def test_postgres_lost_after_the_version_went_live_records_the_step_without_publ
                 await admin.close()
             return published
 
-        trainer.publisher.publish = publish_then_lose_the_connection  # type: ignore[method-assign]
+        trainer.publisher.publish_all = publish_then_lose_the_connection  # type: ignore[method-assign]
         outcome = asyncio.run(trainer.step_once())
         assert outcome is not None and outcome.step is not None and outcome.version == 1
         assert calls == 1, "the update was published twice"

@@ -30,42 +30,69 @@ from tests.e2e.test_proxy import sql
 from tests.support.stub_engine import running_stub
 
 
-def trainer_for(db_url: str, engine_home: Path, engines: list[str], root: Path, **settings: Any) -> Trainer:
+def trainer_for(
+    db_url: str,
+    engine_home: Path,
+    engines: list[str],
+    root: Path,
+    *,
+    agents: tuple[str, ...] = (),
+    learning_rate: float = 1e-3,
+    **settings: Any,
+) -> Trainer:
+    """A trainer of `policy` on `tiny`, and of the adapters of `agents` (`policy-<agent>`)."""
     loaded = load_model("tiny", engine_home / "models")  # the same seeded weights the engine serves
+    adapters = {agent: f"policy-{agent}" for agent in agents}
     backend = LocalBackend(
-        loaded.model, loaded.tokenizer, LocalConfig(learning_rate=1e-3, lora_rank=4, micro_batch_size=8)
+        loaded.model,
+        loaded.tokenizer,
+        LocalConfig(learning_rate=learning_rate, lora_rank=4, micro_batch_size=8),
+        adapters=list(adapters.values()),
     )
-    publisher = Publisher("policy", "tiny", root, [HttpEngine(e) for e in engines], keep=2)
+    publisher = Publisher(
+        "policy", "tiny", root, [HttpEngine(e) for e in engines], keep=2, agents=list(adapters.values())
+    )
     config = TrainerSettings(**{"groups_per_step": 4, **settings})
-    return Trainer(config, "policy", db_url, backend, publisher, name="test-trainer")
+    return Trainer(config, "policy", db_url, backend, publisher, name="test-trainer", agents=adapters)
 
 
-def trainer_config(folder: Path, engine: str, **trainer: Any) -> Path:
-    """A lightloop.yaml for `lightloop trainer` on `tiny` against one engine, small steps."""
+def trainer_config(folder: Path, engine: str, agents: tuple[str, ...] = (), **trainer: Any) -> Path:
+    """A lightloop.yaml for `lightloop trainer` on `tiny` against one engine, small steps; `agents`
+    with adapters of their own."""
     config = folder / "lightloop.yaml"
     settings = {"model": "tiny", "poll_interval_s": 0.2, "groups_per_step": 4, "lora_rank": 4, **trainer}
-    policy = [{"name": "policy", "base_model": "tiny", "upstreams": [engine]}]
+    policy = [{"name": "policy", "base_model": "tiny", "upstreams": [engine], "agents": list(agents)}]
     config.write_text(yaml.safe_dump({"policy": policy, "trainer": settings}))
     return config
 
 
-def play(proxy_url: str, key: str, groups: int = 2, per_group: int = 4, prefix: str = "") -> None:
-    """An agent: a few rollouts per task through the proxy, each finished with a reward."""
+def play(
+    proxy_url: str,
+    key: str,
+    groups: int = 2,
+    per_group: int = 4,
+    prefix: str = "",
+    agents: tuple[str | None, ...] = (None,),
+) -> None:
+    """An agent: a few rollouts per task through the proxy, each finished with a reward; each
+    rollout makes one call per entry of `agents` (None: no agent named)."""
     client = openai.OpenAI(base_url=f"{proxy_url}/v1", api_key=key, max_retries=0)
     for g in range(groups):
         for k in range(per_group):
             rollout = f"{prefix}task{g}-try{k}"
-            client.chat.completions.create(
-                model="policy",
-                messages=[{"role": "user", "content": f"Task {g}: say something."}],
-                max_tokens=6,
-                temperature=1.0,
-                extra_headers={
-                    "X-Lightloop-Rollout": rollout,
-                    "X-Lightloop-Group": f"task{g}",
-                    "X-Lightloop-Group-Size": str(per_group),
-                },
-            )
+            for agent in agents:
+                client.chat.completions.create(
+                    model="policy",
+                    messages=[{"role": "user", "content": f"Task {g}: say something."}],
+                    max_tokens=6,
+                    temperature=1.0,
+                    extra_headers={
+                        "X-Lightloop-Rollout": rollout,
+                        "X-Lightloop-Group": f"task{g}",
+                        "X-Lightloop-Group-Size": str(per_group),
+                        **({"X-Lightloop-Agent": agent} if agent else {}),
+                    },
+                )
             done = httpx.post(
                 f"{proxy_url}/v1/rollouts/{rollout}/finish",
                 json={"status": "succeeded", "reward": float(k % 2)},
@@ -144,17 +171,17 @@ def test_lightloop_trainer_with_the_verl_backend_publishes_and_resumes(
     tmp_path: Path, engine: str, engine_home: Path, db_url: str
 ) -> None:
     """`backend: verl` runs VERL's actor worker in the trainer's process (FSDP2 on the CPU); its
-    logprobs match the engine's, its adapter loads on the engine, and a restart resumes."""
-    proxy = start_proxy(
-        tmp_path / "home",
-        db_url,
-        {"policy": [{"name": "policy", "base_model": "tiny", "upstreams": [engine]}]},
-    )
+    logprobs match the engine's, its adapter loads on the engine, and a restart resumes. The
+    policy lists a planner with an adapter of its own: every rollout has a planner call and a
+    call of the policy's, so each step trains both adapters (one VERL worker each) and
+    publishes both, and the restart resumes both."""
+    policy = {"name": "policy", "base_model": "tiny", "upstreams": [engine], "agents": {"planner": {}}}
+    proxy = start_proxy(tmp_path / "home", db_url, {"policy": [policy]})
     config = tmp_path / "lightloop.yaml"
     config.write_text(
         yaml.safe_dump(
             {
-                "policy": [{"name": "policy", "base_model": "tiny", "upstreams": [engine]}],
+                "policy": [policy],
                 "trainer": {
                     "backend": "verl",
                     "model": str(engine_home / "models" / "tiny"),  # the weights the engine serves
@@ -181,30 +208,42 @@ def test_lightloop_trainer_with_the_verl_backend_publishes_and_resumes(
         )
         assert done.returncode == 0, done.stderr[-3000:]
 
+    both = ("planner", None)
+    health = lambda: httpx.get(f"{proxy.url}/health", headers=proxy.headers).json()["policies"]  # noqa: E731
     try:
-        play(proxy.url, proxy.key)
+        play(proxy.url, proxy.key, agents=both)
         train_one_step()
         (step,) = sql(db_url, "SELECT * FROM training_steps")
         assert (step["policy_in"], step["policy_out"], step["n_rollouts"]) == (0, 1, 8)
-        # VERL's logprobs of the served tokens equal the engine's, token for token.
-        assert step["metrics"]["serve_train_logprob_gap"] < 1e-2, step["metrics"]
-        assert "policy-v1" in {m["id"] for m in httpx.get(f"{engine}/v1/models").json()["data"]}
-        eventually(
-            lambda: httpx.get(f"{proxy.url}/health", headers=proxy.headers).json()["policies"]["policy"] == 1
-        )
-        # A new trainer process resumes from v1: the agent's next rollouts, served by v1, train
-        # with the same small gap (a restart from the base weights would not match v1's logprobs).
-        play(proxy.url, proxy.key, prefix="again-")
+        # VERL's logprobs of the served tokens equal the engine's, token for token, per adapter.
+        adapters = step["metrics"]["adapters"]
+        for name in ("policy", "policy-planner"):
+            assert adapters[name]["version_out"] == 1, adapters
+            assert adapters[name]["serve_train_logprob_gap"] < 1e-2, adapters
+        assert {"policy-v1", "policy-planner-v1"} <= {
+            m["id"] for m in httpx.get(f"{engine}/v1/models").json()["data"]
+        }
+        eventually(lambda: health()["policy"] == health()["policy-planner"] == 1)
+        # A new trainer process resumes both from v1: the agents' next rollouts, served by the
+        # v1s, train with the same small gaps (a restart from the base weights, or with the two
+        # adapters swapped, would not match their logprobs).
+        play(proxy.url, proxy.key, prefix="again-", agents=both)
         train_one_step()
         second = sql(db_url, "SELECT * FROM training_steps ORDER BY step")[1]
         assert (second["policy_in"], second["policy_out"]) == (1, 2)
-        assert second["metrics"]["serve_train_logprob_gap"] < 1e-2, second["metrics"]
-        live = sql(db_url, "SELECT version FROM policy_versions WHERE status = 'live'")
-        assert [r[0] for r in live] == [2]
+        adapters = second["metrics"]["adapters"]
+        for name in ("policy", "policy-planner"):
+            assert (adapters[name]["version_in"], adapters[name]["version_out"]) == (1, 2), adapters
+            assert adapters[name]["serve_train_logprob_gap"] < 1e-2, adapters
+        live = sql(
+            db_url, "SELECT policy, version FROM policy_versions WHERE status = 'live' ORDER BY policy"
+        )
+        assert [tuple(r) for r in live] == [("policy", 2), ("policy-planner", 2)]
     finally:
         proxy.stop()
         for version in (1, 2):
-            httpx.post(f"{engine}/v1/unload_lora_adapter", json={"lora_name": f"policy-v{version}"})
+            for name in ("policy", "policy-planner"):
+                httpx.post(f"{engine}/v1/unload_lora_adapter", json={"lora_name": f"{name}-v{version}"})
 
 
 async def _seed(db_url: str, rollouts: int = 8) -> None:

@@ -20,16 +20,24 @@ PROMPT = [1, 9690, 198, 2683, 359, 253]
 TEMPERATURE = 0.1
 
 
-def next_token_logprobs(backend: LocalBackend) -> torch.Tensor:
+def next_token_logprobs(backend: LocalBackend, adapter: str | None = None) -> torch.Tensor:
+    backend.use(adapter)
     with torch.no_grad():
         logits = backend.model(input_ids=torch.tensor([PROMPT])).logits[0, -1].float()
     return torch.log_softmax(logits / TEMPERATURE, dim=-1)
 
 
 def sampled_group(
-    backend: LocalBackend, target: int, group: str, n: int, generator: torch.Generator
+    backend: LocalBackend,
+    target: int,
+    group: str,
+    n: int,
+    generator: torch.Generator,
+    adapter: str | None = None,
+    avoid: bool = False,
 ) -> tuple[list[Sample], list[Scored]]:
-    logprobs = next_token_logprobs(backend)
+    """A group of one-token tries, reward 1 for the target token (for any other with `avoid`)."""
+    logprobs = next_token_logprobs(backend, adapter)
     samples, scored = [], []
     for k in range(n):
         token = int(torch.multinomial(logprobs.exp(), 1, generator=generator))
@@ -37,7 +45,7 @@ def sampled_group(
         samples.append(
             Sample(rid, [*PROMPT, token], len(PROMPT), [1], [float(logprobs[token])], temperature=TEMPERATURE)
         )
-        scored.append(Scored(rid, group, 1.0 if token == target else 0.0))
+        scored.append(Scored(rid, group, 1.0 if (token == target) != avoid else 0.0))
     return samples, scored
 
 
@@ -91,3 +99,56 @@ def test_saved_adapters_load_back_identically(tmp_path: Path) -> None:
     fresh.load_adapter(tmp_path / "v1")
     assert torch.allclose(next_token_logprobs(fresh), trained, atol=1e-5)
     assert (tmp_path / "v1" / "adapter_config.json").is_file()
+
+
+def test_two_adapters_on_one_base_model_learn_their_own_targets(tmp_path: Path) -> None:
+    """The policy's adapter and an agent's, one base model, opposite rewards: the policy's is
+    rewarded for the most likely first token, the planner's for any other. Each learns its own,
+    and neither moves toward the other's (each has its own weights and optimiser)."""
+    loaded = load_model("tiny", tmp_path / "models")
+    backend = LocalBackend(
+        loaded.model,
+        loaded.tokenizer,
+        LocalConfig(learning_rate=2e-3, lora_rank=4, seed=7),
+        adapters=["policy-planner"],
+    )
+    generator = torch.Generator().manual_seed(7)
+    base = next_token_logprobs(backend).exp()
+    first = int(base.argmax())
+    wants = {None: False, "policy-planner": True}  # adapter -> avoid the token
+    for step in range(4):
+        for adapter, avoid in wants.items():
+            samples, scored = [], []
+            for g in range(4):
+                s, sc = sampled_group(backend, first, f"{adapter}{step}g{g}", 8, generator, adapter, avoid)
+                samples += s
+                scored += sc
+            advantages = rollout_advantages(drop_flat_groups(scored)[0], "grpo")
+            train = [s for s in samples if s.rollout_id in advantages]
+            if not train:
+                continue  # every group flat: this adapter has learnt its part already
+            metrics = backend.step(train, [advantages[s.rollout_id] for s in train], adapter=adapter)
+            assert metrics["serve_train_logprob_gap"] < 1e-3  # sampled under the adapter trained
+    policy, planner = next_token_logprobs(backend).exp(), next_token_logprobs(backend, "policy-planner").exp()
+    # Each moved its own way: the policy's toward the token, the planner's away from it.
+    assert policy[first] > base[first] + 0.1, (base[first], policy[first])
+    # Neither moved toward the other's target.
+    assert planner[first] < base[first] - 0.1, (base[first], planner[first])
+    # Each saves and loads back on its own.
+    backend.save_adapter(tmp_path / "planner", adapter="policy-planner")
+    backend.save_adapter(tmp_path / "policy")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {
+        p.name for p in (tmp_path / "planner").iterdir()
+    }
+    fresh = LocalBackend(
+        load_model("tiny", tmp_path / "models").model,
+        loaded.tokenizer,
+        LocalConfig(lora_rank=4),
+        adapters=["x"],
+    )
+    fresh.load_adapter(tmp_path / "planner", adapter="x")
+    fresh.load_adapter(tmp_path / "policy")
+    assert torch.allclose(next_token_logprobs(fresh, "x").exp(), planner, atol=1e-5)
+    assert torch.allclose(next_token_logprobs(fresh).exp(), policy, atol=1e-5)
+    with pytest.raises(KeyError):
+        fresh.step([Sample("z", [*PROMPT, 2], len(PROMPT), [1], [-1.0])], [1.0], adapter="nobody")

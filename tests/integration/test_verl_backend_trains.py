@@ -100,7 +100,9 @@ def test_a_few_verl_steps_raise_the_reward(tmp_path: Path) -> None:
 def test_a_ray_group_of_two_workers_takes_the_same_step_as_one_worker(tmp_path: Path) -> None:
     """`verl.gpus_per_node: 2` runs VERL's worker group on Ray (here two CPU processes, FSDP2
     over gloo): the batch is split, padded to a multiple of the workers with samples that carry
-    no loss, and the step and the adapter gathered from the shards equal one worker's."""
+    no loss, and the step and the adapter gathered from the shards equal one worker's. An agent's
+    adapter is a second worker group colocated on the same resources (one VERL actor per
+    adapter), trained apart: the opposite advantages give it the opposite first update."""
     import ray
 
     cache = tmp_path / "models"
@@ -119,15 +121,26 @@ def test_a_ray_group_of_two_workers_takes_the_same_step_as_one_worker(tmp_path: 
     advantages = [1.0, -1.0, 0.5, -0.5, 1.0]
     single = VerlBackend(settings(learning_rate=1e-2), model_folder("tiny", cache))
     single.save_adapter(tmp_path / "start")  # the same starting adapter for both
-    group = VerlBackend(settings(learning_rate=1e-2, verl={"gpus_per_node": 2}), model_folder("tiny", cache))
+    # Two colocated groups reserve two CPUs per worker (VERL's bundles); Ray's CPUs are logical,
+    # and this machine may have two.
+    ray.init(num_cpus=4, include_dashboard=False)
+    group = VerlBackend(
+        settings(learning_rate=1e-2, verl={"gpus_per_node": 2}),
+        model_folder("tiny", cache),
+        adapters=["policy-planner"],
+    )
     group.load_adapter(tmp_path / "start")
+    group.load_adapter(tmp_path / "start", adapter="policy-planner")
     try:
         one, two = single.step(batch, advantages), group.step(batch, advantages)
         assert two["tokens"] == one["tokens"] == sum(len(s.loss_mask) for s in batch)
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-8)
         assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+        planner = group.step(batch, [-a for a in advantages], adapter="policy-planner")
+        assert planner["loss"] == pytest.approx(-one["loss"], rel=1e-4, abs=1e-8)
         single.save_adapter(tmp_path / "single")
         group.save_adapter(tmp_path / "group")
+        group.save_adapter(tmp_path / "planner", adapter="policy-planner")
     finally:
         ray.shutdown()
     from safetensors.torch import load_file
@@ -139,3 +152,8 @@ def test_a_ray_group_of_two_workers_takes_the_same_step_as_one_worker(tmp_path: 
     assert a.keys() == b.keys() and len(a) > 0
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)  # it trained
+    # The planner's adapter took its own step from the same start: lora_B moved the other way
+    # (Adam's first step is the gradient's sign), lora_A (no gradient yet) stayed.
+    c = load_file(tmp_path / "planner" / "adapter_model.safetensors")
+    assert c.keys() == a.keys()
+    assert all(torch.allclose(c[k], -a[k] if "lora_B" in k else a[k], atol=1e-5) for k in a)

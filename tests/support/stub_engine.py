@@ -42,6 +42,7 @@ class StubEngine:
     # Runtime LoRA: the status load_lora_adapter answers, or "hold" to never answer.
     lora_status: int | str = 200
     lora_delay_s: float = 0.0  # how long load_lora_adapter takes to answer (a slow engine)
+    refuse_lora: str | None = None  # an adapter name load_lora_adapter refuses (HTTP 500)
     lora_requested: threading.Event = field(default_factory=threading.Event)
     lora_release: threading.Event = field(default_factory=threading.Event)  # ends a "hold"
     adapters: dict[str, str] = field(default_factory=dict)
@@ -261,9 +262,10 @@ class StubEngine:
             self.lora_status = 200
         if self.lora_delay_s:
             await asyncio.sleep(self.lora_delay_s)  # the fault injected: a slow engine
-        if self.lora_status != 200:
+        if self.lora_status != 200 or body["lora_name"] == self.refuse_lora:
             return web.json_response(
-                {"error": {"message": "stub refuses adapters"}}, status=int(self.lora_status)
+                {"error": {"message": "stub refuses adapters"}},
+                status=int(self.lora_status) if self.lora_status != 200 else 500,
             )
         self.adapters[body["lora_name"]] = body["lora_path"]
         return web.Response(text="Success")

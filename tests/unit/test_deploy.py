@@ -146,7 +146,7 @@ def test_services_wait_for_migrations_have_healthchecks_and_publish_on_loopback(
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["migrate"]["command"] == ["db", "upgrade"]
     for name, service in services.items():
-        if name != "migrate":
+        if name not in ("migrate", "vllm-args"):  # one-shot services
             assert "healthcheck" in service, name
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), (name, port)
@@ -166,8 +166,11 @@ def test_profiles_cpu_engine_gpu_vllm_and_jaeger() -> None:
     vllm = services["vllm"]
     assert re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+", vllm["image"])
     assert vllm["ipc"] == "host" and vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
-    assert "--enable-lora" in vllm["command"]
-    assert vllm["command"][vllm["command"].index("--logprobs-mode") + 1] == "processed_logprobs"
+    # vLLM starts with the flags the vllm-args service wrote, once it has.
+    assert vllm["depends_on"]["vllm-args"]["condition"] == "service_completed_successfully"
+    assert "$(cat /var/lib/lightloop/vllm-args)" in vllm["entrypoint"][2]
+    assert services["vllm-args"]["command"] == ["vllm-args", "--output", "/var/lib/lightloop/vllm-args"]
+    assert profiles["vllm-args"] == ["gpu"]
     gpus = {}
     for name in ("vllm", "trainer-gpu"):
         (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
@@ -179,6 +182,53 @@ def test_profiles_cpu_engine_gpu_vllm_and_jaeger() -> None:
     assert services["trainer-gpu"]["build"]["target"] == "gpu"
     gpu = compose({"VLLM_MODEL": "Qwen2.5-1.5B-Instruct"})["services"]
     assert gpu["vllm"]["command"][0] == gpu["trainer-gpu"]["environment"]["LIGHTLOOP_TRAINER__MODEL"]
+
+
+def vllm_flags(command: list[str], env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """Run `lightloop <command>` (a vllm-args service or init container) with `env`; the flags
+    it wrote, flag -> value ("" for a switch)."""
+    output = tmp_path / "vllm-args"
+    command = [*command[: command.index("--output") + 1], str(output)]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LIGHTLOOP_", "LITELLM_"))}
+    done = subprocess.run(
+        [LIGHTLOOP, *command],
+        env={**clean, **env, "LIGHTLOOP_HOME": str(tmp_path / "home")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    words = output.read_text().split()
+    flags: dict[str, str] = {}
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            value = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else ""
+            flags[word] = value
+    return flags
+
+
+def test_vllm_gets_a_lora_slot_for_every_kept_version_of_every_adapter(tmp_path: Path) -> None:
+    """Compose's vllm-args service, run as the container would: two agents with adapters of their
+    own and the policy's, three versions kept each, nine LoRA slots; the trainer keeps as many."""
+    document = compose({"POLICY_AGENTS": "planner,coder", "TRAINER_KEEP_VERSIONS": "3"})
+    service = document["services"]["vllm-args"]
+    env = {k: str(v) for k, v in service["environment"].items()}
+    flags = vllm_flags(service["command"], env, tmp_path)
+    assert flags["--max-loras"] == "9" and flags["--enable-lora"] == ""
+    assert flags["--logprobs-mode"] == "processed_logprobs"
+    assert flags["--max-lora-rank"] == "8"  # the trainer's default rank
+    trainer = document["services"]["trainer-gpu"]["environment"]
+    assert trainer["LIGHTLOOP_TRAINER__KEEP_VERSIONS"] == "3"
+    assert trainer["LIGHTLOOP_POLICY"] == env["LIGHTLOOP_POLICY"]  # the same agents
+    # No agents: the policy's adapter alone.
+    plain = compose()["services"]["vllm-args"]
+    assert (
+        vllm_flags(plain["command"], {k: str(v) for k, v in plain["environment"].items()}, tmp_path)[
+            "--max-loras"
+        ]
+        == "2"
+    )
 
 
 def test_the_proxy_exports_spans_to_jaeger_when_asked() -> None:
@@ -374,6 +424,16 @@ def test_overlays_build_with_images_commands_and_settings_that_match(overlay: st
             by_kind["RayJob"]["lightloop-trainer"],
             settings.trainer.verl.nodes * settings.trainer.verl.gpus_per_node,
         )
+        # vLLM's LoRA flags come from the same lightloop.yaml, through the init container.
+        (init,) = vllm["spec"]["template"]["spec"]["initContainers"]
+        env = {e["name"]: e["value"] for e in init["env"]}
+        assert env["LIGHTLOOP_CONFIG"] == "/etc/lightloop/lightloop.yaml"
+        flags = vllm_flags(init["args"], {"LIGHTLOOP_CONFIG": str(config)}, tmp_path)
+        assert flags["--max-loras"] == str(
+            len(settings.policy[0].adapters()) * settings.trainer.keep_versions
+        )
+        (served,) = vllm["spec"]["template"]["spec"]["containers"]
+        assert "$(cat /run/lightloop/vllm-args)" in served["command"][2]
     # Proxy and engine run the lean image; the CPU trainer the one with VERL.
     proxy_images = {c["image"] for c in containers(by_kind["StatefulSet"]["lightloop-proxy"])}
     assert proxy_images == {"ghcr.io/lightloop/lightloop:serve"}, proxy_images

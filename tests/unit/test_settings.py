@@ -108,8 +108,34 @@ def test_agent_adapters_from_lightloop_policy_json_and_names_that_clash(
         '[{"name": "p", "agents": {"a b": {}}}]': "agent name 'a b'",
         '[{"name": "p", "agents": {"x": {"lr": 1}}}]': "AGENTS__X__LR: Extra inputs",
         '[{"name": "p", "agents": {"x": {}}}, {"name": "p-x"}]': "adapter names clash: p-x",
+        '[{"name": "p", "agents": ["a", "a"]}]': "agents listed twice",
+        '[{"name": "p", "agents": "a, v2"}]': "agent name 'v2'",
     }
     for value, message in bad.items():
         monkeypatch.setenv("LIGHTLOOP_POLICY", value)
         with pytest.raises(ConfigError, match=message):
             load_settings()
+    # A list, or compose's comma-separated POLICY_AGENTS (empty: none), mean the same.
+    for agents in ('["planner", "coder"]', '" planner,coder "'):
+        monkeypatch.setenv("LIGHTLOOP_POLICY", f'[{{"name": "policy", "agents": {agents}}}]')
+        assert [a.name for a in load_settings().adapters()] == ["policy", "policy-planner", "policy-coder"]
+    monkeypatch.setenv("LIGHTLOOP_POLICY", '[{"name": "policy", "agents": ""}]')
+    assert load_settings().policy[0].agents == {}
+
+
+def test_vllm_flags_give_a_lora_slot_per_kept_version_of_every_adapter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lightloop.vllm_flags import vllm_args
+
+    monkeypatch.setenv("LIGHTLOOP_POLICY", '[{"name": "policy", "agents": "planner,coder"}]')
+    monkeypatch.setenv("LIGHTLOOP_TRAINER__KEEP_VERSIONS", "3")
+    monkeypatch.setenv("LIGHTLOOP_TRAINER__LORA_RANK", "9")
+    args = vllm_args(load_settings())
+    assert args[args.index("--max-loras") + 1] == "9"  # 3 adapters x 3 versions
+    assert args[args.index("--max-lora-rank") + 1] == "16"  # the smallest vLLM rank holding 9
+    with pytest.raises(ConfigError, match="not a policy model"):
+        vllm_args(load_settings(), "other")
+    monkeypatch.setenv("LIGHTLOOP_TRAINER__LORA_RANK", "513")
+    with pytest.raises(ConfigError, match="above vLLM's largest"):
+        vllm_args(load_settings())

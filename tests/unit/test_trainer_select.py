@@ -62,11 +62,13 @@ async def test_the_heartbeat_stops_when_a_step_runs_past_max_step_s(tmp_path: Pa
     import time
 
     from lightloop.settings import TrainerSettings
+    from lightloop.trainer import Publisher
     from lightloop.trainer.loop import Trainer
 
     beat = tmp_path / "run" / "trainer.heartbeat"
+    publisher = Publisher("policy", "tiny", tmp_path / "checkpoints", [], keep=2)
     trainer = Trainer(
-        TrainerSettings(max_step_s=60), "policy", "postgresql://unused", None, None, heartbeat=beat
+        TrainerSettings(max_step_s=60), "policy", "postgresql://unused", None, publisher, heartbeat=beat
     )  # type: ignore[arg-type]
 
     async def one_beat() -> None:
@@ -89,9 +91,9 @@ async def test_the_heartbeat_stops_when_a_step_runs_past_max_step_s(tmp_path: Pa
 
 
 def test_calls_an_agent_s_own_adapter_served_are_context_for_the_policy_s_adapter() -> None:
-    """Until agent adapters are trained (their versions are their own), the policy's adapter
-    trains on the calls it served; a call served by `policy-planner` is context, and its version
-    does not count against the policy's staleness."""
+    """The policy's adapter trains on the calls it served; a call served by `policy-planner` is
+    context, and its version (the planner adapter's own numbering) does not count against the
+    policy's staleness."""
     shared = {**call(3, agent="coder", prompt=[1]), "adapter": "policy"}
     planner = {**call(0, agent="planner", prompt=[1, 3, 9]), "adapter": "policy-planner"}
     samples, metrics = select_samples(
@@ -101,3 +103,102 @@ def test_calls_an_agent_s_own_adapter_served_are_context_for_the_policy_s_adapte
     assert metrics["stale_rollouts"] == 0
     assert sample.loss_mask == [1, 0, 0]  # coder's completion trained; planner's turn context
     assert [span for _, _, span in sample.turns] == [None]
+
+
+def test_an_agent_adapter_trains_on_its_own_calls_with_the_policy_s_as_context() -> None:
+    """The same rollout, rebuilt for the planner's adapter: its call is trained, the policy's is
+    context; only its own versions count for staleness; a row from before agent adapters (no
+    adapter) is the policy's, never the planner's."""
+    shared = {**call(0, agent="coder", prompt=[1]), "adapter": "policy"}
+    planner = {**call(3, agent="planner", prompt=[1, 3, 9]), "adapter": "policy-planner"}
+    old = {**call(0, agent="planner", prompt=[7]), "adapter": None}
+    samples, metrics = select_samples(
+        [rollout("r", [shared, planner, old])],
+        policy="policy",
+        adapter="policy-planner",
+        agent="planner",
+        live=3,
+        max_staleness=0,
+        agents=[],
+    )
+    assert metrics["stale_rollouts"] == 0
+    ((sample),) = samples["r"]  # the old row splits off and has nothing to train: dropped
+    assert sample.loss_mask == [0, 0, 1]
+    # Its own staleness: planner v1 against live v3 with max_staleness 1 is stale.
+    stale, metrics = select_samples(
+        [rollout("r", [shared, {**planner, "policy_version": 1}])],
+        policy="policy",
+        adapter="policy-planner",
+        agent="planner",
+        live=3,
+        max_staleness=1,
+        agents=[],
+    )
+    assert stale == {} and metrics["stale_rollouts"] == 1
+    # TRAINER__AGENTS leaves the planner out: its adapter trains on nothing.
+    none, _ = select_samples(
+        [rollout("r", [shared, planner])],
+        policy="policy",
+        adapter="policy-planner",
+        agent="planner",
+        live=3,
+        max_staleness=0,
+        agents=["coder"],
+    )
+    assert none == {}
+
+
+def test_two_agents_sending_the_same_prompt_are_two_turns_not_a_retry() -> None:
+    """A retried call (same prompt, same agent) keeps the last; the same prompt from another
+    agent is another turn, which each agent's adapter sees."""
+    planner = {**call(1, agent="planner", prompt=[1, 2]), "adapter": "policy-planner"}
+    checker = {**call(1, agent="checker", prompt=[1, 2]), "adapter": "policy-checker"}
+    for agent in ("planner", "checker"):
+        samples, metrics = select_samples(
+            [rollout("r", [planner, checker])],
+            policy="policy",
+            adapter=f"policy-{agent}",
+            agent=agent,
+            live=1,
+            max_staleness=0,
+            agents=[],
+        )
+        assert metrics["duplicates"] == 0 and len(samples["r"]) == 1, agent
+    _, metrics = select_samples(
+        [rollout("r", [planner, planner])],
+        policy="policy",
+        adapter="policy-planner",
+        agent="planner",
+        live=1,
+        max_staleness=0,
+        agents=[],
+    )
+    assert metrics["duplicates"] == 1
+
+
+def test_an_agent_adapter_without_a_version_adopts_its_calls_the_policy_s_adapter_served() -> None:
+    """Until the planner's adapter has a version of its own, the policy's adapter serves the
+    planner (recorded as the policy's); the planner's adapter starts as a copy of it, so those
+    calls are the planner's samples, stale or not by the policy's versions. The policy's own
+    adapter never trains an agent with an adapter of its own."""
+    planner = {**call(3, agent="planner", prompt=[1, 2]), "adapter": "policy"}
+    coder = {**call(3, agent="coder", prompt=[1, 2, 3, 4]), "adapter": "policy"}
+    rollouts = [rollout("r", [planner, coder])]
+    common = {"policy": "policy", "max_staleness": 1, "agents": []}
+    samples, _ = select_samples(
+        rollouts, **common, live=0, adapter="policy-planner", agent="planner", adopted=3
+    )
+    (sample,) = samples["r"]
+    assert sample.loss_mask == [1, 0, 0]  # its own token, then the coder's as context
+    # Stale against the policy's live version 5, not against its own (none yet).
+    _, metrics = select_samples(
+        rollouts, **common, live=0, adapter="policy-planner", agent="planner", adopted=5
+    )
+    assert metrics["stale_rollouts"] == 1
+    # With a version of its own, the policy-served calls are context: nothing to train here.
+    none, _ = select_samples(rollouts, **common, live=1, adapter="policy-planner", agent="planner")
+    assert none == {}
+    # The policy's adapter trains the coder (no adapter of its own), not the planner.
+    samples, _ = select_samples(rollouts, **common, live=3, others=["planner"])
+    (sample,) = samples["r"]
+    assert sample.loss_mask == [0, 0, 1]  # the planner's token and the glue are context

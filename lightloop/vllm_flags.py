@@ -1,0 +1,54 @@
+"""The vLLM flags lightloop's configuration needs, so deployments derive them instead of
+hard-coding them (`lightloop vllm-args`: compose and Kubernetes pass its output to `vllm serve`).
+
+- `--max-loras`: adapters vLLM runs in one batch. Every adapter of the policy (its own and each
+  agent's) has up to `trainer.keep_versions` versions loaded (rollouts pinned to an older one
+  finish on it), and any of them may be in the same batch; fewer slots would make vLLM swap
+  adapters in and out between batches.
+- `--max-lora-rank`: the smallest rank vLLM accepts that holds the trainer's `lora_rank`
+  (vLLM sizes its LoRA buffers by it)."""
+
+from __future__ import annotations
+
+from lightloop.errors import ConfigError
+from lightloop.settings import PolicyModelSettings, Settings
+
+# The ranks `vllm serve --max-lora-rank` accepts.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def max_loras(policy: PolicyModelSettings, keep_versions: int) -> int:
+    return len(policy.adapters()) * keep_versions
+
+
+def max_lora_rank(lora_rank: int) -> int:
+    for rank in VLLM_LORA_RANKS:
+        if rank >= lora_rank:
+            return rank
+    raise ConfigError(
+        f"LIGHTLOOP_TRAINER__LORA_RANK={lora_rank} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}"
+    )
+
+
+def vllm_args(settings: Settings, policy: str | None = None) -> list[str]:
+    """The flags for `vllm serve` serving `policy` (the trainer's, by default) to lightloop."""
+    chosen = _policy(settings, policy)
+    t = settings.trainer
+    return [
+        "--enable-lora",
+        "--max-lora-rank",
+        str(max_lora_rank(t.lora_rank)),
+        "--max-loras",
+        str(max_loras(chosen, t.keep_versions)),
+        # The trainer compares its logprobs with those the engine served after temperature.
+        "--logprobs-mode",
+        "processed_logprobs",
+    ]
+
+
+def _policy(settings: Settings, name: str | None) -> PolicyModelSettings:
+    policies = {p.name: p for p in settings.policy}
+    name = name or settings.trainer.policy or settings.policy[0].name
+    if name not in policies:
+        raise ConfigError(f"{name!r} is not a policy model ({', '.join(policies)})")
+    return policies[name]
