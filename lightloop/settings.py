@@ -164,6 +164,8 @@ class PolicyModelSettings(BaseModel):
         if isinstance(agents, str):
             agents = [a.strip() for a in agents.split(",") if a.strip()]
         if isinstance(agents, list):
+            if not all(isinstance(a, str) for a in agents):
+                raise ValueError("a list of agents holds their names only: [planner, coder]")
             if len(set(agents)) != len(agents):
                 raise ValueError(f"agents listed twice: {agents}")
             return {agent: {} for agent in agents}

@@ -2,9 +2,10 @@
 hard-coding them (`lightloop vllm-args`: compose and Kubernetes pass its output to `vllm serve`).
 
 - `--max-loras`: adapters vLLM runs in one batch. Every adapter of the policy (its own and each
-  agent's) has up to `trainer.keep_versions` versions loaded (rollouts pinned to an older one
-  finish on it), and any of them may be in the same batch; fewer slots would make vLLM swap
-  adapters in and out between batches.
+  agent's), and of any other policy served by the same engines, has up to
+  `trainer.keep_versions` versions loaded (rollouts pinned to an older one finish on it), and
+  any of them may be in the same batch; fewer slots would make vLLM swap adapters in and out
+  between batches.
 - `--max-lora-rank`: the smallest rank vLLM accepts that holds the trainer's `lora_rank`
   (vLLM sizes its LoRA buffers by it)."""
 
@@ -17,8 +18,8 @@ from lightloop.settings import PolicyModelSettings, Settings
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
-def max_loras(policy: PolicyModelSettings, keep_versions: int) -> int:
-    return len(policy.adapters()) * keep_versions
+def max_loras(policies: list[PolicyModelSettings], keep_versions: int) -> int:
+    return sum(len(p.adapters()) for p in policies) * keep_versions
 
 
 def max_lora_rank(lora_rank: int) -> int:
@@ -39,7 +40,7 @@ def vllm_args(settings: Settings, policy: str | None = None) -> list[str]:
         "--max-lora-rank",
         str(max_lora_rank(t.lora_rank)),
         "--max-loras",
-        str(max_loras(chosen, t.keep_versions)),
+        str(max_loras(_sharing(settings, chosen), t.keep_versions)),
         # The trainer compares its logprobs with those the engine served after temperature.
         "--logprobs-mode",
         "processed_logprobs",
@@ -52,3 +53,9 @@ def _policy(settings: Settings, name: str | None) -> PolicyModelSettings:
     if name not in policies:
         raise ConfigError(f"{name!r} is not a policy model ({', '.join(policies)})")
     return policies[name]
+
+
+def _sharing(settings: Settings, chosen: PolicyModelSettings) -> list[PolicyModelSettings]:
+    """`chosen` and every policy served by one of its engines: their adapters share the slots."""
+    engines = set(chosen.upstreams)
+    return [p for p in settings.policy if p is chosen or engines & set(p.upstreams)]

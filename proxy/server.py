@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import SecretStr
 
+from lightloop.errors import ConfigError
 from lightloop.proxy.app import ProxyApp
 from lightloop.proxy.auth import load_or_create_master_key
 from lightloop.proxy.errors import ProxyError
@@ -44,6 +45,16 @@ def litellm_config(settings: Settings) -> dict[str, Any]:
     own = set(Settings.model_fields) | {"master_key"}
     config = {k: v for k, v in data.items() if k not in own}
     models = list(config.get("model_list") or [])
+    policies = {p.name for p in settings.policy}
+    for model in models:
+        name = str(model.get("model_name", "")) if isinstance(model, dict) else ""
+        # The policy lane takes a policy's name, and `policy/agent` as that agent's alias, before
+        # LiteLLM sees the call: such a LiteLLM model would never be reached.
+        if name in policies or name.partition("/")[0] in policies:
+            raise ConfigError(
+                f"model_list: {name!r} is a policy model's name or reads as its agent alias "
+                f"(`policy/agent`); the policy lane would serve it, never LiteLLM: rename it"
+            )
     for policy in settings.policy:
         models.append(
             {

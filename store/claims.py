@@ -269,7 +269,9 @@ async def record_step(conn: asyncpg.Connection, claim: Claim, step: StepRecord) 
                 f"{len(ids) - updated} of {len(ids)} claimed rollouts were taken by another trainer "
                 "after this claim's lease ran out; the step is not recorded"
             )
-        if step.policy is not None and step.policy_out is not None:
+        # Only a version this step made: a step that published none (nothing of the policy's
+        # to train, or a failed publish) leaves the live version's step as it was.
+        if step.policy is not None and step.policy_out is not None and step.policy_out != step.policy_in:
             await conn.execute(
                 "UPDATE policy_versions SET training_step = $1 WHERE policy = $2 AND version = $3",
                 step_id,

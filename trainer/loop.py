@@ -102,6 +102,9 @@ class Trainer:
         self._stop: asyncio.Event | None = None  # run()'s: a stopping trainer retries nothing
         # Agent adapters without a version of their own: the policy's version each was copied from.
         self._forked: dict[str, int] = {}
+        # Adapters whose weights here are ahead of their live version (trained, publish failed):
+        # they go out with the next publish, whether or not that step trains them again.
+        self._unpublished: set[str] = set()
 
     async def resume(self) -> int:
         """Start from the live versions: their weights (the policy's and each agent adapter's),
@@ -274,13 +277,14 @@ class Trainer:
 
     def _fork(self, name: str, version: int) -> None:
         """Make agent adapter `name`, which has no version of its own, the policy's `version`
-        (nothing to do for version 0, the base model: every adapter starts as it)."""
-        if version == 0 or self._forked.get(name) == version:
+        (nothing to do for version 0, the base model: every adapter starts as it). An adapter
+        trained since its last copy keeps its weights: they await their first publish."""
+        if version == 0 or self._forked.get(name) == version or name in self._unpublished:
             return
         try:
             self.backend.load_adapter(self.publisher.path_of(version), adapter=name)
         except TrainerError as exc:
-            # The verl backend copies only before its workers start (done at resume).
+            # The verl backend copies only before the adapter's workers start (its first step).
             log.warning("%s starts from the weights it had, not %s v%d: %s", name, self.policy, version, exc)
         self._forked[name] = version
 
@@ -302,6 +306,8 @@ class Trainer:
         for name, _ in self.adapters:
             live = await live_version(conn, name)
             lives[name] = live.version if live is not None else 0
+            if lives[name]:
+                self._forked.pop(name, None)  # a version of its own: no copy to remember
         plans = []
         for name, agent in self.adapters:
             # An agent's adapter without a version of its own starts as a copy of the policy's
@@ -328,6 +334,7 @@ class Trainer:
             if any(p.samples for p in plans)
             else {}
         )
+        self._unpublished |= set(updates)
         n_tokens = 0
         weighted_loss = 0.0
         for plan in plans:
@@ -374,7 +381,7 @@ class Trainer:
                 published={n: v for n, v in versions.items() if n != self.policy},
             )
 
-        step, finished = await self._publish_and_record(conn, claim, plans, set(updates), record)
+        step, finished = await self._publish_and_record(conn, claim, plans, set(self._unpublished), record)
         assert finished.policy_out is not None
         versions = {p.name: p.version_in for p in plans} | finished.published
         versions[self.policy] = finished.policy_out
@@ -442,6 +449,8 @@ class Trainer:
                             )
                             publish_error = str(exc)
                         interrupted = False
+                    if published:
+                        self._unpublished.difference_update(published)
                     finished = record(versions(), publish_error)
                     try:
                         return await record_step(db, claim, finished), finished
@@ -474,6 +483,7 @@ class Trainer:
                             await extend_claim(db, claim, s.lease_s)
                         except ClaimLost as lost:
                             log.error("the claim was lost during the outage: %s", lost)
+                            self._unpublished.difference_update(published or {})
                             return None, record(versions(), publish_error)
                         except OUTAGE:
                             with contextlib.suppress(Exception):

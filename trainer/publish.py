@@ -180,10 +180,11 @@ class Publisher:
                 finals[name] = final
                 await set_version_uri(conn, name, version, final.as_uri())
         except OSError as exc:
-            for tmp in written.values():
-                shutil.rmtree(tmp, ignore_errors=True)
             await self._fail_staged(conn, f"cannot move an adapter into place: {exc}")
             raise PublishError(f"cannot move an adapter into place under {self.base}: {exc}") from None
+        finally:
+            for tmp in written.values():  # those not moved yet (an outage may cut this short)
+                shutil.rmtree(tmp, ignore_errors=True)
         loaded: list[tuple[Engine, str]] = []
         try:
             for name, version in self.staged.items():

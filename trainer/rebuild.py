@@ -136,7 +136,8 @@ def rebuild(rollout_id: str, turns: Sequence[Turn]) -> tuple[list[Sample], Rebui
         current.input_ids += list(turn.completion_ids)
         current.loss_mask += [mask] * len(turn.completion_ids)
         current.logprobs += [float(v) if mask else 0.0 for v in turn.logprobs]
-        if turn.policy_version is not None:
+        if turn.policy_version is not None and mask:
+            # Versions are per adapter: a context turn's belongs to another one's numbering.
             current.policy_versions.add(turn.policy_version)
     for sample in samples:
         sample.check()

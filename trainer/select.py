@@ -14,7 +14,7 @@ from typing import Any
 from lightloop.settings import TrainerSettings
 from lightloop.store import ClaimedRollout
 from lightloop.trainer.algorithms import Scored, drop_flat_groups, rollout_advantages
-from lightloop.trainer.credit import rollout_total, turn_credit
+from lightloop.trainer.credit import final_reward, rollout_total, turn_credit
 from lightloop.trainer.rebuild import (
     Advantage,
     RebuildStats,
@@ -129,14 +129,20 @@ def plan_adapter(
     metrics.update(flat_groups=flat_groups, samples=len(samples), algorithm=s.algorithm)
     trained = {sample.rollout_id for sample in samples}
     if s.credit == "turn":
-        # What its own turns earned in each rollout it trains on: its agent's reward figure.
         spans = {span for sample in samples for _, _, span in sample.turns}
-        rewards = [
-            sum(v for span, v in r.turn_rewards.items() if span in spans) for r in rollouts if r.id in trained
-        ]
+        rewards = [own_turn_rewards(r, spans) for r in rollouts if r.id in trained]
     else:
         rewards = [r.reward for r in rollouts if r.id in trained]
     return AdapterStep(name, agent, version_in, samples, advantages, rewards, metrics)
+
+
+def own_turn_rewards(rollout: ClaimedRollout, spans: set[str | None]) -> float:
+    """What an adapter's own turns (`spans`) earned in a rollout under turn credit: their
+    rewards, and R when the rollout's last call is one of them (turn credit puts R there)."""
+    earned = float(sum(v for span, v in rollout.turn_rewards.items() if span in spans))
+    if rollout.calls and rollout.calls[-1]["span_id"] in spans:
+        earned += final_reward(rollout.final_reward, rollout.turn_rewards, rollout.reward)
+    return earned
 
 
 def rollout_reward(rollout: ClaimedRollout, credit: str) -> float:

@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import httpx
 import openai
+import torch
 
 from lightloop.store.database import dsn
 from tests.e2e.conftest import eventually, start_proxy
@@ -224,9 +225,18 @@ def test_two_agents_adapters_learn_their_own_rewards_from_the_same_rollouts(
         unload_agents(engine)
 
 
-async def _seed_two_adapters(db_url: str, round_: int) -> None:
-    """Two groups of four rollouts, each with one call the policy's adapter served and one the
-    planner's served (rewards vary within each group)."""
+# (agent, adapter that served it, its version, prompt ids)
+TWO_ADAPTERS = (
+    ("coder", "policy", None, [1, 9690, 198]),
+    ("planner", "policy-planner", None, [1, 9690, 199]),
+)
+
+
+async def _seed_two_adapters(
+    db_url: str, round_: int, calls: tuple[tuple[str, str, int | None, list[int]], ...] = TWO_ADAPTERS
+) -> None:
+    """Two groups of four rollouts, each with `calls` (by default one call the policy's adapter
+    served and one the planner's); rewards vary within each group."""
     conn = await asyncpg.connect(dsn(db_url))
     try:
         for i in range(8):
@@ -238,18 +248,17 @@ async def _seed_two_adapters(db_url: str, round_: int) -> None:
                 f"round{round_}-g{i % 2}",
                 float(i % 4 >= 2),
             )
-            for seq, (agent, adapter, prompt) in enumerate(
-                (("coder", "policy", [1, 9690, 198]), ("planner", "policy-planner", [1, 9690, 199]))
-            ):
+            for seq, (agent, adapter, version, prompt) in enumerate(calls):
                 await conn.execute(
                     "INSERT INTO llm_calls (span_id, rollout_id, seq, model, agent, adapter, request, "
                     "policy_version, prompt_token_ids, completion_token_ids, completion_logprobs) "
-                    "VALUES ($1, $2, $3, 'policy', $4, $5, '{}', NULL, $6, $7, $8)",
+                    "VALUES ($1, $2, $3, 'policy', $4, $5, '{}', $6, $7, $8, $9)",
                     f"{rid}-{seq}",
                     rid,
                     seq,
                     agent,
                     adapter,
+                    version,
                     prompt,
                     [100 + i, 200 + i],
                     [-9.5, -9.8],
@@ -307,8 +316,8 @@ def test_publishing_several_adapters_is_all_or_nothing_across_engines(
 def test_a_refusal_of_the_last_adapter_unloads_the_ones_already_loaded(
     tmp_path: Path, engine: str, engine_home: Path, db_url: str
 ) -> None:
-    """The first engine loads every new version before the second is asked: when the second
-    refuses the last one, every version loaded anywhere is unloaded again."""
+    """Each new version is loaded on every engine in turn (policy-v1 on both, then the planner's):
+    when the second engine refuses the last one, every version loaded anywhere is unloaded."""
     unload_agents(engine)
     loop = asyncio.new_event_loop()  # one for the trainer's steps: its engine clients live in it
     try:
@@ -332,3 +341,70 @@ def test_a_refusal_of_the_last_adapter_unloads_the_ones_already_loaded(
     finally:
         loop.close()
         unload_agents(engine)
+
+
+def test_an_agent_adapter_starts_as_the_policy_s_and_a_failed_publish_goes_out_with_the_next(
+    tmp_path: Path, engine_home: Path, db_url: str
+) -> None:
+    """The policy has v1 when the planner gets an adapter of its own: the planner's calls the
+    policy's v1 served are its first samples, its adapter a copy of v1. That step's publish is
+    refused: nothing goes live, and v1 keeps the step that made it. The next step has no planner
+    call, yet publishes the planner's trained weights beside the policy's v2: an update is never
+    dropped or reset, and every publish is still all or nothing."""
+    from safetensors.torch import load_file
+
+    coder = ("coder", "policy", 1, [1, 9690, 198])
+    loop = asyncio.new_event_loop()
+    try:
+        with running_stub() as stub:
+            root = tmp_path / "checkpoints"
+            trainer = trainer_for(db_url, engine_home, [stub.url], root, agents=("planner",))
+            loop.run_until_complete(_seed_two_adapters(db_url, 0, (("coder", "policy", 0, [1, 9690, 198]),)))
+            first = loop.run_until_complete(trainer.step_once())
+            assert first is not None and first.versions == {"policy": 1, "policy-planner": 0}
+
+            planner_on_policy = ("planner", "policy", 1, [1, 9690, 199])
+            loop.run_until_complete(_seed_two_adapters(db_url, 1, (planner_on_policy, coder)))
+            stub.refuse_lora = "policy-planner-v1"
+            second = loop.run_until_complete(trainer.step_once())
+            assert second is not None and second.versions == {"policy": 1, "policy-planner": 0}
+            assert "refused adapter policy-planner-v1" in second.metrics["publish_error"]
+            assert second.metrics["adapters"]["policy-planner"]["samples"] == 8  # adopted
+            v1 = sql(
+                db_url, "SELECT training_step FROM policy_versions WHERE policy = 'policy' AND version = 1"
+            )
+            assert v1[0][0] == first.step  # not the step that published nothing
+
+            stub.refuse_lora = None
+            loop.run_until_complete(_seed_two_adapters(db_url, 2, (coder,)))
+            third = loop.run_until_complete(trainer.step_once())
+            # Failed versions keep their numbers: policy v3 and planner v2 go live.
+            assert third is not None and third.versions == {"policy": 3, "policy-planner": 2}
+            assert third.metrics["adapters"]["policy-planner"]["samples"] == 0
+            assert {"policy-v3", "policy-planner-v2"} <= set(stub.adapters)
+        weights = {
+            name: load_file(root / name / "adapter_model.safetensors")
+            for name in ("policy/v1", "policy/v3", "policy-planner/v1", "policy-planner/v2")
+        }
+        lora_b = [k for k in weights["policy-planner/v2"] if "lora_B" in k]
+        # The planner's live v2 is exactly what the refused v1 held (trained once, not reset,
+        # not trained again), which is the policy's v1 plus the planner's own step.
+        planner = weights["policy-planner/v2"]
+        assert all(torch.equal(planner[k], weights["policy-planner/v1"][k]) for k in planner)
+        for other in ("policy/v1", "policy/v3"):
+            assert any(not torch.allclose(planner[k], weights[other][k]) for k in lora_b), other
+        # A copy of the policy's v1 moved by one optimiser step (lr 1e-3: Adam moves each weight
+        # by about that), not a fresh adapter (lora_A starts random, of magnitude about 0.1).
+        lora_a = [k for k in planner if "lora_A" in k]
+        drift = max(float((planner[k] - weights["policy/v1"][k]).abs().max()) for k in lora_a)
+        assert drift < 0.01, drift
+        statuses = sql(db_url, "SELECT policy, version, status FROM policy_versions ORDER BY policy, version")
+        assert [tuple(r) for r in statuses] == [
+            ("policy", 1, "retired"),
+            ("policy", 2, "failed"),
+            ("policy", 3, "live"),
+            ("policy-planner", 1, "failed"),
+            ("policy-planner", 2, "live"),
+        ]
+    finally:
+        loop.close()

@@ -218,9 +218,12 @@ def test_vllm_gets_a_lora_slot_for_every_kept_version_of_every_adapter(tmp_path:
     assert flags["--max-loras"] == "9" and flags["--enable-lora"] == ""
     assert flags["--logprobs-mode"] == "processed_logprobs"
     assert flags["--max-lora-rank"] == "8"  # the trainer's default rank
-    trainer = document["services"]["trainer-gpu"]["environment"]
-    assert trainer["LIGHTLOOP_TRAINER__KEEP_VERSIONS"] == "3"
-    assert trainer["LIGHTLOOP_POLICY"] == env["LIGHTLOOP_POLICY"]  # the same agents
+    # Every service that reads them agrees: the trainers unload, the proxy serves pinned
+    # versions, vLLM holds slots, by the same count and the same agents.
+    for name in ("proxy", "trainer", "trainer-gpu"):
+        environment = document["services"][name]["environment"]
+        assert environment["LIGHTLOOP_TRAINER__KEEP_VERSIONS"] == "3", name
+        assert environment["LIGHTLOOP_POLICY"] == env["LIGHTLOOP_POLICY"], name
     # No agents: the policy's adapter alone.
     plain = compose()["services"]["vllm-args"]
     assert (

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
+from lightloop.errors import ConfigError
 from lightloop.proxy import otlp
 from lightloop.proxy.auth import load_or_create_master_key, request_key
 from lightloop.proxy.errors import BadRequest, Forbidden, Unauthorized
@@ -352,6 +353,14 @@ def test_litellm_gets_its_keys_and_the_policy_models(tmp_path: Path) -> None:
         "model": "hosted_vllm/tiny",
         "api_base": "http://e:8000/v1",
     }
+    # A LiteLLM model the policy lane would take (the policy's name, or its `p/agent` alias): refused.
+    for name in ("p", "p/planner"):
+        config.write_text(
+            "policy: [{name: p, base_model: tiny}]\n"
+            f"model_list: [{{model_name: '{name}', litellm_params: {{model: openai/gpt-4o}}}}]\n"
+        )
+        with pytest.raises(ConfigError, match="policy lane would serve it"):
+            litellm_config(load_settings(config))
 
 
 def test_recording_off_submits_nothing_and_the_in_flight_cap_frees_idle_rollouts(tmp_path: Path) -> None:

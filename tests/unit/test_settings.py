@@ -109,6 +109,7 @@ def test_agent_adapters_from_lightloop_policy_json_and_names_that_clash(
         '[{"name": "p", "agents": {"x": {"lr": 1}}}]': "AGENTS__X__LR: Extra inputs",
         '[{"name": "p", "agents": {"x": {}}}, {"name": "p-x"}]': "adapter names clash: p-x",
         '[{"name": "p", "agents": ["a", "a"]}]': "agents listed twice",
+        '[{"name": "p", "agents": [{"a": {}}]}]': "their names only",
         '[{"name": "p", "agents": "a, v2"}]': "agent name 'v2'",
     }
     for value, message in bad.items():
@@ -136,6 +137,14 @@ def test_vllm_flags_give_a_lora_slot_per_kept_version_of_every_adapter(
     assert args[args.index("--max-lora-rank") + 1] == "16"  # the smallest vLLM rank holding 9
     with pytest.raises(ConfigError, match="not a policy model"):
         vllm_args(load_settings(), "other")
+    # Another policy on the same engine shares its slots; one on another engine does not.
+    monkeypatch.setenv(
+        "LIGHTLOOP_POLICY",
+        '[{"name": "policy", "agents": "planner", "upstreams": ["http://e:8000"]},'
+        ' {"name": "judge", "upstreams": ["http://e:8000"]}, {"name": "far", "upstreams": ["http://f:8000"]}]',
+    )
+    args = vllm_args(load_settings())
+    assert args[args.index("--max-loras") + 1] == "9"  # (2 + 1) adapters x 3 versions
     monkeypatch.setenv("LIGHTLOOP_TRAINER__LORA_RANK", "513")
     with pytest.raises(ConfigError, match="above vLLM's largest"):
         vllm_args(load_settings())

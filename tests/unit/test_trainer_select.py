@@ -202,3 +202,37 @@ def test_an_agent_adapter_without_a_version_adopts_its_calls_the_policy_s_adapte
     samples, _ = select_samples(rollouts, **common, live=3, others=["planner"])
     (sample,) = samples["r"]
     assert sample.loss_mask == [0, 0, 1]  # the planner's token and the glue are context
+
+
+def test_each_adapter_s_reward_figure_is_what_its_own_turns_earned() -> None:
+    """Per-adapter `reward_mean` inputs: with turn credit, the rewards of its own calls, R
+    counting on the last call (turn credit puts it there); with rollout credit, the rollouts'."""
+    from lightloop.settings import TrainerSettings
+    from lightloop.trainer import plan_adapter
+
+    def two_calls(rid: str, reward: float, turn: dict[str, float]) -> ClaimedRollout:
+        planner = {
+            **call(1, agent="planner", prompt=[1, 2]),
+            "adapter": "policy-planner",
+            "span_id": f"{rid}p",
+        }
+        coder = {**call(1, agent="coder", prompt=[5, 6]), "adapter": "policy", "span_id": f"{rid}c"}
+        return ClaimedRollout(
+            rid, "g", None, None, "succeeded", reward, {}, None, [planner, coder], turn, reward
+        )
+
+    finals_only = [two_calls("a", 1.0, {}), two_calls("b", 0.0, {})]
+    common = {"policy": "policy", "version_in": 1, "others": ["planner"], "adopted": None}
+    turn = TrainerSettings(credit="turn")
+    planner = plan_adapter(finals_only, turn, name="policy-planner", agent="planner", **common)
+    coder = plan_adapter(finals_only, turn, name="policy", agent=None, **common)
+    # R sits on the coder's call, the last: both adapters train (the planner's return includes
+    # R, gamma 1), but only the coder earned it.
+    assert len(planner.samples) == 2 and planner.rewards == [0.0, 0.0]
+    assert sorted(coder.rewards) == [0.0, 1.0] and all(isinstance(r, float) for r in coder.rewards)
+    # Turn rewards for the planner's calls: its figure is its own, R stays the coder's.
+    rewarded = [two_calls("a", 1.0, {"ap": 0.5}), two_calls("b", 0.0, {"bp": -0.5})]
+    planner = plan_adapter(rewarded, turn, name="policy-planner", agent="planner", **common)
+    assert sorted(planner.rewards) == [-0.5, 0.5]
+    by_rollout = plan_adapter(rewarded, TrainerSettings(), name="policy-planner", agent="planner", **common)
+    assert sorted(by_rollout.rewards) == [0.0, 1.0]
