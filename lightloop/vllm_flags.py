@@ -57,5 +57,10 @@ def _policy(settings: Settings, name: str | None) -> PolicyModelSettings:
 
 def _sharing(settings: Settings, chosen: PolicyModelSettings) -> list[PolicyModelSettings]:
     """`chosen` and every policy served by one of its engines: their adapters share the slots."""
-    engines = set(chosen.upstreams)
-    return [p for p in settings.policy if p is chosen or engines & set(p.upstreams)]
+    engines = _engines(chosen)
+    return [p for p in settings.policy if p is chosen or engines & _engines(p)]
+
+
+def _engines(policy: PolicyModelSettings) -> set[str]:
+    # `http://vllm:8000`, `http://vllm:8000/` and `http://vllm:8000/v1` are one engine.
+    return {url.rstrip("/").removesuffix("/v1") for url in policy.upstreams}

@@ -50,7 +50,8 @@ def litellm_config(settings: Settings) -> dict[str, Any]:
         name = str(model.get("model_name", "")) if isinstance(model, dict) else ""
         # The policy lane takes a policy's name, and `policy/agent` as that agent's alias, before
         # LiteLLM sees the call: such a LiteLLM model would never be reached.
-        if name in policies or name.partition("/")[0] in policies:
+        # As the lane reads an alias (a policy's own name may hold a slash): policy/agent.
+        if name in policies or name.rpartition("/")[0] in policies:
             raise ConfigError(
                 f"model_list: {name!r} is a policy model's name or reads as its agent alias "
                 f"(`policy/agent`); the policy lane would serve it, never LiteLLM: rename it"

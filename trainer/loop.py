@@ -110,6 +110,9 @@ class Trainer:
         """Start from the live versions: their weights (the policy's and each agent adapter's),
         loaded on every engine. Versions a previous run staged but never made live are marked
         failed. Returns the policy's own live version."""
+        # From here the trainer holds the live versions' weights: nothing is ahead of them.
+        self._unpublished.clear()
+        self._forked.clear()
         conn = await connect(self.database_url)
         try:
             versions: dict[str, int] = {}
@@ -483,6 +486,11 @@ class Trainer:
                             await extend_claim(db, claim, s.lease_s)
                         except ClaimLost as lost:
                             log.error("the claim was lost during the outage: %s", lost)
+                            if interrupted:
+                                # What the cut-short publish left: live counts as published;
+                                # staged is failed and unloaded (best effort).
+                                with contextlib.suppress(*OUTAGE):
+                                    published = await self._after_interrupted_publish(db)
                             self._unpublished.difference_update(published or {})
                             return None, record(versions(), publish_error)
                         except OUTAGE:

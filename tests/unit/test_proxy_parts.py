@@ -361,6 +361,22 @@ def test_litellm_gets_its_keys_and_the_policy_models(tmp_path: Path) -> None:
         )
         with pytest.raises(ConfigError, match="policy lane would serve it"):
             litellm_config(load_settings(config))
+    # The alias is read at the last slash, as the lane does: a policy named `org/p` owns
+    # `org/p/planner`; a policy named `openai` does not own `openai/org/gpt`.
+    config.write_text(
+        "policy: [{name: org/p, base_model: tiny}]\n"
+        "model_list: [{model_name: org/p/planner, litellm_params: {model: openai/gpt-4o}}]\n"
+    )
+    with pytest.raises(ConfigError, match="policy lane would serve it"):
+        litellm_config(load_settings(config))
+    config.write_text(
+        "policy: [{name: openai, base_model: tiny}]\n"
+        "model_list: [{model_name: openai/org/gpt, litellm_params: {model: openai/gpt-4o}}]\n"
+    )
+    assert [m["model_name"] for m in litellm_config(load_settings(config))["model_list"]] == [
+        "openai/org/gpt",
+        "openai",
+    ]
 
 
 def test_recording_off_submits_nothing_and_the_in_flight_cap_frees_idle_rollouts(tmp_path: Path) -> None:

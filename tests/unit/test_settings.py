@@ -141,7 +141,7 @@ def test_vllm_flags_give_a_lora_slot_per_kept_version_of_every_adapter(
     monkeypatch.setenv(
         "LIGHTLOOP_POLICY",
         '[{"name": "policy", "agents": "planner", "upstreams": ["http://e:8000"]},'
-        ' {"name": "judge", "upstreams": ["http://e:8000"]}, {"name": "far", "upstreams": ["http://f:8000"]}]',
+        ' {"name": "judge", "upstreams": ["http://e:8000/v1/"]}, {"name": "far", "upstreams": ["http://f:8000"]}]',
     )
     args = vllm_args(load_settings())
     assert args[args.index("--max-loras") + 1] == "9"  # (2 + 1) adapters x 3 versions
