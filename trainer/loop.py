@@ -388,18 +388,18 @@ class Trainer:
         assert finished.policy_out is not None
         versions = {p.name: p.version_in for p in plans} | finished.published
         versions[self.policy] = finished.policy_out
+        n_samples = sum(len(p.samples) for p in plans)
         log.info(
             "step %s: %d rollouts, %d samples, %d tokens, reward %.3f, loss %s, %s (%.1fs)",
             step,
             len(claim.rollouts),
-            sum(len(p.samples) for p in plans),
+            n_samples,
             n_tokens,
             finished.reward_mean or 0.0,
             "-" if loss is None else f"{loss:.4f}",
             ", ".join(f"{p.name} v{p.version_in} -> v{versions[p.name]}" for p in plans),
             time.monotonic() - t0,
         )
-        n_samples = sum(len(p.samples) for p in plans)
         return StepOutcome(
             step, len(claim.rollouts), n_samples, finished.policy_out, finished.metrics, versions
         )

@@ -271,9 +271,9 @@ def test_publishing_several_adapters_is_all_or_nothing_across_engines(
     tmp_path: Path, engine: str, engine_home: Path, db_url: str
 ) -> None:
     """The policy's adapter and the planner's are published together to two engines. When the
-    second engine refuses the planner's new version, neither new version goes live: both are
-    failed with the engine's reason, unloaded where they had been loaded, and the versions that
-    were live stay live on both engines."""
+    second engine refuses the next publish, neither new version goes live: both are failed with
+    the engine's reason, unloaded where they had been loaded, and the versions that were live
+    stay live on both engines."""
     unload_agents(engine)
     loop = asyncio.new_event_loop()  # one for the trainer's steps: its engine clients live in it
     try:
